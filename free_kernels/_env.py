@@ -1,0 +1,52 @@
+"""What this machine can run: triton, the csrc extension, CUDA.  No GPU queries at import."""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_version() -> Optional[str]:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:
+        return None
+
+
+def triton_unavailable_reason() -> Optional[str]:
+    if triton_version() is None:
+        return "triton is not installed"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _load_extension():
+    try:
+        from . import _C  # type: ignore[attr-defined]
+
+        return _C, None
+    except Exception as e:  # ImportError, or a broken build
+        return None, f"extension free_kernels._C not importable ({type(e).__name__}: {e})"
+
+
+def extension():
+    """The csrc extension module or None."""
+    return _load_extension()[0]
+
+
+def extension_unavailable_reason(symbol: Optional[str] = None) -> Optional[str]:
+    mod, why = _load_extension()
+    if mod is None:
+        return why
+    if not getattr(mod, "built_with_cuda", lambda: False)():
+        return "extension was built without CUDA (FREE_KERNELS_SKIP_CUDA or no nvcc at build time)"
+    if symbol is not None and not hasattr(mod, symbol):
+        return f"extension has no entry point {symbol!r} (rebuild the package)"
+    return None

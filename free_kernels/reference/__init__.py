@@ -1,0 +1,1 @@
+"""Pure-PyTorch implementations of every op: the CPU path and the test oracle."""
