@@ -6,3 +6,6 @@ __version__ = "0.1.0"
 from . import ops  # noqa: F401
 from .diffusion import create_diffusion  # noqa: F401
 from .models import DiT, DiT_models, find_model  # noqa: F401
+from .models import FeatureDrafter, FrozenFeatureDrafter  # noqa: F401
+from .relax import RelaxPolicy  # noqa: F401
+from .sampler import FreeSampler, FreeStats  # noqa: F401

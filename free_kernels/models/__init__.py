@@ -1,2 +1,3 @@
 """Target models (official-checkpoint-compatible DiT, diffusers adapter) and FREE drafters."""
 from .dit import DiT, DiT_models, create_model, find_model, load_state_dict_strict  # noqa: F401
+from .drafter import FeatureDrafter, FrozenFeatureDrafter  # noqa: F401

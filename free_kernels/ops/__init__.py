@@ -1,4 +1,6 @@
 """Public ops, one dispatch point each (see ``_dispatch``)."""
 from ._dispatch import OPS, BackendUnavailable, get_op  # noqa: F401
+from .drafter_forward import draft_transition, drafter_forward  # noqa: F401
 from .modulated_layernorm import modulated_layernorm  # noqa: F401
 from .verify_attention import verify_attention  # noqa: F401
+from .speculative_accept import speculative_accept  # noqa: F401
