@@ -164,11 +164,11 @@ class FreeSampler:
         check_tensor("noise", noise, dim=4, floating=True)
         if noise.shape[1:] != (C, S, S):
             raise ValueError(f"noise must have shape (B, {C}, {S}, {S}) for this target, got {tuple(noise.shape)}")
-        check_tensor("y", y, shape=(noise.shape[0],), floating=False, device=noise.device)
-        check_finite("noise", noise)
         tdev = _module_device(target)
         if tdev is not None and tdev != noise.device:
             raise ValueError(f"noise is on {noise.device} but the target is on {tdev}")
+        check_tensor("y", y, shape=(noise.shape[0],), floating=False, device=noise.device)
+        check_finite("noise", noise)
         if bool((y < 0).any()) or bool((y >= target.num_classes + 1).any()):
             raise ValueError(f"y must hold labels in [0, {target.num_classes}], got {y.tolist()}")
         if not isinstance(cfg_scale, (int, float)) or cfg_scale != cfg_scale:
