@@ -27,6 +27,88 @@ def _load_torch():
 
 OP.register(Backend("torch", _load_torch))
 
+MAX_HEAD_DIM_TRITON = 256
+MAX_HEAD_DIM_CUDA = 128
+_CUDA_DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
+
+
+def _capability_reason(ctx: dict, what: str) -> Optional[str]:
+    dev = torch.device(ctx["device"])
+    if dev.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(dev)
+    if major < 8:
+        return f"{what} needs compute capability >= 8.0 (mma.sync bf16 / cp.async), device has {major}.{minor}"
+    return None
+
+
+def _head_dim_reason(ctx: dict, limit: int) -> Optional[str]:
+    hd = ctx.get("head_dim")
+    if hd is not None and hd > limit:
+        return f"head_dim {hd} > {limit} is not supported"
+    return None
+
+
+# ---------------------------------------------------------------- triton
+def _triton_supports(ctx: dict) -> Optional[str]:
+    from .. import _env
+
+    why = first_reason(
+        triton_reason(ctx),
+        dtype_reason(ctx, (torch.float16, torch.bfloat16, torch.float32)),
+        _head_dim_reason(ctx, MAX_HEAD_DIM_TRITON),
+    )
+    if why is not None or _env.triton_interpret():
+        return why  # the interpreter runs everything (bf16 is converted to fp32 after loading)
+    if torch.device(ctx["device"]).type == "cuda" and ctx.get("dtype") == torch.float32:
+        return ("float32 CUDA tensors are left to torch: Triton's IEEE fp32 dot spills registers at every "
+                "tile size (the kernel's fp32 path is for the CPU interpreter)")
+    return _capability_reason(ctx, "the triton kernel")
+
+
+def _load_triton():
+    from ..triton.verify_attention import verify_attention as f
+
+    return f
+
+
+OP.register(Backend("triton", _load_triton, _triton_supports))
+
+
+# ---------------------------------------------------------------- cuda (csrc)
+def _cuda_supports(ctx: dict) -> Optional[str]:
+    return first_reason(
+        extension_reason(ctx, "verify_attention"),
+        dtype_reason(ctx, tuple(_CUDA_DTYPE_CODE)),
+        _head_dim_reason(ctx, MAX_HEAD_DIM_CUDA),
+        _capability_reason(ctx, "the cuda kernel"),
+    )
+
+
+def _load_cuda():
+    from .. import _env
+
+    ext = _env.extension()
+
+    def verify_attention_cuda(qkv: torch.Tensor, num_heads: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, N, C = qkv.shape
+        head_dim = C // (3 * num_heads)
+        if out is None:
+            out = torch.empty((B, N, num_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
+        dev = qkv.device
+        if dev.index is not None and dev.index != torch.cuda.current_device():
+            with torch.cuda.device(dev):
+                return verify_attention_cuda(qkv, num_heads, out)
+        ext.verify_attention(qkv.data_ptr(), out.data_ptr(), B, N, num_heads, head_dim,
+                             *qkv.stride(), *out.stride(), _CUDA_DTYPE_CODE[qkv.dtype],
+                             torch.cuda.current_stream(dev).cuda_stream)
+        return out
+
+    return verify_attention_cuda
+
+
+OP.register(Backend("cuda", _load_cuda, _cuda_supports))
+
 
 def flops(B: int, N: int, heads: int, head_dim: int) -> int:
     return 4 * B * heads * N * N * head_dim
