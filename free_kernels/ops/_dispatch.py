@@ -155,17 +155,29 @@ def first_reason(*reasons: Optional[str]) -> Optional[str]:
 
 
 def describe(ops_ctx: Dict[str, List[dict]]) -> List[str]:
-    """Lines for ``python -m free_kernels.info``: resolution per op and context."""
+    """Lines for ``python -m free_kernels.info``: resolution per op and context.
+
+    One block per op; consecutive contexts with the same outcome share a line.
+    Each backend is shown once per group: ``ok`` or why it cannot run.
+    """
     lines = []
     for op_name, ctxs in ops_ctx.items():
         op = OPS[op_name]
+        lines.append(f"  {op_name}")
+        groups: List[list] = []  # [labels, chosen, reasons]
         for ctx in ctxs:
-            label = ctx.get("label", "")
             try:
                 chosen = op.resolve(ctx).name
             except BackendUnavailable as e:
                 chosen = f"(none: {e})"
-            lines.append(f"  {op_name:<22} {label:<28} -> {chosen}")
-            for name, why in op.reasons(ctx).items():
-                lines.append(f"      {name:<7} {'ok' if why is None else why}")
+            reasons = op.reasons(ctx)
+            if groups and groups[-1][1] == chosen and groups[-1][2] == reasons:
+                groups[-1][0].append(ctx.get("label", ""))
+            else:
+                groups.append([[ctx.get("label", "")], chosen, reasons])
+        for labels, chosen, reasons in groups:
+            lines.append(f"    {', '.join(labels)} -> {chosen}")
+            for name, why in reasons.items():
+                mark = "*" if name == chosen else " "
+                lines.append(f"      {mark} {name:<7} {'ok' if why is None else why}")
     return lines

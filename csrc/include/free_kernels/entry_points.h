@@ -1,0 +1,45 @@
+// Declarations of the CUDA entry points bound in csrc/bindings.cpp.
+//
+// This header is torch-free AND CUDA-free (plain integer types only), so the
+// pybind11 module compiles with the host compiler alone.  The definitions
+// live in csrc/kernels/*.cu and exist only in CUDA builds (FK_WITH_CUDA=1).
+//
+// Conventions for kernel entry points:
+//   * device pointers arrive as uintptr_t (Python: `tensor.data_ptr()`),
+//   * the stream as uintptr_t (Python: `torch.cuda.current_stream().cuda_stream`,
+//     0 = legacy default stream),
+//   * launches go to the calling thread's current CUDA device: the Python
+//     wrapper makes the tensors' device current (`torch.cuda.device(t.device)`),
+//   * each entry point calls check_cuda_available() first, validates its
+//     arguments (std::invalid_argument -> ValueError) and checks the launch
+//     (std::runtime_error -> RuntimeError).
+//
+// Adding an op: write csrc/kernels/<op>.cu, declare its entry point here and
+// add one FK_DEF_CUDA line in bindings.cpp.  CMake globs csrc/kernels/*.cu.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace fk {
+
+// ---- runtime.cu ------------------------------------------------------------
+// "" when a CUDA device can be used, else a human-readable reason.  Success is
+// cached; a failure is re-probed on the next call (cheap).
+std::string cuda_unusable_reason();
+// Throws std::runtime_error("free_kernels._C: CUDA is not usable here: ...").
+void check_cuda_available();
+int device_count();
+// Versions encoded as 1000 * major + 10 * minor (13000 = 13.0).
+int cuda_runtime_version();
+int cuda_driver_version();  // 0 when no driver is installed
+
+// ---- fill.cu ---------------------------------------------------------------
+// out[i] = value for i < n (float32 buffer).
+void fill_f32(uintptr_t out, int64_t n, float value, uintptr_t stream);
+// out[i] = philox_randn(seed, offset + i, subsequence): the device twin of
+// the host binding philox_normal (see philox.h for the convention).
+void fill_randn_f32(uintptr_t out, int64_t n, uint64_t seed, uint64_t offset, uint64_t subsequence,
+                    uintptr_t stream);
+
+}  // namespace fk
