@@ -190,6 +190,14 @@ PYBIND11_MODULE(_C, m) {
               "philox_normal(seed, offset, n, subsequence)[i], computed on the device.",
               py::arg("out_ptr"), py::arg("n"), py::arg("seed"), py::arg("offset") = 0,
               py::arg("subsequence") = 0, py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>());
+  FK_DEF_CUDA(m, "verify_attention", &fk::verify_attention,
+              "verify_attention(qkv_ptr, out_ptr, B, N, heads, head_dim, s_qb, s_qn, s_qc, s_ob, s_on, s_oc, "
+              "dtype_code, stream): attention over the packed qkv (B, N, 3*heads*head_dim) written into out "
+              "(B, N, heads*head_dim); strides in elements, dtype_code 0 = float16, 1 = bfloat16.",
+              py::arg("qkv_ptr"), py::arg("out_ptr"), py::arg("B"), py::arg("N"), py::arg("heads"),
+              py::arg("head_dim"), py::arg("s_qb"), py::arg("s_qn"), py::arg("s_qc"), py::arg("s_ob"),
+              py::arg("s_on"), py::arg("s_oc"), py::arg("dtype_code"), py::arg("stream") = 0,
+              py::call_guard<py::gil_scoped_release>());
 
   // ------------------------------------------------------------ host RNG mirror
   m.def(

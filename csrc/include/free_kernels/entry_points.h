@@ -42,4 +42,12 @@ void fill_f32(uintptr_t out, int64_t n, float value, uintptr_t stream);
 void fill_randn_f32(uintptr_t out, int64_t n, uint64_t seed, uint64_t offset, uint64_t subsequence,
                     uintptr_t stream);
 
+// ---- verify_attention.cu ---------------------------------------------------
+// Attention over the packed qkv (B, N, 3 * heads * head_dim) into out
+// (B, N, heads * head_dim); strides in elements (any), head_dim 1..128,
+// dtype_code 0 = float16, 1 = bfloat16; needs sm_80+.
+void verify_attention(uintptr_t qkv, uintptr_t out, int64_t B, int64_t N, int64_t heads, int64_t head_dim,
+                      int64_t s_qb, int64_t s_qn, int64_t s_qc, int64_t s_ob, int64_t s_on, int64_t s_oc,
+                      int64_t dtype_code, uintptr_t stream);
+
 }  // namespace fk
