@@ -113,6 +113,15 @@ def test_triton_rejects_head_dim_above_256():
         verify_attention(qkv, 1, backend="triton")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_probes_give_reasons_not_errors(dtype):
+    """Every backend answers for a CUDA context, even on a CPU-only torch (info / auto dispatch)."""
+    for dev in ("cuda", "cpu"):
+        ctx = dict(device=torch.device(dev), dtype=dtype, head_dim=72, N=256)
+        for name, why in OP.reasons(ctx).items():
+            assert why is None or not why.startswith("probe failed"), f"{name} on {dev}: {why}"
+
+
 def test_env_override_selects_triton(monkeypatch):
     if not INTERPRET:
         pytest.skip("needs the Triton interpreter on CPU")

@@ -36,6 +36,8 @@ def _capability_reason(ctx: dict, what: str) -> Optional[str]:
     dev = torch.device(ctx["device"])
     if dev.type != "cuda":
         return None
+    if not torch.cuda.is_available():
+        return "CUDA is not available to torch (CPU-only build or no driver)"
     major, minor = torch.cuda.get_device_capability(dev)
     if major < 8:
         return f"{what} needs compute capability >= 8.0 (mma.sync bf16 / cp.async), device has {major}.{minor}"
@@ -77,12 +79,12 @@ OP.register(Backend("triton", _load_triton, _triton_supports))
 
 # ---------------------------------------------------------------- cuda (csrc)
 def _cuda_supports(ctx: dict) -> Optional[str]:
-    return first_reason(
+    why = first_reason(
         extension_reason(ctx, "verify_attention"),
         dtype_reason(ctx, tuple(_CUDA_DTYPE_CODE)),
         _head_dim_reason(ctx, MAX_HEAD_DIM_CUDA),
-        _capability_reason(ctx, "the cuda kernel"),
     )
+    return why if why is not None else _capability_reason(ctx, "the cuda kernel")
 
 
 def _load_cuda():
