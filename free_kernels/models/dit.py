@@ -307,8 +307,13 @@ class DiT(nn.Module):
         return self.x_embedder(x) + self.pos_embed
 
     def embed_condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Conditioning vector c = t_embed(t) + y_embed(y): (B, H)."""
-        return self.t_embedder(t) + self.y_embedder(y, False)
+        """Conditioning vector c = t_embed(t) + y_embed(y): (B, H).
+
+        As in the official DiT, labels are dropped at random (to the null class)
+        with ``class_dropout_prob`` while the module is in ``train()`` mode; call
+        ``eval()`` for sampling.
+        """
+        return self.t_embedder(t) + self.y_embedder(y, self.training)
 
     def forward_features(self, x, t, y) -> Tuple[torch.Tensor, torch.Tensor]:
         """Everything up to and including the last block: (h (B, N, H), c (B, H))."""
