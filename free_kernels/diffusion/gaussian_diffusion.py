@@ -240,13 +240,12 @@ class GaussianDiffusion:
                     f"or the diffusion with learn_sigma=False"
                 )
             model_output, model_var_values = torch.split(model_output, C, dim=1)
-            if self.model_var_type == ModelVarType.LEARNED:
-                model_log_variance = model_var_values
-            else:
-                min_log = extract(self.posterior_log_variance_clipped, t, x.shape)
-                max_log = extract(self.log_betas, t, x.shape)
-                frac = (model_var_values + 1) / 2
-                model_log_variance = frac * max_log + (1 - frac) * min_log
+            # The official DiT sampler interpolates for LEARNED as well as for
+            # LEARNED_RANGE (unlike IDDPM, where LEARNED is a raw log-variance).
+            min_log = extract(self.posterior_log_variance_clipped, t, x.shape)
+            max_log = extract(self.log_betas, t, x.shape)
+            frac = (model_var_values + 1) / 2
+            model_log_variance = frac * max_log + (1 - frac) * min_log
             model_variance = torch.exp(model_log_variance)
         else:
             if model_output.shape[1] == 2 * C:
@@ -294,6 +293,16 @@ class GaussianDiffusion:
     def condition_mean(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
         gradient = cond_fn(x, t, **(model_kwargs or {}))
         return p_mean_var["mean"].float() + p_mean_var["variance"] * gradient.float()
+
+    def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
+        """Score conditioning (Song et al.): shift eps by -sqrt(1 - abar) * cond_fn, re-derive x0 and mean."""
+        alpha_bar = extract(self.alphas_cumprod, t, x.shape)
+        eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
+        eps = eps - (1 - alpha_bar).sqrt() * cond_fn(x, t, **(model_kwargs or {}))
+        out = dict(p_mean_var)
+        out["pred_xstart"] = self._predict_xstart_from_eps(x, t, eps)
+        out["mean"], _, _ = self.q_posterior_mean_variance(x_start=out["pred_xstart"], x_t=x, t=t)
+        return out
 
     # ------------------------------------------------------------- ancestral
     def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None, model_kwargs=None,
@@ -355,7 +364,7 @@ class GaussianDiffusion:
         out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
                                    model_kwargs=model_kwargs)
         if cond_fn is not None:
-            raise NotImplementedError("cond_fn with DDIM (score conditioning) is not supported")
+            out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
         eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
         alpha_bar = extract(self.alphas_cumprod, t, x.shape)
         alpha_bar_prev = extract(self.alphas_cumprod_prev, t, x.shape)

@@ -80,6 +80,13 @@ class SpacedDiffusion(GaussianDiffusion):
         """Respaced indices -> original timesteps (same dtype and device as ``t``)."""
         return torch.as_tensor(self._map_np, device=t.device, dtype=t.dtype)[t]
 
+    def condition_mean(self, cond_fn, *args, **kwargs):
+        # cond_fn, like the model, sees the ORIGINAL timesteps (official behaviour)
+        return super().condition_mean(self._wrap_model(cond_fn), *args, **kwargs)
+
+    def condition_score(self, cond_fn, *args, **kwargs):
+        return super().condition_score(self._wrap_model(cond_fn), *args, **kwargs)
+
     def _wrap_model(self, model):
         if isinstance(model, _WrappedModel):
             return model
