@@ -356,12 +356,13 @@ def guide_output(out: torch.Tensor, cfg_scale: float, guidance_channels: int, in
 
     ``out`` is (2B, C_out, S, S): rows [cond; uncond].  Returns the same shape
     with channels ``[:guidance_channels]`` replaced by uncond + s * (cond - uncond)
-    in both halves (the official layout).
+    in both halves (the official layout).  For models with fewer than
+    ``guidance_channels`` noise channels (e.g. single-channel pixel models)
+    both rules guide every noise channel and never the variance channels.
     """
     if guidance_channels not in (3, 4) and not (1 <= guidance_channels <= in_channels):
         raise ValueError(f"guidance_channels must be 3 (official) or 4 (diffusers), got {guidance_channels}")
-    if guidance_channels > in_channels:
-        raise ValueError(f"guidance_channels {guidance_channels} exceeds the {in_channels} noise channels")
+    guidance_channels = min(guidance_channels, in_channels)
     eps, rest = out[:, :guidance_channels], out[:, guidance_channels:]
     cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
     half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)

@@ -1,0 +1,213 @@
+"""Demo-model FREE measurements for bench/RESULTS.md (one run, one device).
+
+    python bench/bench_demo.py --out runs/bench_demo.json            # everything, CPU ok
+    python bench/bench_demo.py --quick                                # small smoke version
+
+Sections (all on the embedded demo DiT and its shipped drafter unless named):
+1. steps per target call and acceptance (early / middle / late thirds of the schedule) for
+   250 and 50 steps, draft lengths 2, 4, 6, 8, learned variance;
+2. learned vs fixed variance (250 steps, L = 6);
+3. drafters: frozen (training-free), shipped (depth 1), and any extra drafters passed with
+   ``--drafter NAME=PATH`` (e.g. depth 2, or another loss);
+4. wall clock per image of the baseline vs exact FREE vs FREE (relax) at batch 1 and 8;
+5. quality (digit classifier): accuracy and Frechet distance for baseline (two independent runs
+   give the sampling noise), exact FREE and FREE (relax).
+Prints markdown tables; ``--out`` also stores the raw numbers as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+import free_kernels as fk
+from free_kernels.demo import DRAFTER_FILE, load_target
+from free_kernels.diffusion import per_sample_generators
+from free_kernels.models import FeatureDrafter, FrozenFeatureDrafter
+
+
+def _inputs(n, seed, C, S, num_classes=10):
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, C, S, S, generator=g)
+    y = torch.arange(n) % num_classes
+    return noise, y
+
+
+def run_free(target, drafter, steps, L, n, seed, *, learned=True, cfg=1.0, relax=None):
+    d = fk.create_diffusion(steps, learn_sigma=learned)
+    s = fk.FreeSampler(target, drafter, d, draft_length=L, relax=relax)
+    noise, y = _inputs(n, seed, target.in_channels, target.input_size)
+    t0 = time.perf_counter()
+    out, st = s.sample(noise, y, cfg_scale=cfg, generator=torch.Generator().manual_seed(seed + 1))
+    return out, st, time.perf_counter() - t0
+
+
+def run_baseline(target, steps, n, seed, *, learned=True, cfg=1.0):
+    d = fk.create_diffusion(steps, learn_sigma=learned)
+    noise, y = _inputs(n, seed, target.in_channels, target.input_size)
+    gens = per_sample_generators([seed * 100_003 + i for i in range(n)])
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if cfg == 1.0:
+            out = d.p_sample_loop(target.forward, noise.shape, noise, clip_denoised=False,
+                                  model_kwargs=dict(y=y), generator=gens)
+        else:
+            z = torch.cat([noise, noise])
+            yy = torch.cat([y, torch.full_like(y, target.num_classes)])
+            out = d.p_sample_loop(target.forward_with_cfg, z.shape, z, clip_denoised=False,
+                                  model_kwargs=dict(y=yy, cfg_scale=cfg), generator=gens + gens)[:n]
+    return out, time.perf_counter() - t0
+
+
+def fmt(v, nd=2):
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None)
+    p.add_argument("--n", type=int, default=32, help="samples per acceptance measurement")
+    p.add_argument("--quality-n", type=int, default=500, help="samples per quality measurement")
+    p.add_argument("--cfg-scale", type=float, default=None, help="default: the drafter's training CFG")
+    p.add_argument("--drafter", action="append", default=[], help="NAME=PATH extra drafters to compare")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--sections", default="1,2,3,4,5")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sections = {int(s) for s in args.sections.split(",")}
+    target = load_target()
+    shipped = FeatureDrafter.load(DRAFTER_FILE, target=target)
+    cfg = args.cfg_scale
+    if cfg is None:
+        with open(DRAFTER_FILE[: -len(".safetensors")] + ".json") as f:
+            cfg = float(json.load(f).get("extra", {}).get("cfg_scale", 1.0))
+    n = 4 if args.quick else args.n
+    qn = 20 if args.quick else args.quality_n
+    res = dict(device=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+               torch=torch.__version__, cfg_scale=cfg, n=n, sections={})
+    print(f"# demo FREE benchmark: torch {torch.__version__}, {torch.get_num_threads()} CPU threads, cfg {cfg}, "
+          f"n={n} samples per cell\n")
+
+    if 1 in sections:
+        rows = []
+        print("## steps per target call (exact FREE, learned variance, shipped drafter)\n")
+        print("| steps | L | steps/target call | acceptance | early | middle | late | target calls |")
+        print("|---|---|---|---|---|---|---|---|")
+        for steps in ("250", "50"):
+            for L in (2, 4, 6, 8):
+                _, st, wall = run_free(target, shipped, steps, L, n, seed=1, cfg=cfg)
+                e, m, l = st.as_dict()["acceptance_early_middle_late"]
+                rows.append(dict(steps=steps, L=L, spc=st.steps_per_target_call, acc=st.acceptance_rate,
+                                 early=e, middle=m, late=l, target_calls=st.target_calls, wall=wall,
+                                 acceptance_by_index=st.acceptance_by_index))
+                print(f"| {steps} | {L} | {st.steps_per_target_call:.2f} | {fmt(st.acceptance_rate, 3)} | "
+                      f"{fmt(e, 3)} | {fmt(m, 3)} | {fmt(l, 3)} | {st.target_calls} |", flush=True)
+        res["sections"]["draft_length"] = rows
+        print()
+
+    if 2 in sections:
+        rows = []
+        print("## learned vs fixed variance (250 steps, L = 6)\n")
+        print("| variance | drafter | steps/target call | acceptance | early | middle | late | residual candidates / rejection |")
+        print("|---|---|---|---|---|---|---|---|")
+        for learned in (True, False):
+            for name, dr in (("shipped", shipped), ("frozen", FrozenFeatureDrafter(target))):
+                _, st, _ = run_free(target, dr, "250", 6, n, seed=1, learned=learned, cfg=cfg)
+                e, m, l = st.as_dict()["acceptance_early_middle_late"]
+                rc = st.residual_candidates / max(st.residual_rejections, 1) if learned else None
+                rows.append(dict(learned=learned, drafter=name, spc=st.steps_per_target_call,
+                                 acc=st.acceptance_rate, early=e, middle=m, late=l, cand_per_rej=rc,
+                                 max_candidates=st.residual_max_candidates, fallbacks=st.residual_fallbacks))
+                print(f"| {'learned' if learned else 'fixed (large)'} | {name} | {st.steps_per_target_call:.2f} | "
+                      f"{fmt(st.acceptance_rate, 3)} | {fmt(e, 3)} | {fmt(m, 3)} | {fmt(l, 3)} | {fmt(rc, 1)} |",
+                      flush=True)
+        res["sections"]["variance"] = rows
+        print()
+
+    if 3 in sections:
+        rows = []
+        drafters = [("frozen (training-free)", FrozenFeatureDrafter(target)), ("shipped", shipped)]
+        for spec in args.drafter:
+            name, path = spec.split("=", 1)
+            drafters.append((name, FeatureDrafter.load(path, target=target)))
+        print("## drafters (250 steps, L = 6, learned variance)\n")
+        print("| drafter | depth | steps/target call | acceptance | early | middle | late |")
+        print("|---|---|---|---|---|---|---|")
+        for name, dr in drafters:
+            _, st, _ = run_free(target, dr, "250", 6, n, seed=1, cfg=cfg)
+            e, m, l = st.as_dict()["acceptance_early_middle_late"]
+            depth = getattr(dr, "depth", 0)
+            rows.append(dict(drafter=name, depth=depth, spc=st.steps_per_target_call, acc=st.acceptance_rate,
+                             early=e, middle=m, late=l))
+            print(f"| {name} | {depth} | {st.steps_per_target_call:.2f} | {fmt(st.acceptance_rate, 3)} | "
+                  f"{fmt(e, 3)} | {fmt(m, 3)} | {fmt(l, 3)} |", flush=True)
+        res["sections"]["drafters"] = rows
+        print()
+
+    if 4 in sections:
+        rows = []
+        print("## wall clock per image, 250 steps, L = 6 (CPU)\n")
+        print("| batch | baseline s/img | exact FREE s/img | speed-up | FREE (relax 0.5, approx.) s/img | speed-up |")
+        print("|---|---|---|---|---|---|")
+        for B in (1, 8):
+            reps = 1 if args.quick else (4 if B == 1 else 1)
+            tb = tf = tr = 0.0
+            for r in range(reps):
+                _, w = run_baseline(target, "250", B, seed=10 + r, cfg=cfg)
+                tb += w
+                _, _, w = run_free(target, shipped, "250", 6, B, seed=10 + r, cfg=cfg)
+                tf += w
+                _, _, w = run_free(target, shipped, "250", 6, B, seed=10 + r, cfg=cfg, relax=0.5)
+                tr += w
+            per = reps * B
+            rows.append(dict(batch=B, baseline=tb / per, free=tf / per, relax=tr / per))
+            print(f"| {B} | {tb / per:.3f} | {tf / per:.3f} | {tb / tf:.2f}x | {tr / per:.3f} | {tb / tr:.2f}x |",
+                  flush=True)
+        res["sections"]["wall"] = rows
+        print()
+
+    if 5 in sections:
+        try:
+            from free_kernels.demo.classifier import load_classifier
+            from free_kernels.demo.metrics import digit_quality, fd_between
+        except ImportError as e:
+            print(f"(quality section skipped: {e})")
+        else:
+            clf = load_classifier()
+            rows = []
+            print(f"## quality ({qn} samples each, 250 steps, digit classifier)\n")
+            print("| sampler | steps/target call | accuracy | FD vs real digits | FD vs baseline run A |")
+            print("|---|---|---|---|---|")
+            base_a, _ = run_baseline(target, "250", qn, seed=100, cfg=cfg)
+            _, y = _inputs(qn, 100, target.in_channels, target.input_size)
+            runs = [("baseline run A", base_a, None)]
+            base_b, _ = run_baseline(target, "250", qn, seed=200, cfg=cfg)
+            runs.append(("baseline run B", base_b, None))
+            out, st, _ = run_free(target, shipped, "250", 6, qn, seed=300, cfg=cfg)
+            runs.append(("exact FREE (L=6)", out, st))
+            for lam in (0.5, 2.0):
+                out, st, _ = run_free(target, shipped, "250", 6, qn, seed=300, cfg=cfg, relax=lam)
+                runs.append((f"FREE (relax {lam}, approximate)", out, st))
+            for name, x, st in runs:
+                q = digit_quality(x, y, clf)
+                fdb = fd_between(x, base_a, clf) if name != "baseline run A" else 0.0
+                rows.append(dict(name=name, spc=st.steps_per_target_call if st else 1.0, accuracy=q["accuracy"],
+                                 fd=q["fd"], fd_vs_baseline=fdb))
+                print(f"| {name} | {st.steps_per_target_call if st else 1.0:.2f} | {q['accuracy']:.3f} | "
+                      f"{q['fd']:.2f} | {fdb:.2f} |", flush=True)
+            res["sections"]["quality"] = rows
+            print()
+
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2, default=float)
+    return res
+
+
+if __name__ == "__main__":
+    main()
