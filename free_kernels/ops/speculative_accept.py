@@ -2,8 +2,21 @@
 
 See :mod:`free_kernels.reference.speculative_accept` for the rule, shapes and
 randomness.  Kernel backends (Triton / CUDA) take their randomness from a
-counter-based generator ``(seed, offset)``; the torch reference from the
-caller's ``torch.Generator``.
+counter-based generator: ``rng_state``, an int64 tensor ``[seed, offset]`` on the
+inputs' device that the kernels read and advance IN PLACE on the device (by
+``max(D, L)`` per call), so a captured CUDA graph draws fresh numbers on every
+replay.  Without ``rng_state`` a fresh one is seeded from ``generator`` (one
+device-side ``torch.randint``, no host sync).  The torch reference ignores
+``rng_state`` and draws from ``generator``.  Explicit ``uniforms`` /
+``bonus_noise`` / ``residual_noise`` + ``residual_uniforms`` are used by every
+backend (that is how the backends are compared with the oracle).
+
+Backends: ``cuda`` (csrc/kernels/speculative_accept.cu) -> ``triton``
+(free_kernels/triton/speculative_accept.py) -> ``torch`` (the reference), each
+two launches, outputs in caller-providable buffers (``out``, ``num_accepted``,
+``log_ratio``, ``residual_candidates``, ``fallbacks``).  Kernel backends do not
+check for NaN (that would need a host sync): a NaN makes its draft a rejection
+and propagates into ``out`` (see the Triton module).
 
 Bytes (for benchmarks), B samples, L drafts, D elements, fp32:
 reads mean_q, logvar_q, noise_q (3 B L D) + mean_p, logvar_p (2 B (L+1) D),
@@ -16,7 +29,7 @@ from typing import Optional
 import torch
 
 from .._checks import check_finite, check_tensor
-from ._dispatch import Backend, get_op
+from ._dispatch import Backend, dtype_reason, extension_reason, first_reason, get_op, triton_reason
 
 OP = get_op("speculative_accept")
 
@@ -29,6 +42,116 @@ def _load_torch():
 
 OP.register(Backend("torch", _load_torch))
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CUDA_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+MAX_SAMPLES = 65535  # grid dimension limit of both kernel backends
+
+
+def _kernel_reason(ctx: dict) -> Optional[str]:
+    B = ctx.get("B")
+    if B is not None and B > MAX_SAMPLES:
+        return f"batch {B} > {MAX_SAMPLES} samples per call"
+    return None
+
+
+def make_rng_state(device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A fresh ``[seed, 0]`` int64 tensor on ``device``, the seed drawn from ``generator``.
+
+    The draw stays on the device when the generator lives there (no host sync).
+    """
+    device = torch.device(device)
+    gdev = generator.device if generator is not None else device
+    seed = torch.randint(0, 2 ** 62, (1,), generator=generator, device=gdev, dtype=torch.int64)
+    if seed.device != device:
+        seed = seed.to(device)
+    return torch.cat([seed, torch.zeros(1, dtype=torch.int64, device=device)])
+
+
+# ---------------------------------------------------------------- triton
+def _triton_supports(ctx: dict) -> Optional[str]:
+    return first_reason(triton_reason(ctx), dtype_reason(ctx, KERNEL_DTYPES), _kernel_reason(ctx))
+
+
+def _load_triton():
+    from ..triton.speculative_accept import speculative_accept as f
+
+    return f
+
+
+OP.register(Backend("triton", _load_triton, _triton_supports))
+
+
+# ---------------------------------------------------------------- cuda (csrc)
+def _cuda_supports(ctx: dict) -> Optional[str]:
+    return first_reason(extension_reason(ctx, "speculative_accept"), dtype_reason(ctx, KERNEL_DTYPES),
+                        _kernel_reason(ctx))
+
+
+def _load_cuda():
+    from .. import _env
+    from ..reference.speculative_accept import AcceptResult
+
+    ext = _env.extension()
+
+    def _f32(t):
+        return None if t is None else t.to(torch.float32).contiguous()
+
+    def _ptr(t):
+        return 0 if t is None else t.data_ptr()
+
+    def speculative_accept_cuda(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, deterministic_last, *,
+                                equal_variance: bool, uniforms=None, bonus_noise=None, residual_noise=None,
+                                residual_uniforms=None, tau=None, generator=None, out=None,
+                                candidates_per_iter: int = 8, max_candidates: int = 100_000, rng_state=None,
+                                num_accepted=None, log_ratio=None, residual_candidates=None, fallbacks=None):
+        del candidates_per_iter  # the kernel evaluates 4 candidates per iteration
+        B, L1, D = mean_p.shape
+        L = L1 - 1
+        dev = mean_p.device
+        if dev.index is not None and dev.index != torch.cuda.current_device():
+            with torch.cuda.device(dev):
+                return speculative_accept_cuda(
+                    mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, deterministic_last,
+                    equal_variance=equal_variance, uniforms=uniforms, bonus_noise=bonus_noise,
+                    residual_noise=residual_noise, residual_uniforms=residual_uniforms, tau=tau, generator=generator,
+                    out=out, max_candidates=max_candidates, rng_state=rng_state, num_accepted=num_accepted,
+                    log_ratio=log_ratio, residual_candidates=residual_candidates, fallbacks=fallbacks)
+        dt = mean_p.dtype
+        big = [t if t.dtype == dt else t.to(dt) for t in (logvar_p, mean_q, logvar_q, noise_q)]
+        if rng_state is None:
+            rng_state = make_rng_state(dev, generator)
+        out = torch.empty(B, D, dtype=dt, device=dev) if out is None else out
+        num_accepted = torch.empty(B, dtype=torch.int32, device=dev) if num_accepted is None else num_accepted
+        log_ratio = torch.empty(B, L, dtype=torch.float32, device=dev) if log_ratio is None else log_ratio
+        if residual_candidates is None:
+            residual_candidates = torch.empty(B, dtype=torch.int32, device=dev)
+        fallbacks = torch.empty(B, dtype=torch.bool, device=dev) if fallbacks is None else fallbacks
+        if not log_ratio.is_contiguous():
+            raise ValueError("log_ratio must be contiguous")
+        nd = num_drafts.to(torch.int64).contiguous()
+        det = deterministic_last.to(torch.bool).contiguous()
+        rn, ru = _f32(residual_noise), _f32(residual_uniforms)
+        ws = torch.empty(ext.speculative_accept_workspace_bytes(B, L, D), dtype=torch.uint8, device=dev)
+        strides = [*mean_p.stride()]
+        for t in big:
+            strides += [*t.stride()]
+        strides += [*out.stride()]
+        uf, tf, bf = _f32(uniforms), _f32(tau), _f32(bonus_noise)
+        ext.speculative_accept(
+            mean_p.data_ptr(), big[0].data_ptr(), big[1].data_ptr(), big[2].data_ptr(), big[3].data_ptr(), strides,
+            nd.data_ptr(), det.data_ptr(), _ptr(uf), _ptr(tf), _ptr(bf), _ptr(rn), _ptr(ru),
+            0 if rn is None else rn.shape[1], rng_state.data_ptr(), ws.data_ptr(), ws.numel(), out.data_ptr(),
+            num_accepted.data_ptr(), log_ratio.data_ptr(), residual_candidates.data_ptr(), fallbacks.data_ptr(),
+            B, L, D, _CUDA_DTYPE_CODE[dt], bool(equal_variance), int(max_candidates),
+            torch.cuda.current_stream(dev).cuda_stream)
+        return AcceptResult(out=out, num_accepted=num_accepted, log_ratio=log_ratio,
+                            residual_candidates=residual_candidates, fallbacks=fallbacks)
+
+    return speculative_accept_cuda
+
+
+OP.register(Backend("cuda", _load_cuda, _cuda_supports))
+
 
 def bytes_moved(B: int, L: int, D: int, elem: int = 4) -> int:
     return elem * (3 * B * L * D + 2 * B * (L + 1) * D + B * D)
@@ -37,8 +160,14 @@ def bytes_moved(B: int, L: int, D: int, elem: int = 4) -> int:
 def speculative_accept(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, deterministic_last, *,
                        equal_variance: bool, uniforms=None, bonus_noise=None, residual_noise=None,
                        residual_uniforms=None, tau=None, generator: Optional[torch.Generator] = None,
-                       out=None, backend: Optional[str] = None, **kw):
-    """Accept/reject a round of drafts for every sample; returns an ``AcceptResult``."""
+                       out=None, rng_state: Optional[torch.Tensor] = None, backend: Optional[str] = None, **kw):
+    """Accept/reject a round of drafts for every sample; returns an ``AcceptResult``.
+
+    ``rng_state``: optional int64 ``[seed, offset]`` tensor on the inputs' device
+    for the kernel backends (advanced in place); ``**kw``: ``candidates_per_iter``,
+    ``max_candidates``, and for the kernel backends preallocated ``num_accepted``
+    / ``log_ratio`` / ``residual_candidates`` / ``fallbacks``.
+    """
     check_tensor("mean_p", mean_p, dim=3, floating=True)
     B, L1, D = mean_p.shape
     L = L1 - 1
@@ -65,6 +194,8 @@ def speculative_accept(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, 
         check_tensor("tau", tau, shape=(B, L), device=dev, floating=True)
     if out is not None:
         check_tensor("out", out, shape=(B, D), dtype=mean_p.dtype, device=dev)
+    if rng_state is not None:
+        check_tensor("rng_state", rng_state, shape=(2,), dtype=torch.int64, device=dev)
     if not mean_p.is_cuda:
         # kernels propagate NaN into `out`; the CPU path refuses it outright
         for name, t in (("mean_p", mean_p), ("logvar_p", logvar_p), ("mean_q", mean_q),
@@ -73,9 +204,26 @@ def speculative_accept(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, 
         nd = num_drafts
         if bool((nd < 0).any()) or bool((nd > L).any()):
             raise ValueError(f"num_drafts must lie in [0, {L}], got {nd.tolist()}")
-    ctx = dict(device=dev, dtype=mean_p.dtype, equal_variance=equal_variance, given_randomness=uniforms is not None)
-    impl = OP.resolve(ctx, backend).impl()
-    return impl(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, deterministic_last,
-                equal_variance=equal_variance, uniforms=uniforms, bonus_noise=bonus_noise,
-                residual_noise=residual_noise, residual_uniforms=residual_uniforms, tau=tau,
-                generator=generator, out=out, **kw)
+    ctx = dict(device=dev, dtype=mean_p.dtype, equal_variance=equal_variance, given_randomness=uniforms is not None,
+               B=B)
+    chosen = OP.resolve(ctx, backend)
+    given = {k: kw.pop(k) for k in _PREALLOCATED if kw.get(k) is not None}
+    for k in _PREALLOCATED:
+        kw.pop(k, None)
+    if chosen.name != "torch":
+        kw.update(given)
+    res = chosen.impl()(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, deterministic_last,
+                        equal_variance=equal_variance, uniforms=uniforms, bonus_noise=bonus_noise,
+                        residual_noise=residual_noise, residual_uniforms=residual_uniforms, tau=tau,
+                        generator=generator, out=out, rng_state=rng_state, **kw)
+    if chosen.name == "torch" and given:
+        # the reference allocates its small outputs: copy them into the caller's buffers
+        for k, buf in given.items():
+            buf.copy_(getattr(res, _PREALLOCATED[k]))
+            setattr(res, _PREALLOCATED[k], buf)
+    return res
+
+
+# preallocated small outputs a caller may pass (kernel backends write them in place)
+_PREALLOCATED = {"num_accepted": "num_accepted", "log_ratio": "log_ratio",
+                 "residual_candidates": "residual_candidates", "fallbacks": "fallbacks"}

@@ -95,7 +95,12 @@ def speculative_accept(
     out: Optional[torch.Tensor] = None,
     candidates_per_iter: int = 8,
     max_candidates: int = 100_000,
+    rng_state: Optional[torch.Tensor] = None,
 ) -> AcceptResult:
+    # rng_state ([seed, offset], the kernel backends' counter-based generator) is
+    # accepted for a uniform signature and left untouched: this reference draws
+    # from ``generator``.
+    del rng_state
     B, L1, D = mean_p.shape
     L = L1 - 1
     dev = mean_p.device
