@@ -198,6 +198,20 @@ PYBIND11_MODULE(_C, m) {
               py::arg("head_dim"), py::arg("s_qb"), py::arg("s_qn"), py::arg("s_qc"), py::arg("s_ob"),
               py::arg("s_on"), py::arg("s_oc"), py::arg("dtype_code"), py::arg("stream") = 0,
               py::call_guard<py::gil_scoped_release>());
+  FK_DEF_CUDA(m, "speculative_accept_workspace_bytes", &fk::speculative_accept_workspace_bytes,
+              "speculative_accept_workspace_bytes(B, L, D): device scratch the speculative_accept call needs.",
+              py::arg("B"), py::arg("L"), py::arg("D"));
+  FK_DEF_CUDA(m, "speculative_accept", &fk::speculative_accept,
+              "speculative_accept(...): FREE acceptance + residual resampling of a round, two launches on the "
+              "stream, no host sync (see entry_points.h for the arguments; 0 = absent optional pointer).",
+              py::arg("mean_p"), py::arg("logvar_p"), py::arg("mean_q"), py::arg("logvar_q"), py::arg("noise_q"),
+              py::arg("strides"), py::arg("num_drafts"), py::arg("deterministic_last"), py::arg("uniforms"),
+              py::arg("tau"), py::arg("bonus_noise"), py::arg("residual_noise"), py::arg("residual_uniforms"),
+              py::arg("num_given"), py::arg("rng_state"), py::arg("workspace"), py::arg("workspace_bytes"),
+              py::arg("out"), py::arg("num_accepted"), py::arg("log_ratio"), py::arg("residual_candidates"),
+              py::arg("fallbacks"), py::arg("B"), py::arg("L"), py::arg("D"), py::arg("dtype_code"),
+              py::arg("equal_variance"), py::arg("max_candidates"), py::arg("stream") = 0,
+              py::call_guard<py::gil_scoped_release>());
 
   // ------------------------------------------------------------ host RNG mirror
   m.def(
