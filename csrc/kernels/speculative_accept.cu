@@ -15,7 +15,7 @@
 //   (0, 0, 0) snapshots rng_state into the workspace and advances
 //   rng_state[1] by max(D, L) on the device.
 //
-// Launch 2, accept_finish_kernel, grid (S2, B), 256 threads: warp 0 of every
+// Launch 2, accept_finish_kernel, grid (S2, B), 512 threads: warp 0 of every
 //   block sums the partials of each slot (lane j: slot j, fixed order, so every
 //   block of a sample reaches the same decision bit for bit), draws/reads the
 //   uniforms, and a ballot gives the first rejection.  Then the block writes its
@@ -78,11 +78,16 @@ struct SpeculativeAcceptArgs {
 
 namespace {
 
+// Launch 1: 256 threads x 8 elements.  Launch 2: 512 threads x 4 elements (the
+// same 2048-element chunks): the residual sampler runs in one block per sample,
+// and its Philox / Box-Muller chains are latency-bound, so 16 warps per SM hide
+// them better than 8 (<= 128 registers per thread at 512 threads).
 constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
 constexpr int kPerThread = 8;
-constexpr int64_t kChunk = kThreads * kPerThread;   // launch 1: elements per block
-constexpr int64_t kChunk2 = kThreads * kPerThread;  // launch 2: elements per block
+constexpr int kThreads2 = 512;
+constexpr int kPerThread2 = 4;
+constexpr int64_t kChunk = kThreads * kPerThread;     // launch 1: elements per block
+constexpr int64_t kChunk2 = kThreads2 * kPerThread2;  // launch 2: elements per block
 constexpr int kCPI = 4;                             // residual candidates per iteration (even)
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
@@ -107,13 +112,12 @@ struct Rows {
   __device__ __forceinline__ float at(const T* r, int64_t i) const { return to_f32(r[i * sd]); }
 };
 
-// Elements lo + r * kThreads + threadIdx.x (r < kPerThread) of a row, 0 beyond D.
-template <typename T>
-__device__ __forceinline__ void load_chunk(const Rows<T>& R, const T* row, int64_t lo, int64_t D,
-                                           float (&v)[kPerThread]) {
+// Elements lo + r * kT + threadIdx.x (r < kP) of a row, 0 beyond D.
+template <int kT, int kP, typename T>
+__device__ __forceinline__ void load_chunk(const Rows<T>& R, const T* row, int64_t lo, int64_t D, float (&v)[kP]) {
 #pragma unroll
-  for (int r = 0; r < kPerThread; ++r) {
-    const int64_t i = lo + r * kThreads + threadIdx.x;
+  for (int r = 0; r < kP; ++r) {
+    const int64_t i = lo + r * kT + threadIdx.x;
     v[r] = i < D ? R.at(row, i) : 0.0f;
   }
 }
@@ -131,10 +135,12 @@ __host__ __device__ inline Workspace carve(void* ws) {
   return Workspace{base, reinterpret_cast<float*>(base + 2)};
 }
 
-// Sum of N values over the block; the result is valid in thread 0.  Fixed
-// order (shuffle tree inside each warp, then across warps in warp 0).
-template <int N>
-__device__ __forceinline__ void block_sum(float (&v)[N], float* smem /* kWarps * N */) {
+// Sum of N values over a block of kT threads; the result is valid in thread 0.
+// Fixed order (shuffle tree inside each warp, then across warps in warp 0).
+template <int kT, int N>
+__device__ __forceinline__ void block_sum(float (&v)[N], float* smem /* (kT / 32) * N */) {
+  constexpr int kWarps = kT / 32;
+  static_assert(kWarps <= 32, "one warp reduces the per-warp sums");
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
 #pragma unroll
@@ -161,7 +167,7 @@ __device__ __forceinline__ void block_sum(float (&v)[N], float* smem /* kWarps *
 // ------------------------------------------------------------------ launch 1
 template <typename T, bool kEqualVar>
 __global__ void __launch_bounds__(kThreads) accept_reduce_kernel(const SpeculativeAcceptArgs a) {
-  __shared__ float red[kWarps * 2];
+  __shared__ float red[(kThreads / 32) * 2];
   const int64_t s = blockIdx.x, j = blockIdx.y, b = blockIdx.z;
   const Workspace ws = carve(a.workspace);
   if (s == 0 && j == 0 && b == 0 && threadIdx.x == 0) {
@@ -189,11 +195,11 @@ __global__ void __launch_bounds__(kThreads) accept_reduce_kernel(const Speculati
   // independent loads per thread are in flight; then the arithmetic.
   const int64_t lo = s * kChunk;
   float vmp[kPerThread], vlvp[kPerThread], vmq[kPerThread], vxi[kPerThread], vlvq[kPerThread];
-  load_chunk(MP, mp, lo, a.D, vmp);
-  load_chunk(LVP, lvp, lo, a.D, vlvp);
-  load_chunk(MQ, mq, lo, a.D, vmq);
-  load_chunk(XI, xi, lo, a.D, vxi);
-  if (!kEqualVar) load_chunk(LVQ, lvq, lo, a.D, vlvq);
+  load_chunk<kThreads>(MP, mp, lo, a.D, vmp);
+  load_chunk<kThreads>(LVP, lvp, lo, a.D, vlvp);
+  load_chunk<kThreads>(MQ, mq, lo, a.D, vmq);
+  load_chunk<kThreads>(XI, xi, lo, a.D, vxi);
+  if (!kEqualVar) load_chunk<kThreads>(LVQ, lvq, lo, a.D, vlvq);
   float acc[2] = {0.0f, 0.0f};
 #pragma unroll
   for (int r = 0; r < kPerThread; ++r) {
@@ -207,7 +213,7 @@ __global__ void __launch_bounds__(kThreads) accept_reduce_kernel(const Speculati
       }
     }
   }
-  block_sum<2>(acc, red);
+  block_sum<kThreads, 2>(acc, red);
   if (threadIdx.x == 0) {
     float* out = ws.partials + ((b * a.L + j) * num_chunks(a.D) + s) * 2;
     out[0] = acc[0];
@@ -241,7 +247,7 @@ __device__ void residual_sampler(const SpeculativeAcceptArgs& a, int64_t b, int6
     float acc[kCPI];
 #pragma unroll
     for (int c = 0; c < kCPI; ++c) acc[c] = 0.0f;
-    for (int64_t i = threadIdx.x; i < D; i += kThreads) {
+    for (int64_t i = threadIdx.x; i < D; i += kThreads2) {
       const float vmp = MP.at(mp, i), vlvp = LVP.at(lvp, i), vmq = MQ.at(mq, i), vlvq = LVQ.at(lvq, i);
 #pragma unroll
       for (int h = 0; h < kCPI / 2; ++h) {
@@ -262,7 +268,7 @@ __device__ void residual_sampler(const SpeculativeAcceptArgs& a, int64_t b, int6
         acc[2 * h + 1] += accept::residual_term(z1, vmp, vlvp, vmq, vlvq, &zz);
       }
     }
-    block_sum<kCPI>(acc, red);
+    block_sum<kThreads2, kCPI>(acc, red);
     if (threadIdx.x == 0) {
       int first = kCPI, n_nan = 0;
 #pragma unroll
@@ -304,7 +310,7 @@ __device__ void residual_sampler(const SpeculativeAcceptArgs& a, int64_t b, int6
   const int64_t chosen = sh_chosen;
   const bool nan_row = sh_nan != 0;
   T* out = static_cast<T*>(a.out) + b * a.out_strides[0];
-  for (int64_t i = threadIdx.x; i < D; i += kThreads) {
+  for (int64_t i = threadIdx.x; i < D; i += kThreads2) {
     const float zs = chosen < K ? rn[chosen * D + i]
                                 : accept::residual_normal(seed, off0 + static_cast<uint64_t>(i), sample,
                                                           static_cast<uint32_t>(chosen));
@@ -318,8 +324,8 @@ __device__ void residual_sampler(const SpeculativeAcceptArgs& a, int64_t b, int6
 }
 
 template <typename T, bool kEqualVar>
-__global__ void __launch_bounds__(kThreads) accept_finish_kernel(const SpeculativeAcceptArgs a) {
-  __shared__ float red[kWarps * kCPI];
+__global__ void __launch_bounds__(kThreads2) accept_finish_kernel(const SpeculativeAcceptArgs a) {
+  __shared__ float red[(kThreads2 / 32) * kCPI];
   __shared__ int64_t sh_num_acc;
   __shared__ float sh_coef;
   const int64_t s = blockIdx.x, b = blockIdx.y;
@@ -388,12 +394,12 @@ __global__ void __launch_bounds__(kThreads) accept_finish_kernel(const Speculati
     const T* lvp = LVP.row(b, nd);
     const bool det = a.deterministic_last[b] != 0;
     const float* bn = a.bonus_noise ? a.bonus_noise + b * D : nullptr;
-    float vmp[kPerThread], vlvp[kPerThread];
-    load_chunk(MP, mp, lo, D, vmp);
-    load_chunk(LVP, lvp, lo, D, vlvp);
+    float vmp[kPerThread2], vlvp[kPerThread2];
+    load_chunk<kThreads2>(MP, mp, lo, D, vmp);
+    load_chunk<kThreads2>(LVP, lvp, lo, D, vlvp);
 #pragma unroll
-    for (int r = 0; r < kPerThread; ++r) {
-      const int64_t i = lo + r * kThreads + threadIdx.x;
+    for (int r = 0; r < kPerThread2; ++r) {
+      const int64_t i = lo + r * kThreads2 + threadIdx.x;
       if (i < D) {
         const float noise = det ? 0.0f
                             : bn ? bn[i]
@@ -411,14 +417,14 @@ __global__ void __launch_bounds__(kThreads) accept_finish_kernel(const Speculati
     const T* mq = MQ.row(b, num_acc);
     const T* xi = XI.row(b, num_acc);
     const float coef = sh_coef;
-    float vmp[kPerThread], vlvp[kPerThread], vmq[kPerThread], vxi[kPerThread];
-    load_chunk(MP, mp, lo, D, vmp);
-    load_chunk(LVP, lvp, lo, D, vlvp);
-    load_chunk(MQ, mq, lo, D, vmq);
-    load_chunk(XI, xi, lo, D, vxi);
+    float vmp[kPerThread2], vlvp[kPerThread2], vmq[kPerThread2], vxi[kPerThread2];
+    load_chunk<kThreads2>(MP, mp, lo, D, vmp);
+    load_chunk<kThreads2>(LVP, lvp, lo, D, vlvp);
+    load_chunk<kThreads2>(MQ, mq, lo, D, vmq);
+    load_chunk<kThreads2>(XI, xi, lo, D, vxi);
 #pragma unroll
-    for (int r = 0; r < kPerThread; ++r) {
-      const int64_t i = lo + r * kThreads + threadIdx.x;
+    for (int r = 0; r < kPerThread2; ++r) {
+      const int64_t i = lo + r * kThreads2 + threadIdx.x;
       if (i < D) {
         const float d = accept::whitened_diff(vmp[r], vmq[r], vlvp[r]);
         out[i * a.out_strides[1]] = from_f32<T>(accept::reflect(vmp[r], vlvp[r], vxi[r], d, coef));
@@ -431,16 +437,16 @@ __global__ void __launch_bounds__(kThreads) accept_finish_kernel(const Speculati
 
 template <typename T>
 cudaError_t launch_typed(const SpeculativeAcceptArgs& a, cudaStream_t stream) {
-  const dim3 block(kThreads);
+  const dim3 block(kThreads), block2(kThreads2);
   const dim3 grid1(static_cast<unsigned>(num_chunks(a.D)), static_cast<unsigned>(a.L > 0 ? a.L : 1),
                    static_cast<unsigned>(a.B));
   const dim3 grid2(static_cast<unsigned>(num_chunks2(a.D)), static_cast<unsigned>(a.B));
   if (a.equal_variance) {
     accept_reduce_kernel<T, true><<<grid1, block, 0, stream>>>(a);
-    accept_finish_kernel<T, true><<<grid2, block, 0, stream>>>(a);
+    accept_finish_kernel<T, true><<<grid2, block2, 0, stream>>>(a);
   } else {
     accept_reduce_kernel<T, false><<<grid1, block, 0, stream>>>(a);
-    accept_finish_kernel<T, false><<<grid2, block, 0, stream>>>(a);
+    accept_finish_kernel<T, false><<<grid2, block2, 0, stream>>>(a);
   }
   return cudaGetLastError();
 }
