@@ -1,0 +1,652 @@
+"""free-sample: sample a grid with the baseline ancestral sampler and with exact FREE, and compare.
+
+    free-sample                                     # embedded demo DiT + its drafter, labels 0..9
+    free-sample --labels 3,1,4 --steps 100 --relax 0.5 --json run.json
+    free-sample --target DiT-XL-2-256x256.pt --model DiT-XL/2 --image-size 256 \\
+                --drafter runs/drafter/drafter.safetensors --cfg-scale 1.5 --device cuda
+
+Both methods start from the SAME x_T (one seeded stream per sample) with the
+SAME labels, the same diffusion (respacing ``--steps``, clip_denoised=False)
+and the same guidance.  The baseline is the target's own ancestral sampler
+exactly as the official DiT scripts run it (``p_sample_loop`` over
+``forward_with_cfg`` on the doubled batch [x; x] with labels [y; null] when
+``--cfg-scale`` != 1), with one random stream per sample so its result does
+not depend on which other samples share the batch.  FREE drafts
+``--draft-length`` steps per round and verifies them in one batched target
+call; its samples have exactly the baseline's distribution (not the same
+pixels: the two samplers draw different random numbers).  ``--relax S`` > 0
+adds a third run, FREE (relax), which is APPROXIMATE.
+
+Each method's wall time is measured around its sampling loop only, after one
+warm-up forward of the target and the drafter (device synchronised before
+and after).  Progress bars go to stderr (``--no-progress`` hides them).
+
+On the CPU, ``--threads 0`` (the default) runs small targets (the demo) on one
+thread: their matrices are too small for intra-op threads to pay, and on a
+machine where other work runs, extra threads wait on each other (measured
+10-30x slower with 2 threads next to a busy process on 2 cores).
+
+Printed table (one row per method; illustrative numbers)::
+
+    method                  wall s  target calls  target rows  steps/call  acc early  acc mid  acc late  speed-up
+    baseline (ancestral)      1.93           250         2500        1.00          -        -         -     1.00x
+    FREE (exact, lossless)    1.20            64         5210        3.95       0.91     0.86      0.52     1.61x
+
+* ``target calls``: batched target forwards (CFG doubling counts as one call);
+* ``target rows``: sample-states the target evaluated (CFG doubling excluded);
+* ``steps/call``: denoising steps per target forward, per sample (1 for the baseline);
+* ``acc early/mid/late``: share of judged drafts accepted in the first / middle /
+  last third of the schedule (early = noisy);
+* ``speed-up``: baseline wall time / this method's wall time;
+* ``digit acc`` (with ``--quality``): the demo digit classifier's accuracy on
+  the samples against their labels.
+
+The PNG grid (``--out``) has ``grid_columns`` tiles per row; the baseline's
+samples fill the first row(s), FREE's the next, FREE (relax)'s the last (the
+printout names the rows; unused tiles are white).  Targets with more than 3
+channels (latent DiTs) are shown as their first 3 latent channels, min-max
+scaled (no VAE decoding here).
+
+JSON output (``--json PATH``, or ``--json -`` / ``--json`` for stdout, the
+table then going to stderr).  Fields:
+
+* ``format``: "free-sample/1".
+* ``command``: the argument list.
+* ``target``: target checkpoint path.  ``drafter``: drafter path or "frozen".
+* ``device``, ``torch`` (version), ``threads`` (torch intra-op threads used).
+* ``num_samples``; ``labels``: the class label of each sample.
+* ``steps``: the respacing string; ``num_steps``: denoising steps it gives.
+* ``variance``: "learned" or "fixed" (the diffusion's variance).
+* ``cfg_scale``; ``guidance_channels``: channels guided when cfg_scale != 1
+  (3 official, 4 diffusers).
+* ``drafter_cfg_scale``: the CFG scale the drafter was trained for (null if unknown).
+* ``draft_length``, ``relax`` (strength; 0 = off), ``seed``.
+* ``png``: path of the grid; ``grid_columns``: tiles per grid row;
+  ``grid_rows``: {method: [grid row indices, 0-based]}.
+* ``methods``: {"baseline" | "free" | "relax": entry}, in run order; an entry has
+  ``label`` (printed name; the relax one says "approximate"), ``exact``
+  (true for baseline and FREE, false for relax), ``wall_s``, ``target_calls``,
+  ``target_rows``, ``steps_per_target_call``, ``acceptance`` (overall; null for the
+  baseline), ``acceptance_early_middle_late`` (3 values or nulls),
+  ``speedup`` (baseline wall / wall; null with ``--no-baseline``),
+  ``quality`` (digit classifier accuracy, null without ``--quality``),
+  ``quality_detail`` (what the metric returned, or null), ``stats`` (FreeStats
+  as_dict() for FREE runs: draft/verify/accept times, residual sampler counts,
+  per-index acceptance; null for the baseline).
+* ``speedup``: FREE (exact) speed-up over the baseline (null with --no-baseline).
+* ``speedup_relax``: FREE (relax) speed-up (null when not run or no baseline).
+* ``quality_note``: why quality is missing (null when measured or not asked for).
+* ``warnings``: notes printed on stderr (e.g. a CFG scale the drafter was not trained for).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+JSON_FORMAT = "free-sample/1"
+_DOC_EPILOG = __doc__[__doc__.index("Printed table"):]
+
+
+_SMALL_TARGET_PARAMS = 20_000_000
+
+
+class _UsageError(Exception):
+    """An option problem reported through argparse (exit status 2, message on stderr)."""
+
+
+# ------------------------------------------------------------------ parsing
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="free-sample",
+        description="Sample a grid with the baseline ancestral sampler and with exact FREE (same labels, same "
+                    "x_T), print wall time, target calls, steps per call, acceptance and speed-up, write a PNG.",
+        epilog=_DOC_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="number of samples (default 10, or the number of --labels); labels cycle 0, 1, ...")
+    p.add_argument("--labels", default=None, help='comma-separated class labels, e.g. "3,1,4"')
+    p.add_argument("--steps", default="250", help='timestep respacing, e.g. "250", "100" (default 250)')
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance scale (default: the drafter's training setting, else 1.0)")
+    p.add_argument("--guidance-channels", type=int, choices=(3, 4), default=None,
+                   help="channels CFG guides: 3 (official DiT) or 4 (diffusers); default: the drafter's setting, "
+                        "else 3")
+    p.add_argument("--variance", choices=("learned", "fixed"), default=None,
+                   help="sampler variance (default: the drafter's training setting, else learned when the target "
+                        "predicts it)")
+    p.add_argument("--draft-length", type=int, default=6, help="drafted steps per FREE round (default 6)")
+    p.add_argument("--relax", type=float, default=0.0, metavar="STRENGTH",
+                   help="also run FREE (relax, APPROXIMATE) with this strength; 0 = off (default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of x_T and of both samplers' noise (default 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--target", default=None,
+                   help="target DiT: our .safetensors (+ .json config beside it) or an official .pt/.safetensors "
+                        "with --model and --image-size (default: the embedded demo DiT)")
+    p.add_argument("--model", default=None, help="DiT config name for official checkpoints, e.g. DiT-XL/2")
+    p.add_argument("--image-size", type=int, default=256,
+                   help="image size of an official checkpoint (latent = size / 8; default 256)")
+    p.add_argument("--num-classes", type=int, default=1000, help="classes of an official checkpoint (default 1000)")
+    p.add_argument("--drafter", default=None,
+                   help='FeatureDrafter .safetensors (+ .json), or "frozen" (training-free h = h_prev); default: '
+                        "the demo drafter with the demo target, else frozen")
+    p.add_argument("--out", default="free_sample.png", help="PNG grid path (default free_sample.png)")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="write the results as JSON to PATH ('-' or no value: stdout)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the baseline (no speed-up then)")
+    p.add_argument("--quality", action="store_true",
+                   help="add the demo digit classifier's accuracy per method (needs free_kernels.demo.metrics)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads; 0 (default) = auto: 1 thread on the CPU for small targets (< "
+                        f"{_SMALL_TARGET_PARAMS // 10**6}M parameters, where more threads gain little and lose a lot "
+                        "on a busy machine), else torch's default")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return p
+
+
+def parse_labels(text: str) -> List[int]:
+    parts = [s.strip() for s in text.split(",")]
+    if not text.strip() or any(s == "" for s in parts):
+        raise _UsageError(f"--labels must be comma-separated integers, got {text!r}")
+    try:
+        return [int(s) for s in parts]
+    except ValueError:
+        raise _UsageError(f"--labels must be comma-separated integers, got {text!r}") from None
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise _UsageError(f"unknown device {name!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise _UsageError(f"unsupported device {name!r} (use cpu, cuda or cuda:N)")
+    if not torch.cuda.is_available():
+        raise _UsageError(f"device {name!r} requested but CUDA is not available to this torch "
+                          f"({torch.__version__}); use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise _UsageError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return dev
+
+
+# ------------------------------------------------------------------ loading
+def _json_beside(path: str) -> str:
+    return path[: -len(".safetensors")] + ".json" if path.endswith(".safetensors") else path + ".json"
+
+
+def load_target(args, device):
+    from ..demo import TARGET_FILE
+    from ..demo import load_target as load_json_target
+
+    path = args.target or TARGET_FILE
+    if not os.path.isfile(path):
+        hint = (" (the embedded demo assets are missing: train them or pass --target/--drafter)"
+                if args.target is None else "")
+        raise _UsageError(f"target checkpoint {path!r} not found{hint}")
+    if path.endswith(".safetensors") and (os.path.isfile(_json_beside(path)) or args.model is None):
+        try:
+            return load_json_target(path, device=device), path
+        except (ValueError, RuntimeError, KeyError, TypeError) as e:
+            raise _UsageError(f"cannot load target {path!r}: {e}") from None
+    from ..models.dit import DiT_models, find_model, load_state_dict_strict
+
+    if args.model is None:
+        raise _UsageError(f"--target {path!r} is not in our .safetensors + .json format: pass --model "
+                          f"(one of {sorted(DiT_models)}) and --image-size for an official checkpoint")
+    if args.model not in DiT_models:
+        raise _UsageError(f"--model must be one of {sorted(DiT_models)}, got {args.model!r}")
+    if args.image_size < 8 or args.image_size % 8:
+        raise _UsageError(f"--image-size must be a positive multiple of 8, got {args.image_size}")
+    try:
+        model = DiT_models[args.model](input_size=args.image_size // 8, num_classes=args.num_classes, in_channels=4)
+        load_state_dict_strict(model, find_model(path))
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise _UsageError(f"cannot load target {path!r} as {args.model}: {e}") from None
+    return model.to(device).eval(), path
+
+
+def load_drafter(args, target, device, default_demo: bool):
+    """(drafter, its path or 'frozen', the 'extra' training record from its JSON or {})."""
+    from ..demo import DRAFTER_FILE
+    from ..models.drafter import FeatureDrafter, FrozenFeatureDrafter
+
+    spec = args.drafter
+    if spec is None:
+        spec = DRAFTER_FILE if default_demo else "frozen"
+    if spec == "frozen":
+        return FrozenFeatureDrafter(target), "frozen", {}
+    base = spec[: -len(".safetensors")] if spec.endswith(".safetensors") else spec
+    for ext in (".safetensors", ".json"):
+        if not os.path.isfile(base + ext):
+            hint = (" (the embedded demo drafter is missing: train it or pass --drafter PATH / frozen)"
+                    if args.drafter is None else "")
+            raise _UsageError(f"drafter file {base + ext!r} not found{hint}")
+    try:
+        drafter = FeatureDrafter.load(base, target=target, map_location=device)
+        with open(base + ".json") as f:
+            extra = json.load(f).get("extra") or {}
+    except (ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise _UsageError(f"cannot use drafter {base + '.safetensors'!r}: {e}") from None
+    return drafter.eval(), base + ".safetensors", extra
+
+
+# ------------------------------------------------------------------ seeding
+def _seed(*words: int) -> int:
+    """An independent 63-bit seed per (seed, stream, index) tuple."""
+    s = np.random.SeedSequence([int(w) & 0xFFFFFFFF for w in words]).generate_state(2, dtype=np.uint32)
+    return int(s[0]) << 31 ^ int(s[1])
+
+
+def initial_noise(seed: int, n: int, shape) -> torch.Tensor:
+    """x_T, one CPU stream per sample (sample k is the same whatever n is)."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(_seed(seed, 0, k)))
+                        for k in range(n)])
+
+
+def _sync(dev: torch.device):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+# ------------------------------------------------------------------ samplers
+@torch.no_grad()
+def run_baseline(target, diffusion, noise, y, *, cfg_scale, guidance_channels, seed, progress):
+    """The official DiT sampling loop; returns (samples, wall seconds, target calls)."""
+    from ..diffusion import per_sample_generators
+
+    dev = noise.device
+    B = noise.shape[0]
+    calls = [0]
+    cfg = cfg_scale != 1.0
+    if cfg:
+        z = torch.cat([noise, noise])
+        yy = torch.cat([y, torch.full_like(y, int(target.num_classes))])
+        kwargs = dict(y=yy, cfg_scale=cfg_scale, guidance_channels=guidance_channels)
+        fwd = target.forward_with_cfg
+    else:
+        z, kwargs, fwd = noise, dict(y=y), target.forward
+
+    def model(x, t, **kw):
+        calls[0] += 1
+        return fwd(x, t, **kw)
+
+    # row k: stream (seed, 1, k); the unconditional half of a doubled batch gets (seed, 2, k)
+    seeds = [_seed(seed, 1, k) for k in range(B)] + ([_seed(seed, 2, k) for k in range(B)] if cfg else [])
+    gens = per_sample_generators(seeds, device=dev)
+    _sync(dev)
+    t0 = time.perf_counter()
+    out = diffusion.p_sample_loop(model, z.shape, noise=z, clip_denoised=False, model_kwargs=kwargs,
+                                  device=dev, progress=progress, generator=gens)
+    _sync(dev)
+    wall = time.perf_counter() - t0
+    if cfg:
+        out, _ = out.chunk(2, dim=0)
+    return out, wall, calls[0]
+
+
+@torch.no_grad()
+def run_free(target, drafter, diffusion, noise, y, *, draft_length, relax, cfg_scale, guidance_channels, seed,
+             progress):
+    """One FREE run; returns (samples, wall seconds, FreeStats)."""
+    from ..sampler import FreeSampler
+
+    dev = noise.device
+    sampler = FreeSampler(target, drafter, diffusion, draft_length=draft_length, relax=relax or None,
+                          clip_denoised=False)
+    gen = torch.Generator(device=dev).manual_seed(_seed(seed, 3))
+    _sync(dev)
+    t0 = time.perf_counter()
+    out, st = sampler.sample(noise, y, cfg_scale=cfg_scale, guidance_channels=guidance_channels, generator=gen,
+                             progress=progress)
+    _sync(dev)
+    return out, time.perf_counter() - t0, st
+
+
+@torch.no_grad()
+def warm_up(target, drafter, diffusion, noise, y, *, cfg_scale, guidance_channels, draft_length, variance):
+    """Untimed: one target forward (the baseline's batch shape) and one drafter call.
+
+    On a GPU also a short FREE run (12 steps, 2 samples) so that kernels compiled
+    on first use (Triton) are not compiled inside the timed runs.
+    """
+    t = torch.full((noise.shape[0],), int(np.asarray(getattr(diffusion, "timestep_map", [0]))[-1]),
+                   device=noise.device, dtype=torch.long)
+    x, yy = noise, y
+    if cfg_scale != 1.0:
+        x, yy, t = torch.cat([x, x]), torch.cat([y, torch.full_like(y, int(target.num_classes))]), torch.cat([t, t])
+    h, c = target.forward_features(x, t, yy)
+    target.forward_head(h, c)
+    drafter(h, x, t, yy)
+    if noise.device.type == "cuda":
+        from ..diffusion import create_diffusion
+        from ..sampler import FreeSampler
+
+        short = create_diffusion("12", learn_sigma=variance == "learned")
+        FreeSampler(target, drafter, short, draft_length=draft_length).sample(
+            noise[:2], y[:2], cfg_scale=cfg_scale, guidance_channels=guidance_channels,
+            generator=torch.Generator(device=noise.device).manual_seed(0))
+    _sync(noise.device)
+
+
+# ------------------------------------------------------------------ quality
+def quality_metric():
+    """(callable samples, labels -> (accuracy, detail), None) or (None, why it is unavailable)."""
+    try:
+        from ..demo import metrics
+    except ImportError as e:
+        return None, f"free_kernels.demo.metrics is not available ({type(e).__name__}: {e})"
+    dq = getattr(metrics, "digit_quality", None)
+    load = getattr(metrics, "load_classifier", None)
+    if load is None:
+        try:
+            from ..demo.classifier import load_classifier as load
+        except ImportError:
+            load = None
+    if dq is None or load is None:
+        return None, "free_kernels.demo.metrics lacks digit_quality / load_classifier"
+    try:
+        clf = load()
+    except Exception as e:  # optional add-on: any failure only skips the column
+        return None, f"digit classifier unavailable: {e}"
+
+    def measure(samples, labels):
+        res = dq(samples.detach().float().cpu(), labels.detach().cpu(), clf)
+        if isinstance(res, dict):
+            acc = res.get("accuracy", res.get("acc"))
+            detail = _jsonable(res)
+        else:
+            acc, detail = res, None
+        return (None if acc is None else float(acc)), detail
+
+    return measure, None
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if torch.is_tensor(obj):
+        return obj.detach().cpu().tolist()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+# ------------------------------------------------------------------ output
+def _for_display(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images with 1 or 3 channels for save_grid (latents: first channels, min-max scaled)."""
+    C = x.shape[1]
+    if C in (1, 3):
+        return x
+    x = x[:, :3] if C >= 3 else x[:, :1]
+    lo = x.amin(dim=(2, 3), keepdim=True)
+    hi = x.amax(dim=(2, 3), keepdim=True)
+    return (x - lo) / (hi - lo).clamp_min(1e-8) * 2 - 1
+
+
+def write_grid(blocks: Dict[str, torch.Tensor], path: str, columns: int) -> Dict[str, List[int]]:
+    """One block of rows per method (padded with white tiles); returns {method: grid rows}."""
+    from ..demo.data import save_grid
+
+    tiles, rows, r = [], {}, 0
+    for name, x in blocks.items():
+        x = _for_display(x.detach().float().cpu())
+        n = x.shape[0]
+        nr = (n + columns - 1) // columns
+        pad = nr * columns - n
+        if pad:
+            x = torch.cat([x, torch.ones(pad, *x.shape[1:])])
+        tiles.append(x)
+        rows[name] = list(range(r, r + nr))
+        r += nr
+    save_grid(torch.cat(tiles), path, nrow=columns)
+    return rows
+
+
+def _fmt(v, spec=".2f", none="-"):
+    return none if v is None else format(v, spec)
+
+
+def format_table(methods: Dict[str, dict], with_quality: bool) -> str:
+    head = ["method", "wall s", "target calls", "target rows", "steps/call", "acc early", "acc mid", "acc late",
+            "speed-up"] + (["digit acc"] if with_quality else [])
+    lines = []
+    for m in methods.values():
+        e, mi, la = m["acceptance_early_middle_late"]
+        row = [m["label"], _fmt(m["wall_s"]), str(m["target_calls"]), str(m["target_rows"]),
+               _fmt(m["steps_per_target_call"]), _fmt(e), _fmt(mi), _fmt(la),
+               "-" if m["speedup"] is None else f"{m['speedup']:.2f}x"]
+        if with_quality:
+            row.append(_fmt(m["quality"], ".3f"))
+        lines.append(row)
+    w0 = max(len(head[0]), *(len(r[0]) for r in lines))
+    widths = [w0] + [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(head) if i]
+    out = ["  ".join(h.ljust(widths[0]) if i == 0 else h.rjust(widths[i]) for i, h in enumerate(head))]
+    for r in lines:
+        out.append("  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)))
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------ main
+def _resolve(args):
+    """Validate the simple options (before anything is loaded)."""
+    if args.num_samples is not None and args.num_samples < 1:
+        raise _UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
+    labels = parse_labels(args.labels) if args.labels is not None else None
+    if labels is not None and args.num_samples is not None and args.num_samples != len(labels):
+        raise _UsageError(f"--num-samples {args.num_samples} does not match the {len(labels)} --labels given")
+    if args.draft_length < 1:
+        raise _UsageError(f"--draft-length must be >= 1, got {args.draft_length}")
+    if not (args.relax >= 0) or args.relax == float("inf"):
+        raise _UsageError(f"--relax must be a finite number >= 0, got {args.relax}")
+    if args.threads < 0:
+        raise _UsageError(f"--threads must be >= 0, got {args.threads}")
+    if args.cfg_scale is not None and not np.isfinite(args.cfg_scale):
+        raise _UsageError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
+    for opt, path in (("--out", args.out), ("--json", args.json if args.json != "-" else None)):
+        if path is None:
+            continue
+        if os.path.isdir(path):
+            raise _UsageError(f"{opt} {path!r} is a directory, expected a file path")
+        parent = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise _UsageError(f"{opt} {path!r}: {parent!r} is not a directory")
+    return labels
+
+
+def run(argv: Optional[Sequence[str]] = None) -> dict:
+    """Parse, sample, print, write; returns the JSON record.  Option errors exit with status 2."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        return _run(args, argv)
+    except _UsageError as e:
+        parser.error(str(e))
+    finally:
+        torch.set_num_threads(threads)  # run() may be called in-process (tests, notebooks)
+
+
+def _run(args, argv) -> dict:
+    from ..diffusion import create_diffusion
+
+    labels = _resolve(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    info = sys.stderr if args.json == "-" else sys.stdout
+    warnings: List[str] = []
+
+    def warn(msg):
+        warnings.append(msg)
+        sys.stdout.flush()
+        print(f"free-sample: warning: {msg}", file=sys.stderr)
+
+    target, target_path = load_target(args, device)
+    target.requires_grad_(False)
+    if not args.threads and device.type == "cpu" and sum(p.numel() for p in target.parameters()) < _SMALL_TARGET_PARAMS:
+        torch.set_num_threads(1)
+    default_demo = args.target is None
+    drafter, drafter_path, extra = load_drafter(args, target, device, default_demo)
+    if isinstance(drafter, torch.nn.Module):
+        drafter.requires_grad_(False)
+
+    C, S, K = int(target.in_channels), int(target.input_size), int(target.num_classes)
+    n = len(labels) if labels is not None else (args.num_samples if args.num_samples is not None else 10)
+    if labels is None:
+        labels = [k % K for k in range(n)]
+    bad = [v for v in labels if not 0 <= v < K]
+    if bad:
+        raise _UsageError(f"labels {bad} are out of range: this target has {K} classes (0 .. {K - 1})")
+
+    # the drafter is trained for one sampler setting: default to it, warn when the user leaves it
+    d_cfg = extra.get("cfg_scale")
+    cfg_scale = float(args.cfg_scale if args.cfg_scale is not None else (d_cfg if d_cfg is not None else 1.0))
+    if d_cfg is not None and float(d_cfg) != cfg_scale:
+        warn(f"the drafter was trained for --cfg-scale {d_cfg}, sampling with {cfg_scale}: FREE stays exact "
+             f"but accepts fewer drafts")
+    d_gc = extra.get("guidance_channels")
+    gc = args.guidance_channels or int(d_gc or 3)
+    if d_gc and cfg_scale != 1.0 and int(d_gc) != gc:
+        warn(f"the drafter was trained with --guidance-channels {d_gc}, sampling with {gc}")
+    if cfg_scale != 1.0 and gc > C:
+        raise _UsageError(f"--cfg-scale {cfg_scale} with --guidance-channels {gc}: this target has only {C} noise "
+                          f"channel(s), and guidance needs guidance_channels <= channels (use --cfg-scale 1)")
+    variance = args.variance or extra.get("variance")
+    if variance not in ("learned", "fixed"):
+        variance = "learned" if getattr(target, "learn_sigma", True) else "fixed"
+    if variance == "learned" and not getattr(target, "learn_sigma", True):
+        raise _UsageError("--variance learned needs a target that predicts its variance (learn_sigma=True)")
+    try:
+        diffusion = create_diffusion(args.steps, learn_sigma=variance == "learned")
+    except (ValueError, TypeError, AssertionError) as e:
+        raise _UsageError(f"--steps {args.steps!r} is not a valid respacing: {e}") from None
+    N = diffusion.num_timesteps
+    if extra.get("num_steps") is not None and int(extra["num_steps"]) != N:
+        warn(f"the drafter was trained for {extra['num_steps']} sampling steps, sampling with {N}: "
+             f"FREE stays exact but accepts fewer drafts")
+    if extra.get("variance") and extra["variance"] != variance:
+        warn(f"the drafter was trained for {extra['variance']} variance, sampling with {variance}")
+
+    y = torch.as_tensor(labels, dtype=torch.long, device=device)
+    noise = initial_noise(args.seed, n, (C, S, S)).to(device)
+    progress = not args.no_progress
+    print(f"free-sample: target {target_path} ({C}x{S}x{S}, {K} classes), drafter {drafter_path}, device {device}, "
+          f"{torch.get_num_threads()} thread(s)", file=info)
+    print(f"free-sample: {n} samples, labels {labels}, {N} steps ({variance} variance), cfg {cfg_scale}"
+          f"{f' (guidance channels {gc})' if cfg_scale != 1.0 else ''}, draft length {args.draft_length}, "
+          f"seed {args.seed}", file=info)
+
+    measure_quality, quality_note = (None, None)
+    if args.quality:
+        measure_quality, quality_note = quality_metric()
+        if measure_quality is None:
+            warn(f"--quality skipped: {quality_note}")
+
+    warm_up(target, drafter, diffusion, noise, y, cfg_scale=cfg_scale, guidance_channels=gc,
+            draft_length=args.draft_length, variance=variance)
+    common = dict(cfg_scale=cfg_scale, guidance_channels=gc, seed=args.seed, progress=progress)
+    methods: Dict[str, dict] = {}
+    samples: Dict[str, torch.Tensor] = {}
+
+    def entry(label, exact, wall, calls, rows, spc, acc, emf, stats):
+        return dict(label=label, exact=exact, wall_s=wall, target_calls=int(calls), target_rows=int(rows),
+                    steps_per_target_call=float(spc), acceptance=acc, acceptance_early_middle_late=emf,
+                    speedup=None, quality=None, quality_detail=None, stats=stats)
+
+    def announce(label):
+        if progress:
+            sys.stdout.flush()
+            print(f"free-sample: running {label}", file=sys.stderr, flush=True)
+
+    if not args.no_baseline:
+        announce("baseline (ancestral)")
+        x, wall, calls = run_baseline(target, diffusion, noise, y, **common)
+        samples["baseline"] = x
+        methods["baseline"] = entry("baseline (ancestral)", True, wall, calls, n * N, 1.0, None,
+                                    [None, None, None], None)
+    runs = [("free", "FREE (exact, lossless)", 0.0)]
+    if args.relax > 0:
+        runs.append(("relax", f"FREE (relax {args.relax:g}, approximate)", args.relax))
+    for name, label, strength in runs:
+        announce(label)
+        x, wall, st = run_free(target, drafter, diffusion, noise, y, draft_length=args.draft_length,
+                               relax=strength, **common)
+        samples[name] = x
+        d = st.as_dict()
+        methods[name] = entry(label, strength == 0, wall, st.target_calls, st.target_rows, st.steps_per_target_call,
+                              d["acceptance_rate"], d["acceptance_early_middle_late"], d)
+    if "baseline" in methods:
+        for m in methods.values():
+            m["speedup"] = methods["baseline"]["wall_s"] / max(m["wall_s"], 1e-12)
+    if measure_quality is not None:
+        for name, m in methods.items():
+            try:
+                m["quality"], m["quality_detail"] = measure_quality(samples[name], y)
+            except Exception as e:  # optional column: report why and go on
+                quality_note = f"digit_quality failed: {e}"
+                warn(f"--quality skipped: {quality_note}")
+                for mm in methods.values():
+                    mm["quality"] = mm["quality_detail"] = None
+                break
+
+    columns = min(n, 10)
+    grid_rows = write_grid(samples, args.out, columns)
+    if C not in (1, 3):
+        warn(f"the PNG shows the first {min(C, 3)} latent channel(s), min-max scaled (no VAE decoding)")
+
+    print("", file=info)
+    print(format_table(methods, measure_quality is not None), file=info)
+    print("steps/call: denoising steps per target forward, per sample; speed-up: baseline wall / wall; "
+          "FREE's samples follow the baseline's distribution exactly (not pixel for pixel)"
+          + ("; FREE (relax) is APPROXIMATE" if "relax" in methods else ""), file=info)
+    where = ", ".join(f"{methods[k]['label']}: row{'s' if len(v) > 1 else ''} "
+                      f"{v[0] + 1}{'-' + str(v[-1] + 1) if len(v) > 1 else ''}" for k, v in grid_rows.items())
+    print(f"wrote {args.out} ({columns} per row; {where})", file=info)
+
+    record = dict(
+        format=JSON_FORMAT, command=argv, target=target_path, drafter=drafter_path, device=str(device),
+        torch=torch.__version__, threads=torch.get_num_threads(), num_samples=n, labels=labels, steps=args.steps,
+        num_steps=N, variance=variance, cfg_scale=cfg_scale, guidance_channels=gc,
+        drafter_cfg_scale=None if d_cfg is None else float(d_cfg), draft_length=args.draft_length,
+        relax=args.relax, seed=args.seed, png=args.out, grid_columns=columns, grid_rows=grid_rows, methods=methods,
+        speedup=methods["free"]["speedup"], speedup_relax=methods["relax"]["speedup"] if "relax" in methods else None,
+        quality_note=quality_note, warnings=warnings,
+    )
+    text = json.dumps(record, indent=2)
+    if args.json == "-":
+        print(text)
+    elif args.json is not None:
+        jdir = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(jdir, exist_ok=True)
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+        print(f"wrote {args.json}", file=info)
+    return record
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console entry point (``free-sample``): 0 on success; option errors exit with status 2."""
+    run(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

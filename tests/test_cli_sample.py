@@ -1,0 +1,216 @@
+"""free-sample (free_kernels.cli.sample): baseline vs FREE on a tiny saved target + drafter, PNG, JSON, errors."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from free_kernels import demo
+from free_kernels.cli import sample as cli
+from free_kernels.models import DiT, FeatureDrafter
+
+TILE = 8  # tiny target: 8x8 images, patch 4 -> 4 tokens
+
+
+def _save_tiny(tmp_path, name="dit", in_channels=1, drafter_extra=None):
+    """A random tiny DiT (our .safetensors + .json format) and an identity-initialised drafter beside it."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    cfg = dict(input_size=TILE, patch_size=4, in_channels=in_channels, hidden_size=32, depth=2, num_heads=2,
+               num_classes=10, learn_sigma=True, class_dropout_prob=0.1)
+    m = DiT(**cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n != "pos_embed":
+                p.copy_(torch.randn(p.shape, generator=g) * (0.3 / p.shape[-1] ** 0.5 if p.dim() > 1 else 0.05))
+    target = str(tmp_path / f"{name}.safetensors")
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, target)
+    with open(str(tmp_path / f"{name}.json"), "w") as f:
+        json.dump({"config": cfg}, f)
+    drafter = str(tmp_path / f"{name}_drafter.safetensors")
+    FeatureDrafter.for_target(m.eval(), depth=1, init="identity").save(
+        drafter, extra=drafter_extra or dict(cfg_scale=1.0, num_steps=10, steps="10", variance="learned"))
+    return target, drafter
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return _save_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def _common(tmp_path, target, drafter, *extra):
+    return ["--target", target, "--drafter", drafter, "--steps", "10", "--num-samples", "3", "--threads", "1",
+            "--no-progress", "--out", str(tmp_path / "grid.png"), *extra]
+
+
+def _documented_names():
+    return set(re.findall(r"``(\w+)``", cli.__doc__))
+
+
+def _grid_size(columns, rows, tile=TILE, pad=2):
+    return columns * (tile + pad) + pad, rows * (tile + pad) + pad
+
+
+def test_baseline_free_relax_png_and_json(tmp_path, tiny):
+    target, drafter = tiny
+    jpath = tmp_path / "out" / "run.json"
+    assert cli.main(_common(tmp_path, target, drafter, "--relax", "0.5", "--json", str(jpath))) == 0
+    png = tmp_path / "grid.png"
+    assert png.is_file()
+    with Image.open(png) as im:  # 3 per row; rows: baseline, FREE, FREE (relax)
+        assert im.size == _grid_size(3, 3) and im.mode == "L"
+    rec = json.loads(jpath.read_text())
+
+    documented = _documented_names()
+    assert set(rec) <= documented, f"undocumented fields {set(rec) - documented}"
+    for m in rec["methods"].values():
+        assert set(m) <= documented, f"undocumented method fields {set(m) - documented}"
+    assert rec["format"] == cli.JSON_FORMAT
+    assert rec["num_samples"] == 3 and rec["labels"] == [0, 1, 2] and rec["num_steps"] == 10
+    assert rec["cfg_scale"] == 1.0 and rec["drafter_cfg_scale"] == 1.0 and rec["draft_length"] == 6
+    assert list(rec["methods"]) == ["baseline", "free", "relax"]
+    assert rec["grid_rows"] == {"baseline": [0], "free": [1], "relax": [2]} and rec["grid_columns"] == 3
+
+    base, free, relax = (rec["methods"][k] for k in ("baseline", "free", "relax"))
+    assert base["target_calls"] == 10 and base["target_rows"] == 30 and base["steps_per_target_call"] == 1.0
+    assert base["speedup"] == pytest.approx(1.0) and base["exact"] and base["stats"] is None
+    for m in (free, relax):
+        assert m["steps_per_target_call"] >= 1.0
+        assert 1 <= m["target_calls"] <= base["target_calls"]
+        assert m["wall_s"] > 0 and m["speedup"] > 0
+        assert 0.0 <= m["acceptance"] <= 1.0 and len(m["acceptance_early_middle_late"]) == 3
+        assert sum(m["stats"]["steps_per_sample"]) == 3 * 10
+    assert free["exact"] and "approximate" not in free["label"] and free["stats"]["mode"] == "exact"
+    assert not relax["exact"] and "approximate" in relax["label"] and relax["stats"]["mode"] == "relax"
+    assert rec["speedup"] == free["speedup"] and rec["speedup_relax"] == relax["speedup"]
+    assert rec["quality_note"] is None and rec["warnings"] == []
+    assert torch.get_num_threads() >= 1  # --threads is undone after an in-process run
+
+
+def test_json_to_stdout_without_baseline(tmp_path, tiny, capsys):
+    target, drafter = tiny
+    assert cli.main(_common(tmp_path, target, "frozen", "--no-baseline", "--json")) == 0
+    out = capsys.readouterr()
+    rec = json.loads(out.out)  # stdout holds only the JSON; the table went to stderr
+    assert "FREE (exact, lossless)" in out.err
+    assert list(rec["methods"]) == ["free"] and rec["drafter"] == "frozen"
+    assert rec["speedup"] is None and rec["methods"]["free"]["speedup"] is None and rec["speedup_relax"] is None
+    with Image.open(tmp_path / "grid.png") as im:
+        assert im.size == _grid_size(3, 1)
+
+
+def test_same_noise_and_batch_independent_baseline(tmp_path, tiny):
+    target, drafter = tiny
+    a = cli.initial_noise(7, 3, (1, TILE, TILE))
+    assert torch.equal(a[:1], cli.initial_noise(7, 1, (1, TILE, TILE)))
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a, cli.initial_noise(8, 3, (1, TILE, TILE)))
+    tiles = []
+    for labels in ("0,1,2", "0"):
+        out = tmp_path / f"{labels}.png"
+        cli.main(["--target", target, "--drafter", drafter, "--steps", "10", "--labels", labels, "--seed", "7",
+                  "--threads", "1", "--no-progress", "--out", str(out)])
+        with Image.open(out) as im:
+            tiles.append(torch.from_numpy(np.asarray(im, dtype=np.int16)))
+    first = [t[2:2 + TILE, 2:2 + TILE] for t in tiles]  # baseline, sample 0
+    assert (first[0] - first[1]).abs().max() <= 1
+
+
+def test_cfg_default_and_warning_on_a_three_channel_target(tmp_path):
+    target, drafter = _save_tiny(tmp_path, "rgb", in_channels=3,
+                                 drafter_extra=dict(cfg_scale=1.5, guidance_channels=3, num_steps=10))
+    jpath = tmp_path / "cfg.json"
+    cli.main(_common(tmp_path, target, drafter, "--json", str(jpath)))
+    rec = json.loads(jpath.read_text())
+    assert rec["cfg_scale"] == 1.5 and rec["warnings"] == []  # the drafter's setting is the default
+    assert rec["methods"]["baseline"]["target_calls"] == 10  # one doubled-batch forward per step
+    with Image.open(tmp_path / "grid.png") as im:
+        assert im.mode == "RGB" and im.size == _grid_size(3, 2)
+    cli.main(_common(tmp_path, target, drafter, "--cfg-scale", "3", "--json", str(jpath)))
+    rec = json.loads(jpath.read_text())
+    assert rec["cfg_scale"] == 3.0 and any("cfg-scale 1.5" in w for w in rec["warnings"])
+
+
+def test_quality_column_when_metrics_exist_and_skip_otherwise(tmp_path, tiny, monkeypatch, capsys):
+    target, drafter = tiny
+    fake = types.ModuleType("free_kernels.demo.metrics")
+    fake.load_classifier = lambda: "clf"
+    fake.digit_quality = lambda samples, labels, clf: dict(accuracy=0.5, n=int(labels.numel()))
+    monkeypatch.setitem(sys.modules, "free_kernels.demo.metrics", fake)
+    monkeypatch.setattr(demo, "metrics", fake, raising=False)
+    jpath = tmp_path / "q.json"
+    cli.main(_common(tmp_path, target, drafter, "--quality", "--json", str(jpath)))
+    rec = json.loads(jpath.read_text())
+    assert all(m["quality"] == 0.5 and m["quality_detail"]["n"] == 3 for m in rec["methods"].values())
+    assert "digit acc" in capsys.readouterr().out
+
+    def broken():
+        raise FileNotFoundError("no classifier weights here")
+
+    fake.load_classifier = broken
+    cli.main(_common(tmp_path, target, drafter, "--quality", "--json", str(jpath)))
+    rec = json.loads(jpath.read_text())
+    assert all(m["quality"] is None for m in rec["methods"].values())
+    assert "no classifier weights here" in rec["quality_note"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--labels", "3,10"], "out of range"),
+    (["--labels", "3,x"], "comma-separated integers"),
+    (["--labels", "-1"], "out of range"),
+    (["--num-samples", "0"], "--num-samples must be >= 1"),
+    (["--labels", "1,2", "--num-samples", "3"], "does not match"),
+    (["--device", "quantum"], "unknown device"),
+    (["--draft-length", "0"], "--draft-length"),
+    (["--relax", "-0.5"], "--relax"),
+    (["--steps", "oops"], "--steps"),
+])
+def test_bad_options_exit_with_a_clear_message(tmp_path, tiny, capsys, extra, message):
+    target, drafter = tiny
+    args = ["--target", target, "--drafter", drafter, "--steps", "10", "--no-progress",
+            "--out", str(tmp_path / "g.png"), *extra]
+    with pytest.raises(SystemExit) as e:
+        cli.main(args)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_missing_files_are_named(tmp_path, tiny, capsys):
+    target, _ = tiny
+    for args, path in ((["--target", str(tmp_path / "nope.safetensors")], str(tmp_path / "nope.safetensors")),
+                       (["--target", target, "--drafter", str(tmp_path / "d.safetensors")],
+                        str(tmp_path / "d.safetensors"))):
+        with pytest.raises(SystemExit) as e:
+            cli.main([*args, "--steps", "10", "--no-progress", "--out", str(tmp_path / "g.png")])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert path in err and "not found" in err
+    with pytest.raises(SystemExit):  # checked before anything is sampled
+        cli.main(["--target", target, "--drafter", "frozen", "--steps", "10", "--no-progress", "--out", str(tmp_path)])
+    assert "is a directory" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (os.path.isfile(demo.TARGET_FILE) and os.path.isfile(demo.DRAFTER_FILE)),
+                    reason="embedded demo assets (demo_dit / demo_drafter .safetensors) are not present yet")
+def test_default_demo_run(tmp_path):
+    jpath = tmp_path / "demo.json"
+    out = tmp_path / "free_sample.png"
+    assert cli.main(["--steps", "20", "--threads", "1", "--no-progress", "--out", str(out),
+                     "--json", str(jpath)]) == 0
+    rec = json.loads(jpath.read_text())
+    assert rec["num_samples"] == 10 and rec["labels"] == list(range(10))
+    assert rec["target"] == demo.TARGET_FILE and rec["drafter"] == demo.DRAFTER_FILE
+    assert rec["methods"]["free"]["steps_per_target_call"] >= 1.0
+    assert rec["methods"]["free"]["target_calls"] <= rec["methods"]["baseline"]["target_calls"] == 20
+    assert rec["speedup"] > 0
+    with Image.open(out) as im:
+        assert im.size == _grid_size(10, 2, tile=16)
