@@ -18,8 +18,12 @@
   keeping the draft on rejection) that the same test must reject.
 
 On a CPU-only machine the Triton kernels run under TRITON_INTERPRET=1 (set by
-conftest.py) at tiny sizes; the CUDA backend and the large-size cases carry the
-``gpu`` marker.
+conftest.py) at tiny sizes, and the CUDA kernels run as "cuda-emu": the very
+csrc/kernels/speculative_accept.cu, compiled by g++ against a host emulation
+of the CUDA built-ins it uses (tests/cuda_emulation/: blocks of real threads,
+real barriers for __syncthreads / shuffles / ballots), called through the same
+Python wrapper as the real extension.  The real CUDA backend, CUDA-graph
+capture and the latent-size cases carry the ``gpu`` marker.
 """
 from __future__ import annotations
 
@@ -47,11 +51,83 @@ DEV = torch.device("cuda" if CUDA else "cpu")
 ALPHA = 1e-3
 OP = get_op("speculative_accept")
 
-BACKENDS = [pytest.param("triton", id="triton"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+# "cuda-emu": the CUDA kernels of csrc/kernels/speculative_accept.cu compiled with g++ against a host
+# emulation of the CUDA built-ins they use (tests/cuda_emulation/), called through the same Python
+# wrapper as the real extension.  CPU-only machines; a GPU runs the real "cuda" backend instead.
+BACKENDS = [pytest.param("triton", id="triton"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
+            pytest.param("cuda-emu", id="cuda-emu")]
+EMU_DIR = ROOT / "tests" / "cuda_emulation"
+OPS_MODULE = sys.modules[OP.backends["torch"].load.__module__]
+
+
+class _EmulatedExtension:
+    """ctypes stand-in for the two _C functions the cuda wrapper calls (same positional arguments)."""
+
+    def __init__(self, path):
+        import ctypes
+
+        self._ct = ctypes
+        lib = ctypes.CDLL(str(path))
+        u64, i64 = ctypes.c_uint64, ctypes.c_int64
+        lib.emu_speculative_accept_workspace_bytes.restype = i64
+        lib.emu_speculative_accept_workspace_bytes.argtypes = [i64, i64, i64]
+        lib.emu_speculative_accept.restype = ctypes.c_int
+        lib.emu_speculative_accept.argtypes = (
+            [u64] * 5 + [ctypes.POINTER(i64)] + [u64] * 7 + [i64, u64, u64, i64] + [u64] * 5
+            + [i64, i64, i64, ctypes.c_int, ctypes.c_int, i64, ctypes.c_char_p, ctypes.c_int])
+        self._lib = lib
+
+    def speculative_accept_workspace_bytes(self, B, L, D):
+        return self._lib.emu_speculative_accept_workspace_bytes(B, L, D)
+
+    def speculative_accept(self, *a):
+        ct = self._ct
+        a = list(a)
+        a[5] = (ct.c_int64 * 17)(*a[5])
+        err = ct.create_string_buffer(1024)
+        rc = self._lib.emu_speculative_accept(*a[:25], int(a[25]), int(bool(a[26])), a[27], err, len(err))
+        if rc == 1:
+            raise ValueError(err.value.decode())
+        if rc:
+            raise RuntimeError(err.value.decode())
+
+
+_EMU = {}
+
+
+def _emulated_extension():
+    """Build (once per session) and load the host-emulated CUDA kernel; (ext, None) or (None, reason)."""
+    if "ext" in _EMU or "why" in _EMU:
+        return _EMU.get("ext"), _EMU.get("why")
+    import re
+    import tempfile
+
+    cxx = shutil.which("g++")
+    if CUDA:
+        _EMU["why"] = "a GPU is present: the real cuda backend is tested instead of the host emulation"
+    elif cxx is None:
+        _EMU["why"] = "no g++ for the host emulation"
+    else:
+        d = Path(tempfile.mkdtemp(prefix="fk_cuda_emu_"))
+        src = (ROOT / "csrc" / "kernels" / "speculative_accept.cu").read_text()
+        src, n = re.subn(r"([A-Za-z_]\w*(?:<[^<>;()]*>)?)<<<([^>]*)>>>\(", r"fk_emu::launch(\1, \2, ", src)
+        assert n >= 4, "kernel launches not found"
+        (d / "kernel_emu.cu.inc").write_text(src)
+        cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-include", str(EMU_DIR / "fk_cuda_emu.h"),
+               f"-I{EMU_DIR}", f"-I{ROOT / 'csrc' / 'include'}", f"-I{d}", str(EMU_DIR / "speculative_accept_emu.cpp"),
+               "-o", str(d / "libsa_emu.so")]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            raise AssertionError("host emulation build failed:\n" + r.stderr[-4000:])
+        _EMU["ext"] = _EmulatedExtension(d / "libsa_emu.so")
+    return _EMU.get("ext"), _EMU.get("why")
 
 
 def _skip_unless_runnable(backend: str, dtype=torch.float32):
-    why = OP.backends[backend].supports(dict(device=DEV, dtype=dtype, B=1))
+    if backend == "cuda-emu":
+        why = _emulated_extension()[1]
+    else:
+        why = OP.backends[backend].supports(dict(device=DEV, dtype=dtype, B=1))
     if why is not None:
         pytest.skip(f"{backend} backend cannot run here: {why}")
 
@@ -68,6 +144,8 @@ def _small_config(backend: str, device=DEV):
 def run(backend, *args, **kw):
     """The public op with an explicit backend (raises if it cannot run)."""
     _skip_unless_runnable(backend, args[0].dtype)
+    if backend == "cuda-emu":
+        return run_impl(backend, *args, **kw)
     kw = {**_small_config(backend, args[0].device), **kw}
     return op(*args, backend=backend, **kw)
 
@@ -75,6 +153,9 @@ def run(backend, *args, **kw):
 def run_impl(backend, *args, **kw):
     """The backend implementation directly (bypasses the CPU-side NaN refusal of the public op)."""
     _skip_unless_runnable(backend, args[0].dtype)
+    if backend == "cuda-emu":
+        kw.pop("config", None)
+        return OPS_MODULE.cuda_call(_emulated_extension()[0], 0, *args, **kw)
     kw = {**_small_config(backend, args[0].device), **kw}
     return OP.backends[backend].impl()(*args, **kw)
 

@@ -495,10 +495,14 @@ void speculative_accept(uintptr_t mean_p, uintptr_t logvar_p, uintptr_t mean_q, 
   if (residual_noise != 0 && num_given < 0) fail("num_given must be >= 0");
   if (workspace_bytes < speculative_accept_workspace_bytes(B, L, D)) fail("workspace too small");
   if (B == 0) return;
-  const uintptr_t required[] = {mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, deterministic_last,
-                                rng_state, workspace, out, num_accepted, log_ratio, residual_candidates, fallbacks};
+  const uintptr_t required[] = {mean_p, logvar_p, num_drafts, deterministic_last, rng_state, workspace, out,
+                                num_accepted, residual_candidates, fallbacks};
   for (uintptr_t ptr : required) {
     if (ptr == 0) fail("null pointer among the required buffers");
+  }
+  // the (B, L, D) drafts and the (B, L) log ratios are empty (null) when L == 0
+  if (L > 0 && (mean_q == 0 || logvar_q == 0 || noise_q == 0 || log_ratio == 0)) {
+    fail("null pointer among the draft buffers");
   }
   if (workspace % 16 != 0 || rng_state % 8 != 0 || num_drafts % 8 != 0) fail("misaligned workspace / int64 buffer");
 

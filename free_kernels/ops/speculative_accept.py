@@ -87,65 +87,70 @@ def _cuda_supports(ctx: dict) -> Optional[str]:
                         _kernel_reason(ctx))
 
 
+def _f32(t):
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+def cuda_call(ext, stream: int, mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, deterministic_last, *,
+              equal_variance: bool, uniforms=None, bonus_noise=None, residual_noise=None, residual_uniforms=None,
+              tau=None, generator=None, out=None, candidates_per_iter: int = 8, max_candidates: int = 100_000,
+              rng_state=None, num_accepted=None, log_ratio=None, residual_candidates=None, fallbacks=None):
+    """Prepare the arguments of ``ext.speculative_accept`` (the _C entry point) and call it on ``stream``.
+
+    ``ext`` is the extension module (or a stand-in with the same two functions:
+    the host emulation in tests/ uses one).  Returns an ``AcceptResult``.
+    """
+    from ..reference.speculative_accept import AcceptResult
+
+    del candidates_per_iter  # the kernel evaluates 4 candidates per iteration
+    B, L1, D = mean_p.shape
+    L = L1 - 1
+    dev, dt = mean_p.device, mean_p.dtype
+    big = [t if t.dtype == dt else t.to(dt) for t in (logvar_p, mean_q, logvar_q, noise_q)]
+    if rng_state is None:
+        rng_state = make_rng_state(dev, generator)
+    out = torch.empty(B, D, dtype=dt, device=dev) if out is None else out
+    num_accepted = torch.empty(B, dtype=torch.int32, device=dev) if num_accepted is None else num_accepted
+    log_ratio = torch.empty(B, L, dtype=torch.float32, device=dev) if log_ratio is None else log_ratio
+    if residual_candidates is None:
+        residual_candidates = torch.empty(B, dtype=torch.int32, device=dev)
+    fallbacks = torch.empty(B, dtype=torch.bool, device=dev) if fallbacks is None else fallbacks
+    if not log_ratio.is_contiguous():
+        raise ValueError("log_ratio must be contiguous")
+    nd = num_drafts.to(torch.int64).contiguous()
+    det = deterministic_last.to(torch.bool).contiguous()
+    rn, ru = _f32(residual_noise), _f32(residual_uniforms)
+    uf, tf, bf = _f32(uniforms), _f32(tau), _f32(bonus_noise)
+    ws = torch.empty(ext.speculative_accept_workspace_bytes(B, L, D), dtype=torch.uint8, device=dev)
+    strides = [*mean_p.stride()]
+    for t in big:
+        strides += [*t.stride()]
+    strides += [*out.stride()]
+    ext.speculative_accept(
+        mean_p.data_ptr(), big[0].data_ptr(), big[1].data_ptr(), big[2].data_ptr(), big[3].data_ptr(), strides,
+        nd.data_ptr(), det.data_ptr(), _ptr(uf), _ptr(tf), _ptr(bf), _ptr(rn), _ptr(ru),
+        0 if rn is None else rn.shape[1], rng_state.data_ptr(), ws.data_ptr(), ws.numel(), out.data_ptr(),
+        num_accepted.data_ptr(), log_ratio.data_ptr(), residual_candidates.data_ptr(), fallbacks.data_ptr(),
+        B, L, D, _CUDA_DTYPE_CODE[dt], bool(equal_variance), int(max_candidates), stream)
+    return AcceptResult(out=out, num_accepted=num_accepted, log_ratio=log_ratio,
+                        residual_candidates=residual_candidates, fallbacks=fallbacks)
+
+
 def _load_cuda():
     from .. import _env
-    from ..reference.speculative_accept import AcceptResult
 
     ext = _env.extension()
 
-    def _f32(t):
-        return None if t is None else t.to(torch.float32).contiguous()
-
-    def _ptr(t):
-        return 0 if t is None else t.data_ptr()
-
-    def speculative_accept_cuda(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, deterministic_last, *,
-                                equal_variance: bool, uniforms=None, bonus_noise=None, residual_noise=None,
-                                residual_uniforms=None, tau=None, generator=None, out=None,
-                                candidates_per_iter: int = 8, max_candidates: int = 100_000, rng_state=None,
-                                num_accepted=None, log_ratio=None, residual_candidates=None, fallbacks=None):
-        del candidates_per_iter  # the kernel evaluates 4 candidates per iteration
-        B, L1, D = mean_p.shape
-        L = L1 - 1
+    def speculative_accept_cuda(mean_p, *args, **kw):
         dev = mean_p.device
         if dev.index is not None and dev.index != torch.cuda.current_device():
             with torch.cuda.device(dev):
-                return speculative_accept_cuda(
-                    mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, deterministic_last,
-                    equal_variance=equal_variance, uniforms=uniforms, bonus_noise=bonus_noise,
-                    residual_noise=residual_noise, residual_uniforms=residual_uniforms, tau=tau, generator=generator,
-                    out=out, max_candidates=max_candidates, rng_state=rng_state, num_accepted=num_accepted,
-                    log_ratio=log_ratio, residual_candidates=residual_candidates, fallbacks=fallbacks)
-        dt = mean_p.dtype
-        big = [t if t.dtype == dt else t.to(dt) for t in (logvar_p, mean_q, logvar_q, noise_q)]
-        if rng_state is None:
-            rng_state = make_rng_state(dev, generator)
-        out = torch.empty(B, D, dtype=dt, device=dev) if out is None else out
-        num_accepted = torch.empty(B, dtype=torch.int32, device=dev) if num_accepted is None else num_accepted
-        log_ratio = torch.empty(B, L, dtype=torch.float32, device=dev) if log_ratio is None else log_ratio
-        if residual_candidates is None:
-            residual_candidates = torch.empty(B, dtype=torch.int32, device=dev)
-        fallbacks = torch.empty(B, dtype=torch.bool, device=dev) if fallbacks is None else fallbacks
-        if not log_ratio.is_contiguous():
-            raise ValueError("log_ratio must be contiguous")
-        nd = num_drafts.to(torch.int64).contiguous()
-        det = deterministic_last.to(torch.bool).contiguous()
-        rn, ru = _f32(residual_noise), _f32(residual_uniforms)
-        ws = torch.empty(ext.speculative_accept_workspace_bytes(B, L, D), dtype=torch.uint8, device=dev)
-        strides = [*mean_p.stride()]
-        for t in big:
-            strides += [*t.stride()]
-        strides += [*out.stride()]
-        uf, tf, bf = _f32(uniforms), _f32(tau), _f32(bonus_noise)
-        ext.speculative_accept(
-            mean_p.data_ptr(), big[0].data_ptr(), big[1].data_ptr(), big[2].data_ptr(), big[3].data_ptr(), strides,
-            nd.data_ptr(), det.data_ptr(), _ptr(uf), _ptr(tf), _ptr(bf), _ptr(rn), _ptr(ru),
-            0 if rn is None else rn.shape[1], rng_state.data_ptr(), ws.data_ptr(), ws.numel(), out.data_ptr(),
-            num_accepted.data_ptr(), log_ratio.data_ptr(), residual_candidates.data_ptr(), fallbacks.data_ptr(),
-            B, L, D, _CUDA_DTYPE_CODE[dt], bool(equal_variance), int(max_candidates),
-            torch.cuda.current_stream(dev).cuda_stream)
-        return AcceptResult(out=out, num_accepted=num_accepted, log_ratio=log_ratio,
-                            residual_candidates=residual_candidates, fallbacks=fallbacks)
+                return speculative_accept_cuda(mean_p, *args, **kw)
+        return cuda_call(ext, torch.cuda.current_stream(dev).cuda_stream, mean_p, *args, **kw)
 
     return speculative_accept_cuda
 
