@@ -24,6 +24,7 @@ from . import ops
 from ._checks import check_finite, check_tensor
 from .diffusion.gaussian_diffusion import GaussianDiffusion, ModelMeanType, ModelVarType
 from .models.drafter import FeatureDrafter
+from .nvtx import nvtx_phase
 from .reference.draft_transition import guided_transition
 from .relax import RelaxPolicy, as_policy
 
@@ -225,6 +226,7 @@ class FreeSampler:
 
             # ------------------------------------------------ draft
             t0 = time.perf_counter()
+            nvtx_phase("draft")  # NVTX phase range (free_kernels.nvtx; off unless FREE_KERNELS_NVTX=1)
             mean_q = torch.zeros(Ba, L, D, device=dev, dtype=x.dtype)
             logvar_q = torch.zeros_like(mean_q)
             noise_q = torch.zeros_like(mean_q)
@@ -260,6 +262,7 @@ class FreeSampler:
                     st.drafter_rows += R
             self._sync(dev)
             t1 = time.perf_counter()
+            nvtx_phase("verify")
 
             # ------------------------------------------------ verify (one batched target call)
             k_of_row, j_of_row = [], []
@@ -292,6 +295,7 @@ class FreeSampler:
             logvar_p[k_t, jt] = tr["log_variance"].reshape(R, D)
             self._sync(dev)
             t2 = time.perf_counter()
+            nvtx_phase("accept")
 
             # ------------------------------------------------ accept
             nd_t = torch.as_tensor(n_draft, device=dev)
@@ -318,6 +322,7 @@ class FreeSampler:
             has_h[act] = True
             self._sync(dev)
             t3 = time.perf_counter()
+            nvtx_phase(None)
 
             # ------------------------------------------------ bookkeeping
             adv = n_acc + 1
