@@ -108,15 +108,19 @@ def hbm_gbps(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (us * 1e-6) / 1e9
 
 
-def launch_floor_us() -> Tuple[float, Optional[float]]:
-    import triton
-    import triton.language as tl
+try:  # an empty kernel for the launch floor (module level: Triton reads the source)
+    import triton as _triton
 
-    @triton.jit
-    def _empty(x_ptr):
+    @_triton.jit
+    def _empty_kernel(x_ptr):
         pass
+except Exception:  # pragma: no cover - triton missing
+    _empty_kernel = None
 
+
+def launch_floor_us() -> Tuple[float, Optional[float]]:
     x = torch.empty(1, device="cuda")
+    _empty = _empty_kernel
 
     def run():
         _empty[(1,)](x)
@@ -176,6 +180,10 @@ def make_reference(args, equal_variance: bool, compiled: bool):
     g = torch.Generator(device=args[0].device).manual_seed(0)
     f = reference
     if compiled:
+        import logging
+
+        # the reference's host syncs (bool(any_reject.any()), its rejection loop) are graph breaks: expected
+        logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
         try:
             f = torch.compile(reference, dynamic=True)
         except Exception as e:
