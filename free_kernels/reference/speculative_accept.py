@@ -150,7 +150,8 @@ def speculative_accept(
             sig = torch.exp(0.5 * lvp)
             d = (mp - mq) / sig
             dn = torch.linalg.vector_norm(d.double(), dim=-1, keepdim=True)
-            e = torch.where(dn > 0, d.double() / dn.clamp_min(1e-300), torch.zeros_like(d, dtype=torch.float64))
+            # |d| = 0: p == q, nothing to reflect (e = 0); a NaN |d| propagates into the row
+            e = torch.where(dn == 0, torch.zeros_like(d, dtype=torch.float64), d.double() / dn)
             proj = (e * xi.double()).sum(-1, keepdim=True)
             resid = (mp.double() + sig.double() * (xi.double() - 2.0 * proj * e)).to(mean_p.dtype)
         else:
