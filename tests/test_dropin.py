@@ -16,7 +16,7 @@ random network used as an epsilon-predictor makes x0 = x / sqrt(abar) blow up
 (samples of size ~1e3 that are nearly a deterministic function of the initial
 noise, which makes a KS test weak).  An x0-predicting random network keeps the
 samples O(1) and the comparison sharp (the negative control below is rejected
-at p ~ 1e-20 with these sizes).  The epsilon path of the same sampler is covered by
+at p ~ 1e-11 with these sizes).  The epsilon path of the same sampler is covered by
 tests/test_sampler.py.
 """
 from __future__ import annotations
