@@ -199,6 +199,23 @@ def test_missing_files_are_named(tmp_path, tiny, capsys):
     assert "is a directory" in capsys.readouterr().err
 
 
+def test_defaults_use_the_demo_asset_paths(tmp_path, tiny, monkeypatch, capsys):
+    target, drafter = tiny
+    monkeypatch.setattr(demo, "TARGET_FILE", target)
+    monkeypatch.setattr(demo, "DRAFTER_FILE", drafter)
+    jpath = tmp_path / "d.json"
+    cli.main(["--steps", "10", "--num-samples", "2", "--threads", "1", "--no-progress",
+              "--out", str(tmp_path / "d.png"), "--json", str(jpath)])
+    rec = json.loads(jpath.read_text())
+    assert rec["target"] == target and rec["drafter"] == drafter and rec["labels"] == [0, 1]
+    missing = str(tmp_path / "absent_drafter.safetensors")
+    monkeypatch.setattr(demo, "DRAFTER_FILE", missing)
+    with pytest.raises(SystemExit):
+        cli.main(["--steps", "10", "--no-progress", "--out", str(tmp_path / "d.png")])
+    err = capsys.readouterr().err
+    assert missing in err and "--drafter" in err
+
+
 @pytest.mark.skipif(not (os.path.isfile(demo.TARGET_FILE) and os.path.isfile(demo.DRAFTER_FILE)),
                     reason="embedded demo assets (demo_dit / demo_drafter .safetensors) are not present yet")
 def test_default_demo_run(tmp_path):
