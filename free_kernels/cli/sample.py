@@ -526,9 +526,6 @@ def _run(args, argv) -> dict:
     gc = args.guidance_channels or int(d_gc or 3)
     if d_gc and cfg_scale != 1.0 and int(d_gc) != gc:
         warn(f"the drafter was trained with --guidance-channels {d_gc}, sampling with {gc}")
-    if cfg_scale != 1.0 and gc > C:
-        raise _UsageError(f"--cfg-scale {cfg_scale} with --guidance-channels {gc}: this target has only {C} noise "
-                          f"channel(s), and guidance needs guidance_channels <= channels (use --cfg-scale 1)")
     variance = args.variance or extra.get("variance")
     if variance not in ("learned", "fixed"):
         variance = "learned" if getattr(target, "learn_sigma", True) else "fixed"
