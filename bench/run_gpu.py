@@ -85,6 +85,7 @@ def main(argv=None):
             ("drafter", [py, "bench/bench_drafter.py", "--json", os.path.join(args.out, "drafter.json"), *q]),
             ("demo", [py, "bench/bench_demo.py", "--out", os.path.join(args.out, "demo.json"),
                       *(["--quick"] if args.quick else [])]),
+            ("e2e", [py, "bench/bench_e2e.py", "--xl", "--json", os.path.join(args.out, "e2e.json")]),
         ):
             rc, out = sh(cmd, log, env={"FREE_KERNELS_CHECK_NAN": "0"}, timeout=1800)
             tables.append((name, out))
