@@ -4,3 +4,6 @@ from .drafter_forward import draft_transition, drafter_forward  # noqa: F401
 from .modulated_layernorm import modulated_layernorm  # noqa: F401
 from .verify_attention import verify_attention  # noqa: F401
 from .speculative_accept import speculative_accept  # noqa: F401
+from .gated_residual import gated_residual  # noqa: F401
+from .bias_gelu import bias_gelu  # noqa: F401
+from .draft_epilogue import draft_epilogue  # noqa: F401

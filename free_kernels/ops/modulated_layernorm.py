@@ -1,5 +1,14 @@
 """Dispatch point: LayerNorm (no affine) + adaLN modulate, shared by DiT blocks, drafter and head.
 
+``modulated_layernorm(x, shift, scale, *, eps=1e-6, out=None, backend=None)``:
+x (B, N, H), shift / scale (B, H) -> LayerNorm(x) * (1 + scale) + shift,
+statistics in fp32, one rounding to x's dtype.
+
+Backends: ``cuda`` (csrc/kernels/adaln.cu: one warp per token row, the row held
+in registers, 16-byte loads when aligned) -> ``triton`` (free_kernels/triton/adaln.py:
+one program per row) -> ``torch`` (the reference: F.layer_norm, then the
+modulate in the dtype).  Fused backends are forward-only (see ``_fused``).
+
 Part of the drafter-forward op family.  Bytes (for benchmarks): read x once,
 write y once, plus the (B, H) shift/scale: 2 * B * N * H * elem + 2 * B * H * elem.
 """
@@ -10,9 +19,11 @@ from typing import Optional
 import torch
 
 from .._checks import check_tensor
+from . import _fused
 from ._dispatch import Backend, get_op
 
 OP = get_op("modulated_layernorm")
+INFO_CTX = dict(H=1152)
 
 
 def _load_torch():
@@ -24,11 +35,60 @@ def _load_torch():
 OP.register(Backend("torch", _load_torch))
 
 
+def _h_reason(ctx: dict, limit: int) -> Optional[str]:
+    H = ctx.get("H")
+    if H is not None and H > limit:
+        return f"H {H} > {limit} is not supported"
+    return None
+
+
+def _load_triton():
+    from ..triton.adaln import modulated_layernorm as f
+
+    return f
+
+
+def _load_cuda():
+    from .. import _env
+
+    ext = _env.extension()
+
+    def modulated_layernorm_cuda(x, shift, scale, eps=1e-6, out=None):
+        B, N, H = x.shape
+        if out is None:
+            out = torch.empty((B, N, H), dtype=x.dtype, device=x.device)
+        with _fused.on_device(x):
+            ext.modulated_layernorm(x.data_ptr(), shift.data_ptr(), scale.data_ptr(), out.data_ptr(), B, N, H,
+                                    float(eps), list(_fused.strides(x, shift, scale, out)),
+                                    _fused.CUDA_DTYPE_CODE[x.dtype], _fused.stream_of(x))
+        return out
+
+    return modulated_layernorm_cuda
+
+
+TRITON_MAX_H = 16384  # the triton kernel holds a row in registers
+
+
+def _triton_supports(ctx: dict) -> Optional[str]:
+    return _fused.triton_supports(ctx, _h_reason(ctx, TRITON_MAX_H))
+
+
+def _cuda_supports(ctx: dict) -> Optional[str]:
+    return _fused.cuda_supports(ctx, "modulated_layernorm")
+
+
+OP.register(Backend("triton", _load_triton, _triton_supports))
+OP.register(Backend("cuda", _load_cuda, _cuda_supports))
+
+
 def modulated_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *, eps: float = 1e-6,
                         out: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
     check_tensor("x", x, dim=3, floating=True)
     B, _, H = x.shape
     check_tensor("shift", shift, shape=(B, H), device=x.device)
     check_tensor("scale", scale, shape=(B, H), device=x.device)
-    ctx = dict(device=x.device, dtype=x.dtype, H=H)
+    if out is not None:
+        check_tensor("out", out, shape=tuple(x.shape), floating=True, device=x.device)
+    ctx = dict(device=x.device, dtype=x.dtype, H=H, requires_grad=_fused.needs_grad(x, shift, scale),
+               mixed=_fused.mixed_dtype_reason(x, shift=shift, scale=scale, out=out))
     return OP.resolve(ctx, backend).impl()(x, shift, scale, eps=eps, out=out)

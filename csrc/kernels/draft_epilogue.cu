@@ -1,0 +1,436 @@
+// draft_epilogue: drafted features -> next drafted state, in one kernel.
+//
+//   h (G*R, N, H)  ->  LayerNorm + adaLN modulate (shift / scale rows)
+//                  ->  final linear (weight (p*p*C_out, H), bias), ON CHIP
+//                  ->  unpatchify, classifier-free guidance (G = 2: rows [cond; uncond])
+//                  ->  DDPM mean / log-variance at the row's respaced index
+//                  ->  x_next = mean + exp(logvar / 2) * noise
+//
+// writing x_next, mean, logvar (and the noise used) as float32 (R, C, S, S).
+// Scalar math: csrc/include/free_kernels/adaln_math.h (host-tested).  The
+// Triton twin is free_kernels/triton/draft_epilogue.py, the oracle
+// free_kernels/reference/draft_epilogue.py.
+//
+// One CTA (8 warps) = one sample row r and 16 / G tokens, i.e. exactly 16
+// feature rows (both CFG halves of its tokens): one m16 tile.
+//
+//  1. LayerNorm: a warp per feature row copies the row into the shared A tile
+//     (exact, in h's dtype), takes the two-pass statistics from shared memory
+//     (fp32), then overwrites the row with the modulated values rounded to h's
+//     dtype - the rounding point of the reference (LayerNorm output in dtype).
+//  2. Linear, only the columns the transition needs: the eps part (p*p*C
+//     columns) and, for learned variance, the variance part (p*p*C more); for
+//     DiT-XL/2 32 of the 32 columns, for a fixed-variance learn_sigma model 16
+//     of 32.  float16 / bfloat16: mma.sync m16n8k16 with fp32 accumulation, A
+//     fragments from shared memory (conflict-free pitch, adaln::a_tile_pitch16),
+//     B fragments (weight rows, k contiguous = the "col" operand) straight from
+//     global memory / L1 - the weights are 2*p*p*C*H elements (74 KB for
+//     DiT-XL/2), shared by every CTA, so they stay in L2.  One warp per n8
+//     column tile over the whole K (no cross-warp reduction: deterministic).
+//     float32 (and weights that are not 4-byte addressable in pairs): a warp
+//     per column, lanes split K, fp32 FMAs, warp-shuffle reduction.
+//  3. Epilogue, a thread per (token, eps column): bias, guidance, transition,
+//     noise (given, or philox_randn(seed, offset + flat index) - philox.h, the
+//     same stream as tl.randn), stores.
+//
+// The (G*R, H) x (H, 2H) adaLN GEMM of c that produces shift / scale stays in
+// torch (cuBLAS), as does everything before h.
+//
+// rng_state: int64 [seed, offset] on the device.  When noise is not given the
+// kernel reads it and a one-thread kernel on the same stream then adds
+// R*C*S*S to the offset: CUDA-graph replays draw fresh noise.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "free_kernels/adaln_math.h"
+#include "free_kernels/common.h"
+#include "free_kernels/cuda_check.h"
+#include "free_kernels/entry_points.h"
+
+namespace fk {
+namespace {
+
+using adaln::kHeadRows;
+
+constexpr int kWarps = 8;
+constexpr int kThreads = 32 * kWarps;
+
+template <typename T>
+__device__ __forceinline__ float to_f32(T v);
+template <>
+__device__ __forceinline__ float to_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// element i of a float32 (0) / float16 (1) / bfloat16 (2) buffer
+__device__ __forceinline__ float load_any(const void* p, int code, int64_t i) {
+  if (code == 0) return static_cast<const float*>(p)[i];
+  if (code == 1) return __half2float(static_cast<const __half*>(p)[i]);
+  return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename T>
+struct Mma;
+template <>
+struct Mma<__half> {
+  __device__ __forceinline__ static void run(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <>
+struct Mma<__nv_bfloat16> {
+  __device__ __forceinline__ static void run(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+struct Strides4 {
+  int64_t r, c, y, x;
+};
+
+struct Args {
+  const void* h;
+  const void* shift;
+  const void* scale;
+  const void* weight;
+  const void* bias;
+  const void* x;
+  const void* noise;  // nullptr: draw from rng
+  const float* tables;
+  const int64_t* index;
+  const int64_t* rng;
+  float* out_x;
+  float* out_mean;
+  float* out_logvar;
+  float* out_noise;  // nullptr: not written
+  int G, R, N, H, C, S, p, C_out, grid_w;
+  int PE, Q, Qp, T, n_tb, pitch, gc;
+  int x_code, z_code;
+  bool learned, xstart, clip;
+  float eps, cfg_scale;
+  int64_t tab_stride;
+  int64_t s_hb, s_hn, s_hh, s_sb, s_sh, s_cb, s_ch, s_wo, s_wk, s_bias;
+  Strides4 xs, zs, oxs, oms, ovs, ozs;
+};
+
+// by value: taking the address of a kernel-parameter array would force a local copy
+__device__ __forceinline__ int64_t off4(const Strides4 s, int64_t r, int c, int y, int x) {
+  return r * s.r + c * s.c + y * s.y + x * s.x;
+}
+
+// weight row of GEMM column q (eps columns [0, PE), variance columns [PE, 2 PE)), -1 past Q
+__device__ __forceinline__ int column_row(const Args& a, const adaln::PatchLayout& L, int q) {
+  if (q >= a.Q) return -1;
+  return q < a.PE ? L.weight_row(q) : L.weight_row(q - a.PE) + a.C;
+}
+
+template <typename T, bool kMma>
+__global__ void __launch_bounds__(kThreads) draft_epilogue_kernel(const Args a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* A = reinterpret_cast<T*>(smem_raw);                                          // kHeadRows x pitch
+  float* mo = reinterpret_cast<float*>(smem_raw + sizeof(T) * kHeadRows * a.pitch);  // kHeadRows x Qp
+  __shared__ adaln::RowCoefs coefs;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int r = blockIdx.x / a.n_tb;
+  const int n0 = (blockIdx.x % a.n_tb) * a.T;
+  const adaln::PatchLayout L{a.p, a.C, a.C_out, a.grid_w};
+  const T* h = static_cast<const T*>(a.h);
+
+  if (tid == 0) coefs = adaln::load_row_coefs(a.tables, a.tab_stride, a.index[r]);
+
+  // ---- 1. modulated LayerNorm rows into the A tile (row = g * T + t)
+  for (int row = warp; row < kHeadRows; row += kWarps) {
+    T* arow = A + row * a.pitch;
+    const int g = row / a.T, n = n0 + row % a.T;
+    if (g >= a.G || n >= a.N) {  // padding rows of a partial token block: zeros
+      for (int k = lane; k < a.pitch; k += 32) arow[k] = from_f32<T>(0.f);
+      continue;
+    }
+    const int64_t hr = static_cast<int64_t>(g) * a.R + r;
+    const T* hp = h + hr * a.s_hb + n * a.s_hn;
+    float sum = 0.f;
+    for (int k = lane; k < a.H; k += 32) {
+      const T v = hp[k * a.s_hh];
+      arow[k] = v;
+      sum += to_f32(v);
+    }
+    const float mean = warp_sum(sum) / a.H;
+    float sq = 0.f;
+    for (int k = lane; k < a.H; k += 32) {  // each lane re-reads what it wrote: no sync needed
+      const float d = to_f32(arow[k]) - mean;
+      sq += d * d;
+    }
+    const float rstd = 1.0f / sqrtf(warp_sum(sq) / a.H + a.eps);
+    const T* shp = static_cast<const T*>(a.shift) + hr * a.s_sb;
+    const T* scp = static_cast<const T*>(a.scale) + hr * a.s_cb;
+    for (int k = lane; k < a.H; k += 32) {
+      const float y = adaln::modulate((to_f32(arow[k]) - mean) * rstd, to_f32(shp[k * a.s_sh]),
+                                      to_f32(scp[k * a.s_ch]));
+      arow[k] = from_f32<T>(y);
+    }
+    for (int k = a.H + lane; k < a.pitch; k += 32) arow[k] = from_f32<T>(0.f);  // K tail of the mma
+  }
+  __syncthreads();
+
+  // ---- 2. the head's linear on the needed columns -> mo (fp32)
+  const T* w = static_cast<const T*>(a.weight);
+  if constexpr (kMma) {
+    const int gq = lane >> 2, tq = lane & 3;
+    const int k_pad = a.pitch - 8;  // H rounded up to 16
+    for (int tile = warp; tile < a.Qp / 8; tile += kWarps) {
+      const int o = column_row(a, L, tile * 8 + gq);  // this lane's B column (n = gq)
+      const T* wrow = w + (o < 0 ? 0 : static_cast<int64_t>(o) * a.s_wo);
+      float c[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int k0 = 0; k0 < k_pad; k0 += 16) {
+        uint32_t af[4];
+        const T* a_lo = A + gq * a.pitch + k0 + 2 * tq;
+        const T* a_hi = a_lo + 8 * a.pitch;
+        af[0] = *reinterpret_cast<const uint32_t*>(a_lo);
+        af[1] = *reinterpret_cast<const uint32_t*>(a_hi);
+        af[2] = *reinterpret_cast<const uint32_t*>(a_lo + 8);
+        af[3] = *reinterpret_cast<const uint32_t*>(a_hi + 8);
+        const int k_b = k0 + 2 * tq;  // H is even on this path: a pair is all in or all out
+        const uint32_t b0 = (o >= 0 && k_b < a.H) ? __ldg(reinterpret_cast<const unsigned int*>(wrow + k_b)) : 0u;
+        const uint32_t b1 =
+            (o >= 0 && k_b + 8 < a.H) ? __ldg(reinterpret_cast<const unsigned int*>(wrow + k_b + 8)) : 0u;
+        Mma<T>::run(c, af, b0, b1);
+      }
+      const int col = tile * 8 + 2 * tq;
+      mo[gq * a.Qp + col] = c[0];
+      mo[gq * a.Qp + col + 1] = c[1];
+      mo[(gq + 8) * a.Qp + col] = c[2];
+      mo[(gq + 8) * a.Qp + col + 1] = c[3];
+    }
+  } else {
+    for (int q = warp; q < a.Q; q += kWarps) {
+      const int o = column_row(a, L, q);
+      const int rows = q < a.PE ? kHeadRows : a.T;  // variance columns: cond rows only
+      float acc[kHeadRows];
+#pragma unroll
+      for (int i = 0; i < kHeadRows; ++i) acc[i] = 0.f;
+      for (int k = lane; k < a.H; k += 32) {
+        const float wv = to_f32(w[static_cast<int64_t>(o) * a.s_wo + k * a.s_wk]);
+#pragma unroll
+        for (int i = 0; i < kHeadRows; ++i)
+          if (i < rows) acc[i] = fmaf(to_f32(A[i * a.pitch + k]), wv, acc[i]);
+      }
+#pragma unroll
+      for (int i = 0; i < kHeadRows; ++i) {
+        const float v = warp_sum(acc[i]);
+        if (lane == 0) mo[i * a.Qp + q] = v;
+      }
+    }
+  }
+  __syncthreads();
+
+  // ---- 3. bias, guidance, transition, noise, stores
+  const T* bias = static_cast<const T*>(a.bias);
+  const adaln::RowCoefs k = coefs;
+  const int64_t D = static_cast<int64_t>(a.C) * a.S * a.S;
+  for (int idx = tid; idx < a.T * a.PE; idx += kThreads) {
+    const int t = idx / a.PE, e = idx % a.PE, n = n0 + t;
+    if (n >= a.N) continue;
+    int ch, prow, pcol;
+    L.pixel(n, e, &ch, &prow, &pcol);
+    const int o = L.weight_row(e);
+    const float b_eps = to_f32(bias[o * a.s_bias]);
+    float out = mo[t * a.Qp + e] + b_eps;
+    if (a.G == 2 && ch < a.gc) out = adaln::guide(out, mo[(a.T + t) * a.Qp + e] + b_eps, a.cfg_scale);
+    const float var_value = a.learned ? mo[t * a.Qp + a.PE + e] + to_f32(bias[(o + a.C) * a.s_bias]) : 0.f;
+    const float xv = load_any(a.x, a.x_code, off4(a.xs, r, ch, prow, pcol));
+    const adaln::Transition tr = adaln::ddpm_transition(out, var_value, xv, k, a.learned, a.xstart, a.clip);
+    float z;
+    if (a.noise != nullptr) {
+      z = load_any(a.noise, a.z_code, off4(a.zs, r, ch, prow, pcol));
+    } else {
+      const uint64_t seed = static_cast<uint64_t>(a.rng[0]);
+      const uint64_t offset = static_cast<uint64_t>(a.rng[1]);
+      z = philox_randn(seed, offset + static_cast<uint64_t>(r * D + L.flat(ch, prow, pcol)));
+    }
+    a.out_x[off4(a.oxs, r, ch, prow, pcol)] = adaln::sample_from(tr, z);
+    a.out_mean[off4(a.oms, r, ch, prow, pcol)] = tr.mean;
+    a.out_logvar[off4(a.ovs, r, ch, prow, pcol)] = tr.logvar;
+    if (a.out_noise != nullptr) a.out_noise[off4(a.ozs, r, ch, prow, pcol)] = z;
+  }
+}
+
+__global__ void advance_rng_offset(int64_t* rng, int64_t n) {
+  if (threadIdx.x == 0) rng[1] += n;
+}
+
+// Opt in to > 48 KiB of dynamic shared memory once per (kernel instance, device); one
+// bit per device, re-setting is harmless so races are benign.
+template <typename T, bool kMma>
+cudaError_t ensure_smem(int smem) {
+  static std::atomic<unsigned long long> opted{0};
+  if (smem <= 48 * 1024) return cudaSuccess;
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  const unsigned long long bit = 1ull << (dev & 63);
+  if (opted.load(std::memory_order_relaxed) & bit) return cudaSuccess;
+  int limit = 0;
+  err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (err != cudaSuccess) return err;
+  // set the device maximum once, so that later calls with other sizes need nothing
+  err = cudaFuncSetAttribute(draft_epilogue_kernel<T, kMma>, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
+  if (err != cudaSuccess) return err;
+  opted.fetch_or(bit, std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
+template <typename T, bool kMma>
+cudaError_t launch_typed(const Args& a, int smem, cudaStream_t stream) {
+  cudaError_t err = ensure_smem<T, kMma>(smem);
+  if (err != cudaSuccess) return err;
+  const unsigned grid = static_cast<unsigned>(static_cast<int64_t>(a.R) * a.n_tb);
+  draft_epilogue_kernel<T, kMma><<<grid, kThreads, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+[[noreturn]] void bad(const std::string& what) { throw std::invalid_argument("draft_epilogue: " + what); }
+
+}  // namespace
+
+void draft_epilogue(uintptr_t h, uintptr_t shift, uintptr_t scale, uintptr_t weight, uintptr_t bias, uintptr_t x,
+                    uintptr_t tables, uintptr_t index, uintptr_t noise, uintptr_t rng_state, uintptr_t out_x,
+                    uintptr_t out_mean, uintptr_t out_logvar, uintptr_t out_noise,
+                    const std::vector<int64_t>& strides, const std::vector<int64_t>& dtype_codes, int64_t G,
+                    int64_t R, int64_t N, int64_t H, int64_t C, int64_t S, int64_t patch_size, int64_t weight_rows,
+                    int64_t table_stride, double eps, double cfg_scale, int64_t guidance_channels,
+                    bool learned_variance, bool predict_xstart, bool clip_denoised, uintptr_t stream) {
+  check_cuda_available();
+  if (strides.size() != 34) bad("expected 34 strides");
+  if (dtype_codes.size() != 3) bad("expected 3 dtype codes (h, x, noise)");
+  for (int64_t c : dtype_codes)
+    if (c < 0 || c > 2) bad("dtype codes must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+  for (int64_t s : strides)
+    if (s < 0) bad("strides must be >= 0");
+  if (G != 1 && G != 2) bad("G must be 1 or 2 (CFG)");
+  if (R < 0 || R > INT32_MAX || N < 1 || N > INT32_MAX || H < 1 || H > INT32_MAX) bad("bad R / N / H");
+  if (C < 1 || patch_size < 1 || S < 1 || S % patch_size) bad("bad C / S / patch_size");
+  const int64_t grid_w = S / patch_size;
+  if (grid_w * grid_w != N) bad("N must be (S / patch_size)^2");
+  const int64_t pp = patch_size * patch_size;
+  if (weight_rows % pp || (weight_rows / pp != C && weight_rows / pp != 2 * C)) bad("weight rows must be p*p*C or p*p*2C");
+  if (learned_variance && weight_rows / pp != 2 * C) bad("learned variance needs p*p*2C weight rows");
+  if (G == 2 && (guidance_channels < 1 || guidance_channels > C)) bad("guidance_channels must be in 1..C");
+  if (table_stride < 1) bad("table_stride must be >= 1");
+  if (noise == 0 && rng_state == 0) bad("pass noise or rng_state");
+  if (R == 0) return;
+  for (uintptr_t ptr : {h, shift, scale, weight, bias, x, tables, index, out_x, out_mean, out_logvar})
+    if (ptr == 0) bad("null pointer");
+  if (rng_state % 8 || index % 8 || tables % 4 || out_x % 4 || out_mean % 4 || out_logvar % 4 || out_noise % 4)
+    bad("misaligned pointer");
+
+  Args a{};
+  a.h = reinterpret_cast<const void*>(h);
+  a.shift = reinterpret_cast<const void*>(shift);
+  a.scale = reinterpret_cast<const void*>(scale);
+  a.weight = reinterpret_cast<const void*>(weight);
+  a.bias = reinterpret_cast<const void*>(bias);
+  a.x = reinterpret_cast<const void*>(x);
+  a.noise = noise ? reinterpret_cast<const void*>(noise) : nullptr;
+  a.tables = reinterpret_cast<const float*>(tables);
+  a.index = reinterpret_cast<const int64_t*>(index);
+  a.rng = rng_state ? reinterpret_cast<const int64_t*>(rng_state) : nullptr;
+  a.out_x = reinterpret_cast<float*>(out_x);
+  a.out_mean = reinterpret_cast<float*>(out_mean);
+  a.out_logvar = reinterpret_cast<float*>(out_logvar);
+  a.out_noise = out_noise ? reinterpret_cast<float*>(out_noise) : nullptr;
+  a.G = static_cast<int>(G);
+  a.R = static_cast<int>(R);
+  a.N = static_cast<int>(N);
+  a.H = static_cast<int>(H);
+  a.C = static_cast<int>(C);
+  a.S = static_cast<int>(S);
+  a.p = static_cast<int>(patch_size);
+  a.C_out = static_cast<int>(weight_rows / pp);
+  a.grid_w = static_cast<int>(grid_w);
+  a.PE = static_cast<int>(pp * C);
+  a.Q = learned_variance ? 2 * a.PE : a.PE;
+  a.Qp = (a.Q + 7) / 8 * 8;
+  a.T = kHeadRows / a.G;
+  a.n_tb = static_cast<int>(ceil_div<int64_t>(N, a.T));
+  a.pitch = adaln::a_tile_pitch16(a.H);
+  a.gc = static_cast<int>(guidance_channels);
+  a.x_code = static_cast<int>(dtype_codes[1]);
+  a.z_code = static_cast<int>(dtype_codes[2]);
+  a.learned = learned_variance;
+  a.xstart = predict_xstart;
+  a.clip = clip_denoised;
+  a.eps = static_cast<float>(eps);
+  a.cfg_scale = static_cast<float>(cfg_scale);
+  a.tab_stride = table_stride;
+  const int64_t* s = strides.data();
+  a.s_hb = s[0]; a.s_hn = s[1]; a.s_hh = s[2];
+  a.s_sb = s[3]; a.s_sh = s[4];
+  a.s_cb = s[5]; a.s_ch = s[6];
+  a.s_wo = s[7]; a.s_wk = s[8];
+  a.s_bias = s[9];
+  auto four = [&](int i) { return Strides4{s[i], s[i + 1], s[i + 2], s[i + 3]}; };
+  a.xs = four(10);
+  a.zs = four(14);
+  a.oxs = four(18);
+  a.oms = four(22);
+  a.ovs = four(26);
+  a.ozs = four(30);
+  if (static_cast<int64_t>(R) * a.n_tb > INT32_MAX) bad("grid too large");
+
+  const int code = static_cast<int>(dtype_codes[0]);
+  const size_t elem = code == 0 ? 4 : 2;
+  const int64_t smem = static_cast<int64_t>(elem) * kHeadRows * a.pitch + 4LL * kHeadRows * a.Qp;
+  if (smem > 227 * 1024) bad("H too large for the shared-memory A tile (" + std::to_string(smem) + " bytes)");
+  if (weight % elem || h % elem || shift % elem || scale % elem || bias % elem) bad("misaligned pointer");
+  // the mma path loads weight pairs as 32-bit words
+  const bool mma = code != 0 && a.H % 2 == 0 && a.s_wk == 1 && a.s_wo % 2 == 0 && weight % 4 == 0;
+  cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const int sm = static_cast<int>(smem);
+  switch (code) {
+    case 0: FK_CUDA_CHECK((launch_typed<float, false>(a, sm, st))); break;
+    case 1: FK_CUDA_CHECK(mma ? (launch_typed<__half, true>(a, sm, st)) : (launch_typed<__half, false>(a, sm, st))); break;
+    default:
+      FK_CUDA_CHECK(mma ? (launch_typed<__nv_bfloat16, true>(a, sm, st)) : (launch_typed<__nv_bfloat16, false>(a, sm, st)));
+      break;
+  }
+  if (a.noise == nullptr) {
+    advance_rng_offset<<<1, 32, 0, st>>>(reinterpret_cast<int64_t*>(rng_state), static_cast<int64_t>(R) * C * S * S);
+    FK_CUDA_CHECK_LAUNCH();
+  }
+}
+
+}  // namespace fk
