@@ -213,6 +213,34 @@ PYBIND11_MODULE(_C, m) {
               py::arg("equal_variance"), py::arg("max_candidates"), py::arg("stream") = 0,
               py::call_guard<py::gil_scoped_release>());
 
+  FK_DEF_CUDA(m, "modulated_layernorm", &fk::modulated_layernorm,
+              "modulated_layernorm(x, shift, scale, out, B, N, H, eps, strides, dtype_code, stream): "
+              "LayerNorm(x) * (1 + scale) + shift (see entry_points.h).",
+              py::arg("x"), py::arg("shift"), py::arg("scale"), py::arg("out"), py::arg("B"), py::arg("N"),
+              py::arg("H"), py::arg("eps"), py::arg("strides"), py::arg("dtype_code"), py::arg("stream") = 0,
+              py::call_guard<py::gil_scoped_release>());
+  FK_DEF_CUDA(m, "gated_residual", &fk::gated_residual,
+              "gated_residual(x, gate, y, out, B, N, H, strides, dtype_code, stream): out = x + gate * y.",
+              py::arg("x"), py::arg("gate"), py::arg("y"), py::arg("out"), py::arg("B"), py::arg("N"), py::arg("H"),
+              py::arg("strides"), py::arg("dtype_code"), py::arg("stream") = 0,
+              py::call_guard<py::gil_scoped_release>());
+  FK_DEF_CUDA(m, "bias_gelu", &fk::bias_gelu,
+              "bias_gelu(x, bias, out, B, N, K, strides, dtype_code, stream): out = gelu_tanh(x + bias).",
+              py::arg("x"), py::arg("bias"), py::arg("out"), py::arg("B"), py::arg("N"), py::arg("K"),
+              py::arg("strides"), py::arg("dtype_code"), py::arg("stream") = 0,
+              py::call_guard<py::gil_scoped_release>());
+  FK_DEF_CUDA(m, "draft_epilogue", &fk::draft_epilogue,
+              "draft_epilogue(...): drafted features -> (x_next, mean, logvar) in one kernel (see entry_points.h "
+              "for the arguments; 0 = absent optional pointer).",
+              py::arg("h"), py::arg("shift"), py::arg("scale"), py::arg("weight"), py::arg("bias"), py::arg("x"),
+              py::arg("tables"), py::arg("index"), py::arg("noise"), py::arg("rng_state"), py::arg("out_x"),
+              py::arg("out_mean"), py::arg("out_logvar"), py::arg("out_noise"), py::arg("strides"),
+              py::arg("dtype_codes"), py::arg("G"), py::arg("R"), py::arg("N"), py::arg("H"), py::arg("C"),
+              py::arg("S"), py::arg("patch_size"), py::arg("weight_rows"), py::arg("table_stride"), py::arg("eps"),
+              py::arg("cfg_scale"), py::arg("guidance_channels"), py::arg("learned_variance"),
+              py::arg("predict_xstart"), py::arg("clip_denoised"), py::arg("stream") = 0,
+              py::call_guard<py::gil_scoped_release>());
+
   // ------------------------------------------------------------ host RNG mirror
   m.def(
       "philox4x32",

@@ -72,4 +72,37 @@ void speculative_accept(uintptr_t mean_p, uintptr_t logvar_p, uintptr_t mean_q, 
                         uintptr_t fallbacks, int64_t B, int64_t L, int64_t D, int dtype, bool equal_variance,
                         int64_t max_candidates, uintptr_t stream);
 
+// ---- adaln.cu --------------------------------------------------------------
+// adaLN block kernels; every tensor of a call has dtype_code 0 = float32,
+// 1 = float16, 2 = bfloat16; strides in elements (any; out may alias x).
+// modulated_layernorm: out = LayerNorm(x) * (1 + scale[b]) + shift[b], x / out
+//   (B, N, H), shift / scale (B, H); strides (10): x (3), shift (2), scale (2), out (3).
+void modulated_layernorm(uintptr_t x, uintptr_t shift, uintptr_t scale, uintptr_t out, int64_t B, int64_t N,
+                         int64_t H, double eps, const std::vector<int64_t>& strides, int64_t dtype_code,
+                         uintptr_t stream);
+// gated_residual: out = x + gate[b] * y; strides (11): x (3), gate (2), y (3), out (3).
+void gated_residual(uintptr_t x, uintptr_t gate, uintptr_t y, uintptr_t out, int64_t B, int64_t N, int64_t H,
+                    const std::vector<int64_t>& strides, int64_t dtype_code, uintptr_t stream);
+// bias_gelu: out = gelu_tanh(x + bias), x / out (B, N, K), bias (K,); strides (7): x (3), bias (1), out (3).
+void bias_gelu(uintptr_t x, uintptr_t bias, uintptr_t out, int64_t B, int64_t N, int64_t K,
+               const std::vector<int64_t>& strides, int64_t dtype_code, uintptr_t stream);
+
+// ---- draft_epilogue.cu -----------------------------------------------------
+// Drafted features -> next drafted state in one kernel (see the .cu).
+// h (G*R, N, H), shift / scale (G*R, H), weight (p*p*C_out, H), bias share
+// dtype_codes[0]; x (R, C, S, S) and noise have codes [1] and [2]
+// (0 = float32, 1 = float16, 2 = bfloat16); tables float32 (6, T) with row
+// stride table_stride; index int64 (R,); rng_state int64 [seed, offset], read
+// and advanced by R*C*S*S when noise == 0; outputs float32 (R, C, S, S),
+// out_noise optional (0).  strides (34, elements): h (3), shift (2), scale (2),
+// weight (2), bias (1), x (4), noise (4), out_x (4), out_mean (4), out_logvar (4),
+// out_noise (4).  Needs sm_80+.
+void draft_epilogue(uintptr_t h, uintptr_t shift, uintptr_t scale, uintptr_t weight, uintptr_t bias, uintptr_t x,
+                    uintptr_t tables, uintptr_t index, uintptr_t noise, uintptr_t rng_state, uintptr_t out_x,
+                    uintptr_t out_mean, uintptr_t out_logvar, uintptr_t out_noise,
+                    const std::vector<int64_t>& strides, const std::vector<int64_t>& dtype_codes, int64_t G,
+                    int64_t R, int64_t N, int64_t H, int64_t C, int64_t S, int64_t patch_size, int64_t weight_rows,
+                    int64_t table_stride, double eps, double cfg_scale, int64_t guidance_channels,
+                    bool learned_variance, bool predict_xstart, bool clip_denoised, uintptr_t stream);
+
 }  // namespace fk
