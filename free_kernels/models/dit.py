@@ -24,7 +24,6 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import ops
 from .._checks import check_finite
@@ -120,7 +119,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(mlp_hidden, hidden_size, bias=True)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        # fc1 + GELU through the bias_gelu dispatch point (torch: exactly F.gelu(self.fc1(x), "tanh"))
+        return self.fc2(ops.bias_gelu(x, self.fc1.bias, weight=self.fc1.weight))
 
 
 class Attention(nn.Module):
@@ -159,8 +159,9 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, c):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(ops.modulated_layernorm(x, shift_msa, scale_msa, eps=1e-6))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(ops.modulated_layernorm(x, shift_mlp, scale_mlp, eps=1e-6))
+        # x + gate[:, None] * branch, through the gated_residual dispatch point (torch: that expression)
+        x = ops.gated_residual(x, gate_msa, self.attn(ops.modulated_layernorm(x, shift_msa, scale_msa, eps=1e-6)))
+        x = ops.gated_residual(x, gate_mlp, self.mlp(ops.modulated_layernorm(x, shift_mlp, scale_mlp, eps=1e-6)))
         return x
 
 
