@@ -15,9 +15,10 @@
 // feature rows (both CFG halves of its tokens): one m16 tile.
 //
 //  1. LayerNorm: a warp per feature row copies the row into the shared A tile
-//     (exact, in h's dtype), takes the two-pass statistics from shared memory
-//     (fp32), then overwrites the row with the modulated values rounded to h's
-//     dtype - the rounding point of the reference (LayerNorm output in dtype).
+//     (exact, in h's dtype; 16-byte loads, four per lane in flight, when the
+//     row is contiguous and aligned), takes the two-pass statistics from shared
+//     memory (fp32), then overwrites the row with the modulated values rounded
+//     to h's dtype - the rounding point of the reference (LayerNorm output in dtype).
 //  2. Linear, only the columns the transition needs: the eps part (p*p*C
 //     columns) and, for learned variance, the variance part (p*p*C more); for
 //     DiT-XL/2 32 of the 32 columns, for a fixed-variance learn_sigma model 16
@@ -26,7 +27,9 @@
 //     B fragments (weight rows, k contiguous = the "col" operand) straight from
 //     global memory / L1 - the weights are 2*p*p*C*H elements (74 KB for
 //     DiT-XL/2), shared by every CTA, so they stay in L2.  One warp per n8
-//     column tile over the whole K (no cross-warp reduction: deterministic).
+//     column tile; with fewer tiles than warps (DiT-XL/2: 4 tiles, 8 warps) the
+//     K range is split over the idle warps and the partial accumulators are
+//     summed through shared memory in a fixed order (deterministic).
 //     float32 (and weights that are not 4-byte addressable in pairs): a warp
 //     per column, lanes split K, fp32 FMAs, warp-shuffle reduction.
 //  3. Epilogue, a thread per (token, eps column): bias, guidance, transition,
@@ -117,6 +120,12 @@ struct Mma<__nv_bfloat16> {
   }
 };
 
+// kV elements in one 16-byte register pack (one 128-bit load / store)
+template <typename T, int kV>
+struct alignas(16) Pack {
+  T e[kV];
+};
+
 struct Strides4 {
   int64_t r, c, y, x;
 };
@@ -144,6 +153,8 @@ struct Args {
   int64_t tab_stride;
   int64_t s_hb, s_hn, s_hh, s_sb, s_sh, s_cb, s_ch, s_wo, s_wk, s_bias;
   Strides4 xs, zs, oxs, oms, ovs, ozs;
+  bool vec_h;    // h rows: unit stride, 16-byte aligned -> 16-byte loads
+  bool vec_mod;  // shift / scale rows: likewise
 };
 
 // by value: taking the address of a kernel-parameter array would force a local copy
@@ -173,6 +184,11 @@ __global__ void __launch_bounds__(kThreads) draft_epilogue_kernel(const Args a) 
   if (tid == 0) coefs = adaln::load_row_coefs(a.tables, a.tab_stride, a.index[r]);
 
   // ---- 1. modulated LayerNorm rows into the A tile (row = g * T + t)
+  // Loads go kChunk vectors per lane at a time (independent loads in flight: the
+  // row is read once from DRAM, so latency, not bandwidth, bounds this stage).
+  constexpr int kV = 16 / static_cast<int>(sizeof(T));
+  constexpr int kChunk = 4;
+  using P = Pack<T, kV>;
   for (int row = warp; row < kHeadRows; row += kWarps) {
     T* arow = A + row * a.pitch;
     const int g = row / a.T, n = n0 + row % a.T;
@@ -183,24 +199,70 @@ __global__ void __launch_bounds__(kThreads) draft_epilogue_kernel(const Args a) 
     const int64_t hr = static_cast<int64_t>(g) * a.R + r;
     const T* hp = h + hr * a.s_hb + n * a.s_hn;
     float sum = 0.f;
-    for (int k = lane; k < a.H; k += 32) {
-      const T v = hp[k * a.s_hh];
-      arow[k] = v;
-      sum += to_f32(v);
+    if (a.vec_h) {
+      for (int base = lane * kV; base < a.H; base += 32 * kV * kChunk) {
+        P v[kChunk];
+#pragma unroll
+        for (int i = 0; i < kChunk; ++i)
+          if (base + i * 32 * kV < a.H) v[i] = *reinterpret_cast<const P*>(hp + base + i * 32 * kV);
+#pragma unroll
+        for (int i = 0; i < kChunk; ++i) {
+          if (base + i * 32 * kV < a.H) {
+            *reinterpret_cast<P*>(arow + base + i * 32 * kV) = v[i];
+#pragma unroll
+            for (int j = 0; j < kV; ++j) sum += to_f32(v[i].e[j]);
+          }
+        }
+      }
+    } else {
+#pragma unroll 4
+      for (int k = lane; k < a.H; k += 32) {
+        const T v = hp[k * a.s_hh];
+        arow[k] = v;
+        sum += to_f32(v);
+      }
     }
+    __syncwarp();  // pass 2 reads elements other lanes stored (vector path)
     const float mean = warp_sum(sum) / a.H;
     float sq = 0.f;
-    for (int k = lane; k < a.H; k += 32) {  // each lane re-reads what it wrote: no sync needed
+#pragma unroll 4
+    for (int k = lane; k < a.H; k += 32) {
       const float d = to_f32(arow[k]) - mean;
       sq += d * d;
     }
     const float rstd = 1.0f / sqrtf(warp_sum(sq) / a.H + a.eps);
     const T* shp = static_cast<const T*>(a.shift) + hr * a.s_sb;
     const T* scp = static_cast<const T*>(a.scale) + hr * a.s_cb;
-    for (int k = lane; k < a.H; k += 32) {
-      const float y = adaln::modulate((to_f32(arow[k]) - mean) * rstd, to_f32(shp[k * a.s_sh]),
-                                      to_f32(scp[k * a.s_ch]));
-      arow[k] = from_f32<T>(y);
+    if (a.vec_mod) {
+      for (int base = lane * kV; base < a.H; base += 32 * kV * kChunk) {
+        P sh[kChunk], sc[kChunk];
+#pragma unroll
+        for (int i = 0; i < kChunk; ++i) {
+          if (base + i * 32 * kV < a.H) {
+            sh[i] = *reinterpret_cast<const P*>(shp + base + i * 32 * kV);
+            sc[i] = *reinterpret_cast<const P*>(scp + base + i * 32 * kV);
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < kChunk; ++i) {
+          const int k = base + i * 32 * kV;
+          if (k < a.H) {
+            P v = *reinterpret_cast<const P*>(arow + k);
+#pragma unroll
+            for (int j = 0; j < kV; ++j)
+              v.e[j] = from_f32<T>(adaln::modulate((to_f32(v.e[j]) - mean) * rstd, to_f32(sh[i].e[j]),
+                                                   to_f32(sc[i].e[j])));
+            *reinterpret_cast<P*>(arow + k) = v;
+          }
+        }
+      }
+    } else {
+#pragma unroll 4
+      for (int k = lane; k < a.H; k += 32) {
+        const float y = adaln::modulate((to_f32(arow[k]) - mean) * rstd, to_f32(shp[k * a.s_sh]),
+                                        to_f32(scp[k * a.s_ch]));
+        arow[k] = from_f32<T>(y);
+      }
     }
     for (int k = a.H + lane; k < a.pitch; k += 32) arow[k] = from_f32<T>(0.f);  // K tail of the mma
   }
@@ -209,13 +271,23 @@ __global__ void __launch_bounds__(kThreads) draft_epilogue_kernel(const Args a) 
   // ---- 2. the head's linear on the needed columns -> mo (fp32)
   const T* w = static_cast<const T*>(a.weight);
   if constexpr (kMma) {
+    // one n8 column tile per job; when there are fewer tiles than warps, the K range of a tile
+    // is split over wpt warps and the partial accumulators are summed in a fixed order
+    __shared__ float red[kWarps * 128];
     const int gq = lane >> 2, tq = lane & 3;
-    const int k_pad = a.pitch - 8;  // H rounded up to 16
-    for (int tile = warp; tile < a.Qp / 8; tile += kWarps) {
+    const int tiles = a.Qp / 8;
+    const int wpt = tiles >= kWarps ? 1 : kWarps / tiles;
+    const int ksteps = (a.pitch - 8) / 16;  // H rounded up to 16, in k16 steps
+    const int per = (ksteps + wpt - 1) / wpt;
+    for (int job = warp; job < tiles * wpt; job += kWarps) {
+      const int tile = job / wpt, part = job % wpt;
       const int o = column_row(a, L, tile * 8 + gq);  // this lane's B column (n = gq)
       const T* wrow = w + (o < 0 ? 0 : static_cast<int64_t>(o) * a.s_wo);
       float c[4] = {0.f, 0.f, 0.f, 0.f};
-      for (int k0 = 0; k0 < k_pad; k0 += 16) {
+      const int s_end = (part + 1) * per < ksteps ? (part + 1) * per : ksteps;
+#pragma unroll 4
+      for (int st = part * per; st < s_end; ++st) {
+        const int k0 = st * 16;
         uint32_t af[4];
         const T* a_lo = A + gq * a.pitch + k0 + 2 * tq;
         const T* a_hi = a_lo + 8 * a.pitch;
@@ -229,11 +301,26 @@ __global__ void __launch_bounds__(kThreads) draft_epilogue_kernel(const Args a) 
             (o >= 0 && k_b + 8 < a.H) ? __ldg(reinterpret_cast<const unsigned int*>(wrow + k_b + 8)) : 0u;
         Mma<T>::run(c, af, b0, b1);
       }
-      const int col = tile * 8 + 2 * tq;
-      mo[gq * a.Qp + col] = c[0];
-      mo[gq * a.Qp + col + 1] = c[1];
-      mo[(gq + 8) * a.Qp + col] = c[2];
-      mo[(gq + 8) * a.Qp + col + 1] = c[3];
+      if (wpt == 1) {
+        const int col = tile * 8 + 2 * tq;
+        mo[gq * a.Qp + col] = c[0];
+        mo[gq * a.Qp + col + 1] = c[1];
+        mo[(gq + 8) * a.Qp + col] = c[2];
+        mo[(gq + 8) * a.Qp + col + 1] = c[3];
+      } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[job * 128 + lane * 4 + i] = c[i];
+      }
+    }
+    if (wpt > 1) {
+      __syncthreads();
+      for (int idx = tid; idx < tiles * 128; idx += kThreads) {
+        const int tile = idx / 128, e = idx % 128, ln = e / 4, i = e % 4;
+        float v = 0.f;
+        for (int part = 0; part < wpt; ++part) v += red[(tile * wpt + part) * 128 + e];
+        const int row = (ln >> 2) + (i >> 1) * 8, col = tile * 8 + 2 * (ln & 3) + (i & 1);
+        mo[row * a.Qp + col] = v;
+      }
     }
   } else {
     for (int q = warp; q < a.Q; q += kWarps) {
@@ -242,6 +329,7 @@ __global__ void __launch_bounds__(kThreads) draft_epilogue_kernel(const Args a) 
       float acc[kHeadRows];
 #pragma unroll
       for (int i = 0; i < kHeadRows; ++i) acc[i] = 0.f;
+#pragma unroll 4
       for (int k = lane; k < a.H; k += 32) {
         const float wv = to_f32(w[static_cast<int64_t>(o) * a.s_wo + k * a.s_wk]);
 #pragma unroll
@@ -410,6 +498,12 @@ void draft_epilogue(uintptr_t h, uintptr_t shift, uintptr_t scale, uintptr_t wei
   a.ovs = four(26);
   a.ozs = four(30);
   if (static_cast<int64_t>(R) * a.n_tb > INT32_MAX) bad("grid too large");
+  {
+    const int64_t kv = dtype_codes[0] == 0 ? 4 : 8;  // elements per 16-byte vector
+    a.vec_h = a.s_hh == 1 && H % kv == 0 && a.s_hb % kv == 0 && a.s_hn % kv == 0 && h % 16 == 0;
+    a.vec_mod = a.s_sh == 1 && a.s_ch == 1 && H % kv == 0 && a.s_sb % kv == 0 && a.s_cb % kv == 0 &&
+                shift % 16 == 0 && scale % 16 == 0;
+  }
 
   const int code = static_cast<int>(dtype_codes[0]);
   const size_t elem = code == 0 ? 4 : 2;
