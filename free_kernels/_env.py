@@ -49,4 +49,17 @@ def extension_unavailable_reason(symbol: Optional[str] = None) -> Optional[str]:
         return "extension was built without CUDA (FREE_KERNELS_SKIP_CUDA or no nvcc at build time)"
     if symbol is not None and not hasattr(mod, symbol):
         return f"extension has no entry point {symbol!r} (rebuild the package)"
-    return None
+    return _cuda_unusable(mod)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_unusable(mod) -> Optional[str]:
+    """The extension's own CUDA runtime/driver check (no driver, driver too old for the build), cached."""
+    probe = getattr(mod, "cuda_unusable_reason", None)
+    if probe is None:
+        return None
+    try:
+        why = probe()
+    except Exception as e:  # never let a probe take the dispatch down
+        return f"extension CUDA probe failed: {type(e).__name__}: {e}"
+    return None if why is None else f"extension cannot use CUDA here: {why}"

@@ -201,7 +201,11 @@ class FreeSampler:
                        num_steps=N, draft_length=L, sample_rounds=[0] * B, steps_per_sample=[0] * B,
                        accepted_by_index=[0] * N, proposed_by_index=[0] * N,
                        relax=None if self.relax is None else self.relax.describe())
-        x = noise.clone()
+        # the chain's state and every transition parameter stay in fp32 whatever the model's dtype:
+        # acceptance must judge exactly the numbers that are emitted (a half-precision state would be
+        # rounded after its density was evaluated)
+        mdt = _module_dtype(target) or torch.float32
+        x = noise.float().clone()
         idx = np.full(B, N - 1, dtype=np.int64)
         hp: Optional[torch.Tensor] = None  # (G, B, Ntok, H) exact features of each state's parent
         has_h = np.zeros(B, dtype=bool)
@@ -227,7 +231,7 @@ class FreeSampler:
             # ------------------------------------------------ draft
             t0 = time.perf_counter()
             nvtx_phase("draft")  # NVTX phase range (free_kernels.nvtx; off unless FREE_KERNELS_NVTX=1)
-            mean_q = torch.zeros(Ba, L, D, device=dev, dtype=x.dtype)
+            mean_q = torch.zeros(Ba, L, D, device=dev, dtype=torch.float32)
             logvar_q = torch.zeros_like(mean_q)
             noise_q = torch.zeros_like(mean_q)
             if Lr > 0:
@@ -244,7 +248,7 @@ class FreeSampler:
                     x_in = xr.repeat(G, 1, 1, 1)
                     t_in = tr.repeat(G)
                     y_in = torch.cat([yr, torch.full_like(yr, int(target.num_classes))]) if cfg else yr
-                    h_new = ops.drafter_forward(drafter, h_in, x_in, t_in, y_in)
+                    h_new = ops.drafter_forward(drafter, h_in, x_in.to(mdt), t_in, y_in)
                     c_new = target.embed_condition(t_in, y_in)
                     xi = torch.randn(xr.shape, generator=generator, device=dev, dtype=xr.dtype)
                     x_next, mq, lvq = ops.draft_transition(target, diffusion, h_new, c_new, xr, ir, xi,
@@ -282,13 +286,13 @@ class FreeSampler:
                 XX, TT, YY = torch.cat([X, X]), torch.cat([T, T]), torch.cat([Y, torch.full_like(Y, int(target.num_classes))])
             else:
                 XX, TT, YY = X, T, Y
-            h_all, c_all = target.forward_features(XX, TT, YY)
-            out = target.forward_head(h_all, c_all)
+            h_all, c_all = target.forward_features(XX.to(mdt), TT, YY)
+            out = target.forward_head(h_all, c_all).float()
             tr = guided_transition(diffusion, out, X, I, cfg=cfg, cfg_scale=cfg_scale, guidance_channels=gc,
                                    in_channels=C, clip_denoised=self.clip_denoised)
             st.target_calls += 1
             st.target_rows += R
-            mean_p = torch.zeros(Ba, L + 1, D, device=dev, dtype=x.dtype)
+            mean_p = torch.zeros(Ba, L + 1, D, device=dev, dtype=torch.float32)
             logvar_p = torch.zeros_like(mean_p)
             jt = torch.as_tensor(j_np, device=dev)
             mean_p[k_t, jt] = tr["mean"].reshape(R, D)
@@ -311,7 +315,7 @@ class FreeSampler:
                 max_candidates=self.residual_max_candidates,
             )
             n_acc = res.num_accepted.cpu().numpy().astype(np.int64)
-            x[a_t] = res.out.view(Ba, C, S, S)
+            x[a_t] = res.out.view(Ba, C, S, S).float()
             # exact features of each new state's parent: verification row (k, n_acc[k])
             row_start = np.concatenate([[0], np.cumsum(n_draft + 1)[:-1]])
             sel = torch.as_tensor(row_start + n_acc, device=dev)
@@ -352,7 +356,14 @@ class FreeSampler:
         if bar is not None:
             bar.close()
         st.time_total_s = time.perf_counter() - t_start
-        return x, st
+        return x.to(noise.dtype), st
+
+
+def _module_dtype(m):
+    try:
+        return next(m.parameters()).dtype
+    except (AttributeError, StopIteration, TypeError):
+        return None
 
 
 def _module_device(m):

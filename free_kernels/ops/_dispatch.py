@@ -122,6 +122,8 @@ def triton_reason(ctx: dict) -> Optional[str]:
     if why is not None:
         return why
     dev = ctx.get("device")
+    if dev is not None and torch.device(dev).type == "cuda" and not torch.cuda.is_available():
+        return "CUDA is not available to torch (CPU-only build or no driver)"
     if dev is not None and torch.device(dev).type != "cuda" and not _env.triton_interpret():
         return f"inputs are on {dev} and TRITON_INTERPRET is not set (Triton runs CPU tensors only under the interpreter)"
     if _env.triton_interpret() and ctx.get("dtype") == torch.bfloat16:

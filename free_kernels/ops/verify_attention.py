@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from .._checks import check_tensor
+from ._fused import grad_reason, needs_grad
 from ._dispatch import Backend, dtype_reason, extension_reason, first_reason, get_op, triton_reason
 
 OP = get_op("verify_attention")
@@ -56,6 +57,7 @@ def _triton_supports(ctx: dict) -> Optional[str]:
     from .. import _env
 
     why = first_reason(
+        grad_reason(ctx),
         triton_reason(ctx),
         dtype_reason(ctx, (torch.float16, torch.bfloat16, torch.float32)),
         _head_dim_reason(ctx, MAX_HEAD_DIM_TRITON),
@@ -80,6 +82,7 @@ OP.register(Backend("triton", _load_triton, _triton_supports))
 # ---------------------------------------------------------------- cuda (csrc)
 def _cuda_supports(ctx: dict) -> Optional[str]:
     why = first_reason(
+        grad_reason(ctx),
         extension_reason(ctx, "verify_attention"),
         dtype_reason(ctx, tuple(_CUDA_DTYPE_CODE)),
         _head_dim_reason(ctx, MAX_HEAD_DIM_CUDA),
@@ -132,5 +135,6 @@ def _validate(qkv, num_heads, out):
 def verify_attention(qkv: torch.Tensor, num_heads: int, *, out: Optional[torch.Tensor] = None,
                      backend: Optional[str] = None) -> torch.Tensor:
     _validate(qkv, num_heads, out)
-    ctx = dict(device=qkv.device, dtype=qkv.dtype, head_dim=qkv.shape[-1] // (3 * num_heads), N=qkv.shape[1])
+    ctx = dict(device=qkv.device, dtype=qkv.dtype, head_dim=qkv.shape[-1] // (3 * num_heads), N=qkv.shape[1],
+               requires_grad=needs_grad(qkv))
     return OP.resolve(ctx, backend).impl()(qkv, num_heads, out=out)

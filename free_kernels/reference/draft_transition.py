@@ -23,7 +23,7 @@ def draft_transition(target, diffusion, h, c, x, index, noise, *, cfg_scale=1.0,
 
     Returns (x_next, mean, log_variance), each (R, C, S, S).
     """
-    out = target.forward_head(h, c)
+    out = target.forward_head(h, c).float()  # transitions in fp32 whatever the model dtype
     cfg = h.shape[0] == 2 * x.shape[0]
     tr = guided_transition(diffusion, out, x, index, cfg=cfg, cfg_scale=cfg_scale,
                            guidance_channels=guidance_channels, in_channels=x.shape[1],
