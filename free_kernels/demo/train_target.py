@@ -124,7 +124,9 @@ def main(argv=None):
         loss_first_100=sum(losses[:100]) / max(len(losses[:100]), 1),
         loss_last_500=sum(losses[-500:]) / max(len(losses[-500:]), 1),
         loss_curve=[round(sum(losses[i:i + 250]) / len(losses[i:i + 250]), 5) for i in range(0, len(losses), 250)],
-        data="MNIST t10k split (10,000 digits), padded to 32x32, scaled to [-1, 1]",
+        data=(f"MNIST t10k split (10,000 digits), "
+              f"{'2x2-averaged to 14x14, ' if cfg['input_size'] < 28 else ''}padded to "
+              f"{cfg['input_size']}x{cfg['input_size']}, scaled to [-1, 1]"),
     )
     with open(final[: -len(".safetensors")] + ".json", "w") as f:
         json.dump(record, f, indent=2)
