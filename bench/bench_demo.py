@@ -45,20 +45,25 @@ def run_free(target, drafter, steps, L, n, seed, *, learned=True, cfg=1.0, relax
     return out, st, time.perf_counter() - t0
 
 
+def baseline_sample(target, diffusion, noise, y, cfg, generators):
+    """The official way: forward_with_cfg on the doubled batch (first half kept), per-sample generators."""
+    with torch.no_grad():
+        if cfg == 1.0:
+            return diffusion.p_sample_loop(target.forward, noise.shape, noise, clip_denoised=False,
+                                           model_kwargs=dict(y=y), generator=generators)
+        z = torch.cat([noise, noise])
+        yy = torch.cat([y, torch.full_like(y, target.num_classes)])
+        return diffusion.p_sample_loop(target.forward_with_cfg, z.shape, z, clip_denoised=False,
+                                       model_kwargs=dict(y=yy, cfg_scale=cfg),
+                                       generator=generators + generators)[: noise.shape[0]]
+
+
 def run_baseline(target, steps, n, seed, *, learned=True, cfg=1.0):
     d = fk.create_diffusion(steps, learn_sigma=learned)
     noise, y = _inputs(n, seed, target.in_channels, target.input_size)
     gens = per_sample_generators([seed * 100_003 + i for i in range(n)])
     t0 = time.perf_counter()
-    with torch.no_grad():
-        if cfg == 1.0:
-            out = d.p_sample_loop(target.forward, noise.shape, noise, clip_denoised=False,
-                                  model_kwargs=dict(y=y), generator=gens)
-        else:
-            z = torch.cat([noise, noise])
-            yy = torch.cat([y, torch.full_like(y, target.num_classes)])
-            out = d.p_sample_loop(target.forward_with_cfg, z.shape, z, clip_denoised=False,
-                                  model_kwargs=dict(y=yy, cfg_scale=cfg), generator=gens + gens)[:n]
+    out = baseline_sample(target, d, noise, y, cfg, gens)
     return out, time.perf_counter() - t0
 
 

@@ -26,6 +26,7 @@ import time
 import torch
 
 import free_kernels as fk
+from bench_demo import baseline_sample  # bench/ is on sys.path when run as a script
 
 
 def _sync():
@@ -58,14 +59,7 @@ def part1(batches, device, cfg, n_rep, relax):
                 with torch.no_grad():
                     if name == "baseline":
                         gens = per_sample_generators(range(r * 1000, r * 1000 + B), device=device)
-                        if cfg == 1.0:
-                            d.p_sample_loop(target.forward, noise.shape, noise, clip_denoised=False,
-                                            model_kwargs=dict(y=y), generator=gens)
-                        else:
-                            z = torch.cat([noise, noise])
-                            yy = torch.cat([y, torch.full_like(y, target.num_classes)])
-                            d.p_sample_loop(target.forward_with_cfg, z.shape, z, clip_denoised=False,
-                                            model_kwargs=dict(y=yy, cfg_scale=cfg), generator=gens + gens)
+                        baseline_sample(target, d, noise, y, cfg, gens)
                         calls, spc = d.num_timesteps, 1.0
                     else:
                         s = fk.FreeSampler(target, drafter, d, draft_length=6,

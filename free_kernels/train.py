@@ -180,14 +180,12 @@ def evaluate_acceptance(drafter, target, diffusion, traj, *, cfg_scale, guidance
     n = traj["x"].shape[0]
     kls = torch.zeros(N)
     d2s = torch.zeros(N)
-    cnt = torch.zeros(N)
     b_all = torch.arange(n)
     for k in range(1, N - 1):
         terms = draft_window(drafter, target, diffusion, traj, b_all[: min(n, max_rows)], k, 1,
                              cfg_scale=cfg_scale, guidance_channels=guidance_channels, device=device)
         kls[k] += float(terms[0][0])
         d2s[k] += float(terms[0][1])
-        cnt[k] += 1
     return kls, d2s
 
 

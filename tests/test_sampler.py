@@ -249,7 +249,9 @@ def test_stats_explain_time_and_are_consistent(targets):
         assert k in dd
     assert dd["time_draft_s"] + dd["time_verify_s"] + dd["time_accept_s"] <= dd["time_total_s"] + 1e-6
     assert dd["time_verify_s"] > 0 and dd["time_draft_s"] > 0
-    assert sum(st.sample_rounds) == 8 * st.rounds or sum(st.sample_rounds) <= 8 * st.rounds
+    # every round serves at least one sample and at most all 8; a sample needs >= N / (L + 1) rounds
+    assert st.rounds <= sum(st.sample_rounds) <= 8 * st.rounds
+    assert min(st.sample_rounds) >= -(-d.num_timesteps // 5)
     acc = sum(st.accepted_by_index)
     # every round advances accepted + 1 steps per participating sample
     assert sum(st.steps_per_sample) == acc + sum(st.sample_rounds)
