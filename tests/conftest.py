@@ -7,8 +7,15 @@ Order matters here:
    TRITON_INTERPRET in the environment is respected.
 3. The ``gpu`` marker skips, with a reason, when torch.cuda.is_available() is
    false.  Nothing here needs a GPU.
+4. ``FREE_KERNELS_REQUIRE_GPU=1`` (set by bench/run_gpu.py on the GPU machine)
+   turns a skip of a GPU case into a failure: any test carrying the ``gpu``
+   marker, and any test whose id names a ``cuda`` or ``triton`` backend.  On a
+   GPU such a skip means a kernel was not exercised, which must not read as a
+   pass.  Expected failures (xfail) and the deliberate skips of CPU-only
+   checks (reasons matching ``CPU_ONLY_SKIP``) are left alone.
 """
 import os
+import re
 import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -29,6 +36,18 @@ if not CUDA_AVAILABLE:
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 GPU_SKIP_REASON = "needs a CUDA GPU (torch.cuda.is_available() is False)"
+REQUIRE_GPU = os.environ.get("FREE_KERNELS_REQUIRE_GPU", "").strip().lower() in ("1", "true", "yes", "on")
+# skip reasons of checks that exist for CPU machines only: still skips under REQUIRE_GPU
+CPU_ONLY_SKIP = re.compile(r"CPU-only|a GPU is present|on CPU|interpreter|not the default architecture list",
+                           re.IGNORECASE)
+
+
+def is_gpu_case(item) -> bool:
+    """A test whose skip would hide a kernel: the gpu marker, or a cuda / triton backend in its id."""
+    if item.get_closest_marker("gpu") is not None:
+        return True
+    ident = item.nodeid.split("::", 1)[-1].lower()
+    return "cuda" in ident or "triton" in ident
 
 
 def pytest_configure(config):
@@ -44,6 +63,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if not REQUIRE_GPU:
+        return
+    rep = outcome.get_result()
+    if rep.skipped and not hasattr(rep, "wasxfail") and is_gpu_case(item):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) and len(rep.longrepr) == 3 else str(rep.longrepr)
+        if CPU_ONLY_SKIP.search(reason):
+            return
+        rep.outcome = "failed"
+        rep.longrepr = f"skipped under FREE_KERNELS_REQUIRE_GPU=1 (a GPU case must run): {reason}"
+
+
 def pytest_report_header(config):
     return (f"free_kernels tests: torch {torch.__version__}, cuda available: {CUDA_AVAILABLE}, "
-            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')}, threads: {torch.get_num_threads()}")
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')}, threads: {torch.get_num_threads()}"
+            f"{', FREE_KERNELS_REQUIRE_GPU=1: skipped GPU cases fail' if REQUIRE_GPU else ''}")
