@@ -47,9 +47,10 @@ Steps, in order of value (``--list`` prints them with their limits):
  4. ``tests:<file>`` the GPU tests, one pytest process per test file, no ``-x``, selected with
     ``-k "gpu or cuda or triton"``, with ``FREE_KERNELS_REQUIRE_GPU=1`` (tests/conftest.py turns
     a skip of a gpu-marked or cuda / triton case into a failure).
- 5. ``smoke:cuda``, ``smoke:triton`` the demo DiT sampled with FREE on the GPU, every op forced
-    to one backend (``FREE_KERNELS_BACKEND``): steps per target call and acceptance by thirds
-    against the CPU figures, and a two-sample KS test against the baseline ``p_sample_loop``.
+ 5. ``smoke:cuda``, ``smoke:triton`` the demo DiT sampled with FREE on the GPU, the ops forced
+    to one backend: steps per target call and acceptance by thirds
+    against the CPU figures, and a two-sample KS test against the baseline ``p_sample_loop``
+    (every op that has the backend forced to it with ``FREE_KERNELS_BACKEND_<OP>``).
  6. ``bench:verify_attention``, ``bench:speculative_accept``, ``bench:drafter`` the
     microbenchmarks in quick mode, without torch.compile; ``priority`` then runs
     ``bench/update_priority.py`` on their JSON when that script exists (else skipped).
@@ -313,7 +314,7 @@ def gpu_steps(args, scratch: str) -> List[Step]:
                           ok_codes=(0, 5)))
     for backend in ("cuda", "triton"):
         steps.append(Step(f"smoke:{backend}", [PY, "bench/gpu_smoke.py", "sample", "--backend", backend], 120,
-                          env={"FREE_KERNELS_BACKEND": backend}, parse=parse_marked_json))
+                          parse=parse_marked_json))
     benches = [("verify_attention", ["--quick"], parse_bench_attention),
                ("speculative_accept", ["--quick", "--no-compile"], parse_bench_accept),
                ("drafter", ["--quick", "--no-compile"], parse_bench_generic)]
