@@ -49,6 +49,21 @@ def target_signature(target) -> dict:
     return {k: int(getattr(target, k)) for k in _MATCH_KEYS}
 
 
+def as_target(model):
+    """``model`` if it follows the target protocol, else a module with the official DiT attribute layout
+    (the official repository's own ``DiT``) wrapped as :class:`free_kernels.dit.OfficialDiTTarget`
+    (no copy), as the drop-in does.  Anything else is returned unchanged (and fails the protocol check)."""
+    if all(hasattr(model, k) for k in _MATCH_KEYS + ("num_heads",)) and callable(
+            getattr(model, "forward_features", None)):
+        return model
+    if isinstance(model, nn.Module):
+        from ..dit import OfficialDiTTarget, _official_layout_problems
+
+        if not _official_layout_problems(model):
+            return OfficialDiTTarget(model)
+    return model
+
+
 class FrozenFeatureDrafter(nn.Module):
     """Training-free baseline: the next state's features are the parent's (h = h_prev).
 
@@ -58,7 +73,7 @@ class FrozenFeatureDrafter(nn.Module):
 
     def __init__(self, target=None):
         super().__init__()
-        self.signature = target_signature(target) if target is not None else None
+        self.signature = target_signature(as_target(target)) if target is not None else None
 
     def forward(self, h_prev, x, t, y):
         return h_prev
@@ -91,11 +106,13 @@ class FeatureDrafter(nn.Module):
         self.fuse = nn.Linear(2 * hidden_size, hidden_size, bias=True)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self._target = None  # not a registered submodule: never saved with the drafter
+        self.extra = {}  # training record saved with the drafter (see save / load)
 
     # ------------------------------------------------------------ building
     @classmethod
     def for_target(cls, target, depth: int = 1, init: str = "identity", mlp_ratio: float = 4.0,
                    generator: Optional[torch.Generator] = None) -> "FeatureDrafter":
+        target = as_target(target)
         sig = target_signature(target)
         d = cls(sig["hidden_size"], int(target.num_heads), depth=depth, mlp_ratio=mlp_ratio, signature=sig)
         d.reset_parameters(init, generator=generator)
@@ -129,6 +146,7 @@ class FeatureDrafter(nn.Module):
 
     def attach(self, target) -> "FeatureDrafter":
         """Bind to a target (checks that the drafter was built for it)."""
+        target = as_target(target)
         sig = target_signature(target)
         if self.signature:
             bad = {k: (self.signature.get(k), sig[k]) for k in _MATCH_KEYS if self.signature.get(k) != sig[k]}
@@ -172,37 +190,90 @@ class FeatureDrafter(nn.Module):
                     depth=self.depth, mlp_ratio=self.mlp_ratio, signature=self.signature)
 
     def save(self, path: str, extra: Optional[dict] = None) -> None:
-        """Write ``path`` (.safetensors weights) and ``path`` with .json (config)."""
-        from safetensors.torch import save_file
+        """Write ``path`` (.safetensors: weights + config) and ``path`` with .json (the same config, readable).
+
+        The config (with ``extra``) is stored inside the .safetensors metadata,
+        so weights and config are replaced together in one atomic rename; the
+        .json beside it is a copy for people and tools that read JSON.  Each file
+        is written to a temporary name, fsynced and renamed.
+        """
+        from .._checks import atomic_save_safetensors, atomic_write_json
 
         base = path[: -len(".safetensors")] if path.endswith(".safetensors") else path
         os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, base + ".safetensors")
         cfg = self.config()
         if extra:
             cfg["extra"] = extra
-        with open(base + ".json", "w") as f:
-            json.dump(cfg, f, indent=2)
+        atomic_save_safetensors(tensors, base + ".safetensors", metadata={_META_KEY: json.dumps(cfg)})
+        atomic_write_json(base + ".json", cfg)
+
+    @staticmethod
+    def read_config(path: str) -> dict:
+        """The config a drafter file was saved with (``extra`` included), without loading weights.
+
+        Read from the .safetensors metadata (written atomically with the weights);
+        files saved before the metadata existed fall back to the .json beside them.
+        """
+        from .._checks import FileProblem, read_json_file
+
+        base = path[: -len(".safetensors")] if path.endswith(".safetensors") else path
+        if not os.path.isfile(base + ".safetensors"):
+            raise FileNotFoundError(f"drafter file {base + '.safetensors'!r} not found")
+        meta = _safetensors_metadata(base + ".safetensors")
+        if _META_KEY in meta:
+            try:
+                cfg = json.loads(meta[_META_KEY])
+            except ValueError:
+                raise FileProblem(f"drafter {base + '.safetensors'!r}: damaged config metadata") from None
+        else:
+            if not os.path.isfile(base + ".json"):
+                raise FileNotFoundError(f"drafter file {base + '.json'!r} not found (the config of "
+                                        f"{base + '.safetensors'!r}, which has none inside)")
+            cfg = read_json_file(base + ".json", "drafter config")
+        if not isinstance(cfg, dict) or cfg.get("format") != DRAFTER_FORMAT:
+            got = cfg.get("format") if isinstance(cfg, dict) else type(cfg).__name__
+            raise ValueError(f"{base}: not a FeatureDrafter config (format {got!r})")
+        return cfg
 
     @classmethod
     def load(cls, path: str, target=None, map_location="cpu") -> "FeatureDrafter":
-        """Load a drafter saved by :meth:`save`; with ``target`` given, check it matches and attach."""
-        from safetensors.torch import load_file
+        """Load a drafter saved by :meth:`save`; with ``target`` given, check it matches and attach.
+
+        ``drafter.extra`` holds the training record saved with it ({} if none).
+        """
+        from .._checks import safe_load_safetensors
 
         base = path[: -len(".safetensors")] if path.endswith(".safetensors") else path
-        for ext in (".safetensors", ".json"):
-            if not os.path.isfile(base + ext):
-                raise FileNotFoundError(f"drafter file {base + ext!r} not found")
-        with open(base + ".json") as f:
-            cfg = json.load(f)
-        if cfg.get("format") != DRAFTER_FORMAT:
-            raise ValueError(f"{base}.json is not a FeatureDrafter config (format {cfg.get('format')!r})")
-        d = cls(cfg["hidden_size"], cfg["num_heads"], depth=cfg["depth"], mlp_ratio=cfg.get("mlp_ratio", 4.0),
-                signature=cfg.get("signature"))
-        state = load_file(base + ".safetensors", device=str(map_location))
-        d.load_state_dict(state, strict=True)
+        cfg = cls.read_config(base)
+        try:
+            d = cls(int(cfg["hidden_size"]), int(cfg["num_heads"]), depth=int(cfg["depth"]),
+                    mlp_ratio=cfg.get("mlp_ratio", 4.0), signature=cfg.get("signature"))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"drafter {base + '.safetensors'!r}: incomplete config ({e})") from None
+        state, _ = safe_load_safetensors(base + ".safetensors", "drafter", device=str(map_location))
+        try:
+            d.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise ValueError(f"drafter {base + '.safetensors'!r} does not match its config: {first}") from None
+        d.extra = dict(cfg.get("extra") or {})
         d.to(map_location)
         if target is not None:
             d.attach(target)
         return d
+
+
+_META_KEY = "free_kernels.drafter_config"
+
+
+def _safetensors_metadata(path: str) -> dict:
+    from .._checks import FileProblem
+
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # damaged header: name the file
+        raise FileProblem(f"drafter {path!r} is damaged or not a .safetensors file ({e})") from None
