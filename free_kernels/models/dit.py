@@ -433,19 +433,25 @@ def find_model(path: str, map_location="cpu") -> Dict[str, torch.Tensor]:
     """Load a DiT state dict from a local checkpoint, like the official helper.
 
     Accepts a plain state dict, a training checkpoint with an ``"ema"`` entry
-    (the EMA weights are returned), or a ``.safetensors`` file.  Official
-    weights cannot be downloaded here: pass a local path.
+    (the EMA weights are returned; the official ``train.py`` checkpoints, whose
+    ``"args"`` entry is an ``argparse.Namespace``, included), or a
+    ``.safetensors`` file.  Official weights cannot be downloaded here: pass a
+    local path.  Loading is safe (``weights_only=True``: tensors and plain data,
+    plus exactly ``argparse.Namespace``); a file that would run code, or a
+    damaged one, raises ``ValueError`` naming the file.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"checkpoint {path!r} not found (find_model only loads local files; download official "
             f"DiT weights yourself and pass their path)"
         )
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    import argparse
 
-        return load_file(path, device=str(map_location))
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    from .._checks import safe_load_safetensors, safe_torch_load
+
+    if path.endswith(".safetensors"):
+        return safe_load_safetensors(path, "checkpoint", device=str(map_location))[0]
+    checkpoint = safe_torch_load(path, "checkpoint", map_location=map_location, allow=(argparse.Namespace,))
     if isinstance(checkpoint, dict) and "ema" in checkpoint:
         checkpoint = checkpoint["ema"]
     if not isinstance(checkpoint, dict):
