@@ -15,6 +15,12 @@ from .gaussian_diffusion import (  # noqa: F401
 from .respace import SpacedDiffusion, space_timesteps  # noqa: F401
 
 
+def _is_int(v) -> bool:
+    import numbers
+
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def create_diffusion(
     timestep_respacing,
     noise_schedule="linear",
@@ -27,11 +33,13 @@ def create_diffusion(
 ) -> SpacedDiffusion:
     """Build the sampler exactly as the official DiT ``create_diffusion`` does.
 
-    ``timestep_respacing``: "" or None for all ``diffusion_steps``, "250",
-    "ddim50", "10,20" or a list of per-section counts.  ``learn_sigma=True``
+    ``timestep_respacing``: "" or None for all ``diffusion_steps``, "250" (or
+    the int 250), "ddim50", "10,20" or a list of per-section counts.  ``learn_sigma=True``
     gives the learned-range variance; otherwise fixed large (default) or fixed
     small (``sigma_small=True``) variance.
     """
+    if not _is_int(diffusion_steps) or diffusion_steps < 1:
+        raise ValueError(f"diffusion_steps must be an int >= 1, got {diffusion_steps!r}")
     betas = gd.get_named_beta_schedule(noise_schedule, diffusion_steps)
     if use_kl:
         loss_type = gd.LossType.RESCALED_KL
@@ -41,6 +49,14 @@ def create_diffusion(
         loss_type = gd.LossType.MSE
     if timestep_respacing is None or timestep_respacing == "":
         timestep_respacing = [diffusion_steps]
+    elif not (_is_int(timestep_respacing) or isinstance(timestep_respacing, (str, list, tuple))):
+        raise TypeError(f"timestep_respacing must be a step count (int or str such as \"250\" or \"ddim50\"), "
+                        f"a comma-separated string or a list of ints; got {type(timestep_respacing).__name__} "
+                        f"{timestep_respacing!r}")
+    elif _is_int(timestep_respacing):
+        timestep_respacing = [int(timestep_respacing)]  # create_diffusion(250) == create_diffusion("250")
+    elif isinstance(timestep_respacing, (list, tuple)) and not all(_is_int(c) for c in timestep_respacing):
+        raise TypeError(f"timestep_respacing list must hold ints, got {list(timestep_respacing)!r}")
     return SpacedDiffusion(
         use_timesteps=space_timesteps(diffusion_steps, timestep_respacing),
         betas=betas,
