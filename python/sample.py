@@ -77,11 +77,14 @@ def load_model(args, device):
     if args.target and args.ckpt:
         fail("pass --target or --ckpt, not both")
     if args.target:
-        from free_kernels.demo import load_target
-
-        model = load_target(args.target, device="cpu")
+        model = _load_target_file(args.target)
     elif args.ckpt:
-        sd = find_model(args.ckpt)
+        if not os.path.isfile(args.ckpt):
+            fail(f"--ckpt {args.ckpt!r} not found (official weights cannot be downloaded from here)")
+        try:
+            sd = find_model(args.ckpt)
+        except (ValueError, RuntimeError, OSError) as e:
+            fail(f"--ckpt {args.ckpt!r}: {e}")
         try:
             hidden, in_ch, p, _ = sd["x_embedder.proj.weight"].shape
             n_tok = sd["pos_embed"].shape[1]
@@ -95,7 +98,10 @@ def load_model(args, device):
         input_size = int(round(n_tok ** 0.5)) * p
         model = DiT_models[args.model](input_size=input_size, in_channels=in_ch, num_classes=num_classes,
                                        learn_sigma=out_rows == 2 * in_ch * p * p)
-        load_state_dict_strict(model, sd)
+        try:
+            load_state_dict_strict(model, sd)
+        except ValueError as e:
+            fail(f"--ckpt {args.ckpt!r} does not fit --model {args.model}: {e}")
     else:
         fail("no model: pass --ckpt PATH (official DiT weights cannot be downloaded from here) or --target PATH")
     model = model.to(device).eval()
@@ -104,6 +110,33 @@ def load_model(args, device):
         fail(f"--no-vae needs a pixel-space model with 1 or 3 channels, this one has {model.in_channels}")
     image_size = model.input_size * (8 if latent else 1)
     return model, image_size, latent
+
+
+def _load_target_file(path: str):
+    """A DiT in this package's format (.safetensors + .json config), with errors that name the file."""
+    from free_kernels._checks import FileProblem, read_json_file, safe_load_safetensors
+    from free_kernels.demo import DEMO_CONFIG
+    from free_kernels.models.dit import DiT, load_state_dict_strict
+
+    if not os.path.isfile(path):
+        fail(f"--target {path!r} not found")
+    cfg_path = path[: -len(".safetensors")] + ".json" if path.endswith(".safetensors") else path + ".json"
+    cfg = dict(DEMO_CONFIG)
+    try:
+        if os.path.isfile(cfg_path):
+            doc = read_json_file(cfg_path, "target config")
+            if not isinstance(doc, dict) or not isinstance(doc.get("config", {}), dict):
+                raise FileProblem(f"target config {cfg_path!r} has no {{\"config\": {{...}}}} object")
+            cfg.update(doc.get("config", {}))
+        state, _ = safe_load_safetensors(path, "--target")
+    except FileProblem as e:
+        fail(str(e))
+    try:
+        model = DiT(**cfg)
+        load_state_dict_strict(model, state)
+    except (TypeError, ValueError) as e:
+        fail(f"--target {path!r} does not match its config {cfg_path!r}: {e}")
+    return model
 
 
 def load_vae(args, device):
@@ -132,13 +165,89 @@ def vae_name(args) -> str:
     return args.vae if args.vae in ("ema", "mse") else os.path.basename(os.path.normpath(args.vae))
 
 
-def make_diffusion(args):
+def make_diffusion(args, model=None):
+    """The drop-in diffusion (FREE with --drafter); with ``model``, a saved drafter is checked against it."""
     from free_kernels.dit import create_diffusion
 
     if args.draft_length < 1:
         fail("--draft-length must be >= 1")
-    return create_diffusion(str(args.num_sampling_steps), drafter=args.drafter, draft_length=args.draft_length,
-                            relax=args.relax)
+    if args.num_sampling_steps < 1:
+        fail(f"--num-sampling-steps must be >= 1, got {args.num_sampling_steps}")
+    if args.relax is not None and not (0 <= args.relax < float("inf")):
+        fail(f"--relax must be a finite number >= 0, got {args.relax}")
+    # a round never drafts past the last step: longer drafts only cost memory and time
+    args.draft_length = min(args.draft_length, args.num_sampling_steps)
+    if args.drafter not in (None, "frozen"):
+        base = args.drafter[: -len(".safetensors")] if args.drafter.endswith(".safetensors") else args.drafter
+        if not os.path.isfile(base + ".safetensors"):
+            fail(f"--drafter {args.drafter!r}: {base + '.safetensors'!r} not found")
+    try:
+        diffusion = create_diffusion(str(args.num_sampling_steps), drafter=args.drafter,
+                                     draft_length=args.draft_length, relax=args.relax)
+        if model is not None and hasattr(diffusion.drafter, "attach"):
+            diffusion.drafter.attach(model)
+    except (ValueError, TypeError, OSError) as e:
+        fail(f"--drafter {args.drafter!r}: {e}" if args.drafter else str(e))
+    return diffusion
+
+
+# --------------------------------------------------------------------------- provenance
+def _file_identity(path: str, *, also_json: bool = False) -> dict:
+    from free_kernels._checks import file_sha256
+
+    out = dict(path=os.path.abspath(path), sha256=file_sha256(path))
+    if also_json:
+        cfg = path[: -len(".safetensors")] + ".json" if path.endswith(".safetensors") else path + ".json"
+        out["config_sha256"] = file_sha256(cfg) if os.path.isfile(cfg) else None
+    return out
+
+
+def _dir_identity(path: str) -> dict:
+    import hashlib
+
+    from free_kernels._checks import file_sha256
+
+    h = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for f in sorted(files):
+            if f.endswith((".safetensors", ".bin", ".json", ".pt", ".ckpt")):
+                full = os.path.join(root, f)
+                h.update(os.path.relpath(full, path).encode() + b"\0" + file_sha256(full).encode())
+    return dict(path=os.path.abspath(path), sha256=h.hexdigest())
+
+
+def run_identity(args, model, diffusion, image_size: int) -> dict:
+    """What samples depend on: target, drafter and VAE (content hashes, not file names) and sampler settings."""
+    if args.target:
+        target = dict(kind="target", name=os.path.basename(args.target).replace(".safetensors", ""),
+                      **_file_identity(args.target, also_json=True))
+    else:
+        target = dict(kind="ckpt", name=args.model.replace("/", "-"), model=args.model,
+                      **_file_identity(args.ckpt))
+    target.update(image_size=image_size, in_channels=int(model.in_channels), num_classes=int(model.num_classes),
+                  learn_sigma=bool(getattr(model, "learn_sigma", True)))
+    if args.drafter is None:
+        drafter = dict(name=None)
+    elif args.drafter == "frozen":
+        drafter = dict(name="frozen")
+    else:
+        base = args.drafter[: -len(".safetensors")] if args.drafter.endswith(".safetensors") else args.drafter
+        drafter = dict(name=os.path.basename(base), **_file_identity(base + ".safetensors", also_json=True))
+    if args.no_vae:
+        vae = dict(name="none")
+    elif os.path.isdir(args.vae):
+        vae = dict(name=vae_name(args), **_dir_identity(args.vae))
+    else:
+        vae = dict(name=f"stabilityai/sd-vae-ft-{args.vae}")
+    var = getattr(getattr(diffusion, "model_var_type", None), "name", None)
+    sampler = dict(num_sampling_steps=int(args.num_sampling_steps), timesteps=int(diffusion.num_timesteps),
+                   variance="learned" if var in ("LEARNED", "LEARNED_RANGE") else "fixed", model_var_type=var,
+                   cfg_scale=float(args.cfg_scale), guidance_channels=int(args.guidance_channels),
+                   clip_denoised=bool(args.clip_denoised), drafter=drafter,
+                   draft_length=int(args.draft_length) if args.drafter is not None else None,
+                   relax=args.relax if args.drafter is not None else None)
+    return dict(target=target, vae=vae, sampler=sampler)
 
 
 # --------------------------------------------------------------------------- sampling, decoding
@@ -223,8 +332,8 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     model, image_size, _ = load_model(args, device)
+    diffusion = make_diffusion(args, model)
     vae = load_vae(args, device)
-    diffusion = make_diffusion(args)
     labels = args.class_labels
     if labels is None:
         labels = OFFICIAL_LABELS if model.num_classes == 1000 else [i % model.num_classes for i in range(8)]

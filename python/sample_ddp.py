@@ -27,19 +27,30 @@ Resume (differs from the official script, which cannot resume)
     The noise, labels and sampler randomness of rank r's iteration k come from
     a generator seeded by (rank seed, k), not from one stream per rank, so an
     iteration can be run on its own.  A rerun with the same arguments skips
-    every iteration whose PNGs all exist, re-samples an iteration with missing
-    files (the same samples on the same hardware and software) and writes only
-    the missing files; existing files are never rewritten.  PNGs and JSON files
-    are written to a temporary name and renamed, so an interruption leaves no
-    truncated file.  ``{folder}/.free_run.json`` records the layout (world size,
-    batch, seed, steps, ...); a rerun with a different layout is refused
-    (it would assign different samples to the indices).  Per-iteration
-    statistics live in ``{folder}/.free_stats/`` so the totals cover resumed runs.
+    every complete iteration (all its PNGs readable and its statistics file
+    present), re-samples an iteration with missing or damaged files (the same
+    samples on the same hardware and software) and writes only those files.
+    Every file is written to a temporary name in the same directory, fsynced
+    and renamed, so an interruption leaves no truncated file; temporary files
+    of an interrupted run are deleted when the next one starts.  The
+    statistics file of an iteration is written after its PNGs, so an iteration
+    interrupted in between is re-sampled for its statistics (totals never
+    undercount).
+
+Provenance
+    ``{folder}/.free_run.json`` records what the samples are made of: the
+    target (SHA-256 of its weights and config files), the drafter (or
+    "frozen"), the VAE, variance, CFG scale and rule, steps, clipping, draft
+    length, relax, seed policy, world size and batch, and the software
+    versions.  A rerun into an existing folder whose record differs in
+    anything but the versions is refused before sampling (the folder name
+    holds only file names, so two models could otherwise mix in one FID
+    set); a version change is reported as a warning.  The record is also
+    copied into ``{folder}.free_stats.json``.
 """
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
 import os
@@ -52,32 +63,47 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sample import (  # noqa: E402  (shared helpers of the single-process script)
-    add_model_args, decode, fail, load_model, load_vae, make_diffusion, sample_batch, stats_dict, to_pil,
-    to_uint8, vae_name,
+    add_model_args, decode, fail, load_model, load_vae, make_diffusion, run_identity, sample_batch, stats_dict,
+    to_pil, to_uint8, vae_name,
 )
 
+from free_kernels._checks import (  # noqa: E402
+    FileProblem, atomic_write, atomic_write_json, read_json_file, remove_stale_tmp,
+)
 
-def _atomic_write_bytes(path: str, write) -> None:
-    d, base = os.path.split(path)
-    tmp = os.path.join(d, f".{base}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+RUN_FORMAT = "free_kernels.sample_ddp.run/2"
+SEED_POLICY = "rank seed = global_seed * world + rank; iteration k: SeedSequence([rank seed, k]) (v1)"
 
 
 def atomic_json(path: str, obj) -> None:
-    def w(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-
-    _atomic_write_bytes(path, w)
+    atomic_write_json(path, obj)
 
 
 def atomic_png(path: str, arr: np.ndarray) -> None:
-    _atomic_write_bytes(path, lambda tmp: to_pil(arr).save(tmp, format="PNG"))
+    atomic_write(path, lambda f: to_pil(arr).save(f, format="PNG"))
+
+
+def png_ok(path: str, size: int, channels: int) -> bool:
+    """True if ``path`` is a complete PNG of this run's shape (a damaged or foreign file counts as missing)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.size == (size, size) and im.mode == ("L" if channels == 1 else "RGB")
+    except Exception:
+        return False
+
+
+def read_png(path: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            a = np.asarray(im).astype(np.uint8)
+    except Exception as e:
+        fail(f"{path} is damaged ({type(e).__name__}: {e}); rerun the same command to re-create it")
+    return a[..., None] if a.ndim == 2 else a
 
 
 def iteration_seed(rank_seed: int, iteration: int) -> int:
@@ -111,7 +137,7 @@ def aggregate(stats: list) -> dict:
     return out
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_model_args(p, cfg_default=1.5, vae_default="ema")
     p.add_argument("--sample-dir", type=str, default="samples")
@@ -121,14 +147,126 @@ def main(argv=None):
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 matmuls on Ampere+ GPUs (fast, slightly different numerics)")
     args = p.parse_args(argv)
-    if args.cfg_scale < 1.0:
-        fail("--cfg-scale must be >= 1.0")
+    if not math.isfinite(args.cfg_scale) or args.cfg_scale < 1.0:
+        fail(f"--cfg-scale must be a finite number >= 1.0, got {args.cfg_scale}")
     if args.per_proc_batch_size < 1 or args.num_fid_samples < 1:
         fail("--per-proc-batch-size and --num-fid-samples must be >= 1")
+    if args.num_sampling_steps < 1:
+        fail(f"--num-sampling-steps must be >= 1, got {args.num_sampling_steps}")
+    return args
 
-    torch.set_grad_enabled(False)
+
+def folder_name(args, image_size: int) -> str:
+    """The official folder name (file names only: the run record holds the identities)."""
+    model_string = os.path.basename(args.target).replace(".safetensors", "") if args.target else \
+        args.model.replace("/", "-")
+    ckpt_string = os.path.basename(args.ckpt).replace(".pt", "") if args.ckpt else ("target" if args.target
+                                                                                       else "pretrained")
+    folder = (f"{model_string}-{ckpt_string}-size-{image_size}-vae-{vae_name(args)}-cfg-{args.cfg_scale}-"
+              f"seed-{args.global_seed}")
+    if args.drafter is not None:
+        dname = "frozen" if args.drafter == "frozen" else os.path.basename(args.drafter).replace(".safetensors", "")
+        folder += f"-free-{dname}-L{args.draft_length}" + (f"-relax-{args.relax}" if args.relax else "")
+    return folder
+
+
+def run_record(args, identity: dict, world: int) -> dict:
+    """What the samples in a folder are made of; a resume must match it (except ``versions``)."""
+    import PIL
+
+    import free_kernels
+
+    rec = dict(identity)
+    rec.update(format=RUN_FORMAT, seed_policy=SEED_POLICY, world_size=world,
+               per_proc_batch_size=args.per_proc_batch_size, global_seed=args.global_seed,
+               versions=dict(free_kernels=free_kernels.__version__, torch=torch.__version__,
+                             numpy=np.__version__, pillow=PIL.__version__))
+    return rec
+
+
+def record_mismatch(path: str, old: dict, new: dict):
+    """None if a resume with ``new`` may continue the folder recorded in ``old``, else the reason (one line)."""
+    if not isinstance(old, dict) or old.get("format") != RUN_FORMAT:
+        return (f"{path} was written by an older sample_ddp.py or is not a run record, so the samples' model and "
+                f"settings cannot be verified: resuming could mix two models; use another --sample-dir")
+    diff = []
+    for k in sorted(set(old) | set(new)):
+        if k in ("versions",):
+            continue
+        if old.get(k) != new.get(k):
+            a, b = old.get(k), new.get(k)
+            if isinstance(a, dict) and isinstance(b, dict):
+                sub = [f"{k}.{kk}: {a.get(kk)!r} -> {b.get(kk)!r}" for kk in sorted(set(a) | set(b))
+                       if a.get(kk) != b.get(kk) and kk != "path"]
+                diff += sub or []
+            else:
+                diff.append(f"{k}: {a!r} -> {b!r}")
+    if diff:
+        return (f"{os.path.dirname(path)} holds samples of a different run ({'; '.join(diff[:6])}"
+                f"{' ...' if len(diff) > 6 else ''}): resuming would mix them into one .npz; use another "
+                f"--sample-dir or the original arguments and files")
+    return None
+
+
+def layout_of(record: dict) -> dict:
+    """The flat summary of a run record written into ``{folder}.free_stats.json``."""
+    sm = record["sampler"]
+    return dict(world_size=record["world_size"], per_proc_batch_size=record["per_proc_batch_size"],
+                global_seed=record["global_seed"], num_sampling_steps=sm["num_sampling_steps"],
+                variance=sm["variance"], cfg_scale=sm["cfg_scale"], guidance_channels=sm["guidance_channels"],
+                clip_denoised=sm["clip_denoised"], drafter=sm["drafter"]["name"], draft_length=sm["draft_length"],
+                relax=sm["relax"])
+
+
+def stats_path(stats_dir: str, rank: int, it: int) -> str:
+    return os.path.join(stats_dir, f"rank{rank:05d}-it{it:06d}.json")
+
+
+def stats_ok(path: str, indices) -> bool:
+    try:
+        with open(path) as f:
+            st = json.load(f)
+        return isinstance(st, dict) and st.get("indices") == list(indices)
+    except (OSError, ValueError):
+        return False
+
+
+def sample_iteration(model, diffusion, vae, args, device, rank_seed: int, it: int, n: int):
+    """Rank's iteration ``it``: (uint8 NHWC images, statistics dict)."""
+    g = torch.Generator(device=device).manual_seed(iteration_seed(rank_seed, it))
+    z = torch.randn(n, model.in_channels, model.input_size, model.input_size, generator=g, device=device)
+    y = torch.randint(0, model.num_classes, (n,), generator=g, device=device)
+    t0 = time.perf_counter()
+    samples = sample_batch(model, diffusion, z, y, args.cfg_scale, guidance_channels=args.guidance_channels,
+                           clip_denoised=args.clip_denoised, generator=g)
+    seconds = time.perf_counter() - t0
+    images = to_uint8(decode(vae, samples))
+    return images, stats_dict(diffusion, n, seconds)
+
+
+def _agree(problem, rank):
+    """Broadcast rank 0's verdict; every rank exits with status 2 if there is a problem."""
+    box = [problem]
+    dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        if rank == 0:
+            print(f"error: {box[0]}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     use_cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if use_cuda else "gloo")
+    try:
+        with torch.no_grad():
+            _main(args, use_cuda)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _main(args, use_cuda):
     rank, world = dist.get_rank(), dist.get_world_size()
     if use_cuda:
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
@@ -141,47 +279,39 @@ def main(argv=None):
     print(f"Starting rank={rank}, seed={seed}, world_size={world}, device={device}.", flush=True)
 
     model, image_size, _ = load_model(args, device)
-    vae = load_vae(args, device)
-    diffusion = make_diffusion(args)
+    diffusion = make_diffusion(args, model)
 
-    # ---------------------------------------------------------------- folder and layout
-    model_string = os.path.basename(args.target).replace(".safetensors", "") if args.target else \
-        args.model.replace("/", "-")
-    ckpt_string = os.path.basename(args.ckpt).replace(".pt", "") if args.ckpt else ("target" if args.target
-                                                                                       else "pretrained")
-    folder = (f"{model_string}-{ckpt_string}-size-{image_size}-vae-{vae_name(args)}-cfg-{args.cfg_scale}-"
-              f"seed-{args.global_seed}")
-    if args.drafter is not None:
-        dname = "frozen" if args.drafter == "frozen" else os.path.basename(args.drafter).replace(".safetensors", "")
-        folder += f"-free-{dname}-L{args.draft_length}" + (f"-relax-{args.relax}" if args.relax else "")
+    # ---------------------------------------------------------------- folder, provenance, stale files
+    folder = folder_name(args, image_size)
     sample_folder = os.path.join(args.sample_dir, folder)
     stats_dir = os.path.join(sample_folder, ".free_stats")
-    layout = dict(world_size=world, per_proc_batch_size=args.per_proc_batch_size, global_seed=args.global_seed,
-                  num_sampling_steps=args.num_sampling_steps, cfg_scale=args.cfg_scale,
-                  guidance_channels=args.guidance_channels, clip_denoised=args.clip_denoised,
-                  drafter=args.drafter, draft_length=args.draft_length, relax=args.relax)
-    problem = [None]
+    problem = None
+    record = None
     if rank == 0:
-        os.makedirs(stats_dir, exist_ok=True)
-        for stale in glob.glob(os.path.join(sample_folder, ".*.tmp")) + glob.glob(os.path.join(stats_dir, ".*.tmp")):
-            os.remove(stale)  # left by an interrupted write
-        layout_path = os.path.join(sample_folder, ".free_run.json")
-        if os.path.exists(layout_path):
-            with open(layout_path) as f:
-                old = json.load(f)
-            diff = {k: (old.get(k), v) for k, v in layout.items() if old.get(k) != v}
-            if diff:
-                problem[0] = (f"{sample_folder} was written with a different layout {diff} (old, new): "
-                              f"resuming would mix different samples; use another --sample-dir")
-        else:
-            atomic_json(layout_path, layout)
+        record = run_record(args, run_identity(args, model, diffusion, image_size), world)
+        record_path = os.path.join(sample_folder, ".free_run.json")
+        try:
+            os.makedirs(stats_dir, exist_ok=True)
+            stale = (remove_stale_tmp(sample_folder) + remove_stale_tmp(stats_dir)
+                     + remove_stale_tmp(args.sample_dir, [f"{folder}.npz", f"{folder}.free_stats.json"]))
+            if stale:
+                print(f"removed {len(stale)} temporary file(s) left by an interrupted run", flush=True)
+            if os.path.exists(record_path):
+                old = read_json_file(record_path, "run record")
+                problem = record_mismatch(record_path, old, record)
+                if problem is None and old.get("versions") != record["versions"]:
+                    print(f"warning: {sample_folder} was started with {old.get('versions')}, resuming with "
+                          f"{record['versions']}: re-sampled files may differ in pixels (same distribution)",
+                          file=sys.stderr, flush=True)
+            else:
+                atomic_json(record_path, record)
+        except (FileProblem, OSError) as e:
+            problem = f"{e}; use another --sample-dir" if isinstance(e, FileProblem) else \
+                f"cannot prepare {sample_folder}: {e}"
+    _agree(problem, rank)
+    vae = load_vae(args, device)
+    if rank == 0:
         print(f"Saving .png samples at {sample_folder}", flush=True)
-    dist.broadcast_object_list(problem, src=0)
-    if problem[0]:
-        if rank == 0:
-            print(f"error: {problem[0]}", file=sys.stderr)
-        dist.destroy_process_group()
-        raise SystemExit(2)
     dist.barrier()
 
     # ---------------------------------------------------------------- sampling
@@ -189,6 +319,7 @@ def main(argv=None):
     global_batch = n * world
     total_samples = int(math.ceil(args.num_fid_samples / global_batch) * global_batch)
     iterations = total_samples // global_batch
+    channels = 1 if (vae is None and model.in_channels == 1) else 3
     if rank == 0:
         print(f"Total number of images that will be sampled: {total_samples}", flush=True)
     bar = range(iterations)
@@ -196,38 +327,31 @@ def main(argv=None):
         from tqdm.auto import tqdm
 
         bar = tqdm(bar)
-    run = dict(iterations_sampled=0, iterations_skipped=0, pngs_written=0)
+    run = dict(iterations_sampled=0, iterations_skipped=0, pngs_written=0, pngs_replaced=0)
     for it in bar:
         indices = [it * global_batch + i * world + rank for i in range(n)]
         paths = [os.path.join(sample_folder, f"{idx:06d}.png") for idx in indices]
-        missing = [i for i, path in enumerate(paths) if not os.path.exists(path)]
-        if not missing:
+        present = [os.path.exists(path) for path in paths]
+        redo = [i for i, path in enumerate(paths) if not (present[i] and png_ok(path, image_size, channels))]
+        st_path = stats_path(stats_dir, rank, it)
+        if not redo and stats_ok(st_path, indices):
             run["iterations_skipped"] += 1
             continue
-        g = torch.Generator(device=device).manual_seed(iteration_seed(seed, it))
-        z = torch.randn(n, model.in_channels, model.input_size, model.input_size, generator=g, device=device)
-        y = torch.randint(0, model.num_classes, (n,), generator=g, device=device)
-        t0 = time.perf_counter()
-        samples = sample_batch(model, diffusion, z, y, args.cfg_scale, guidance_channels=args.guidance_channels,
-                               clip_denoised=args.clip_denoised, generator=g)
-        seconds = time.perf_counter() - t0
-        images = to_uint8(decode(vae, samples))
-        for i in missing:
+        images, st = sample_iteration(model, diffusion, vae, args, device, seed, it, n)
+        for i in redo:  # damaged files are replaced, complete ones never rewritten
             atomic_png(paths[i], images[i])
-        st = stats_dict(diffusion, n, seconds)
         st.update(rank=rank, iteration=it, indices=indices)
-        atomic_json(os.path.join(stats_dir, f"rank{rank:05d}-it{it:06d}.json"), st)
+        atomic_json(st_path, st)  # last: marks the iteration complete
         run["iterations_sampled"] += 1
-        run["pngs_written"] += len(missing)
+        run["pngs_written"] += len(redo)
+        run["pngs_replaced"] += sum(present[i] for i in redo)
 
     # ---------------------------------------------------------------- stats and .npz
     dist.barrier()
     mine = []
     for it in range(iterations):
-        path = os.path.join(stats_dir, f"rank{rank:05d}-it{it:06d}.json")
-        if os.path.exists(path):  # absent only for files written by a run predating the stats
-            with open(path) as f:
-                mine.append(json.load(f))
+        with open(stats_path(stats_dir, rank, it)) as f:  # written by this loop or a complete earlier one
+            mine.append(json.load(f))
     summary = dict(rank=rank, this_run=run, **aggregate(mine))
     gathered = [None] * world if rank == 0 else None
     dist.gather_object(summary, gathered, dst=0)
@@ -236,29 +360,18 @@ def main(argv=None):
                    if not os.path.exists(os.path.join(sample_folder, f"{i:06d}.png"))]
         if missing:
             fail(f"{len(missing)} PNGs missing after sampling (e.g. {missing[:5]})")
-        from PIL import Image
-
-        arrs = []
-        for i in range(args.num_fid_samples):
-            a = np.asarray(Image.open(os.path.join(sample_folder, f"{i:06d}.png"))).astype(np.uint8)
-            arrs.append(a[..., None] if a.ndim == 2 else a)
-        arr = np.stack(arrs)
+        arr = np.stack([read_png(os.path.join(sample_folder, f"{i:06d}.png")) for i in range(args.num_fid_samples)])
         npz_path = f"{sample_folder}.npz"
-
-        def w(tmp):
-            with open(tmp, "wb") as f:
-                np.savez(f, arr_0=arr)
-
-        _atomic_write_bytes(npz_path, w)
+        atomic_write(npz_path, lambda f: np.savez(f, arr_0=arr))
         print(f"Saved .npz file to {npz_path} [shape={arr.shape}].", flush=True)
         merged = [dict(g) for g in gathered]
         total = dict(ranks=len(merged), **aggregate_ranks(merged))
         atomic_json(f"{sample_folder}.free_stats.json",
-                    dict(layout=layout, model=model_string, image_size=image_size, total=total, per_rank=merged))
+                    dict(run=record, layout=layout_of(record), model=record["target"]["name"], image_size=image_size,
+                         total=total, per_rank=merged))
         print(f"Saved FREE statistics to {sample_folder}.free_stats.json "
               f"(steps per target call {total['steps_per_target_call']}).", flush=True)
     dist.barrier()
-    dist.destroy_process_group()
 
 
 def aggregate_ranks(per_rank: list) -> dict:

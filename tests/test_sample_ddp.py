@@ -131,14 +131,14 @@ def test_ddp_resume_fills_only_missing_files(work, first_run):
     with open(folder + ".free_stats.json") as f:
         st = json.load(f)
     run = st["total"]["this_run"]
-    assert run == dict(iterations_sampled=2, iterations_skipped=2, pngs_written=3)
+    assert run == dict(iterations_sampled=2, iterations_skipped=2, pngs_written=3, pngs_replaced=0)
     assert st["total"]["samples"] == N  # totals still cover every iteration (per-iteration stats files)
 
 
 def test_ddp_refuses_a_different_layout(work, first_run):
     r = _torchrun(work, "--per-proc-batch-size", "4", check=False)
     assert r.returncode != 0
-    assert "different layout" in r.stdout + r.stderr
+    assert "holds samples of a different run (per_proc_batch_size: 2 -> 4)" in r.stdout + r.stderr
 
 
 def test_sample_py_grid_and_stats(work):
