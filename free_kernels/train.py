@@ -22,6 +22,16 @@
    command resumes after an interruption.  Final drafter: ``<out>/drafter.safetensors``
    + ``.json``, and a report with the measured steps per target call of exact
    FREE (and of the frozen drafter, the reference to beat).
+
+Resume and cache rules: ``state.pt`` and the cache record the run's identity
+(the target's content hash and every setting that changes the result:
+steps, variance, CFG, seed, trajectories, loss, depth, unroll, batch, lr, ...).
+A resume or a cache with another identity is refused with the differences
+named; only ``--train-steps`` (to extend a run), ``--save-every`` and the
+evaluation / device options may change, and each change is recorded in
+``settings_history``.  Every file is written atomically (temporary file in the
+same directory, fsync, rename) and loaded with ``torch.load(weights_only=True)``:
+a cache or run folder received from someone else cannot run code.
 """
 from __future__ import annotations
 
@@ -35,6 +45,9 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from ._checks import (
+    FileProblem, atomic_torch_save, atomic_write_json, file_sha256, remove_stale_tmp, safe_torch_load,
+)
 from .diffusion import create_diffusion
 from .diffusion.gaussian_diffusion import GaussianDiffusion
 from .models.dit import guide_output
@@ -212,23 +225,83 @@ def measure_free(target, drafter, diffusion, *, n, draft_length, cfg_scale, guid
 
 
 # ------------------------------------------------------------------ target loading
+class TrainError(SystemExit):
+    """A usage or input-file problem: one line, exit status 2 (raised before long work where possible)."""
+
+    def __init__(self, msg: str):
+        super().__init__(2)
+        self.msg = msg
+
+    def __str__(self):
+        return self.msg
+
+
 def load_target(args, device):
+    from .demo import TARGET_FILE
     from .demo import load_target as load_json_target
 
     if args.target in (None, "", "demo"):
-        return load_json_target(device=device)
-    base = args.target[: -len(".safetensors")] if args.target.endswith(".safetensors") else args.target
-    if args.target.endswith(".safetensors") and os.path.isfile(base + ".json"):
-        return load_json_target(args.target, device=device)  # our format: weights + JSON config
-    from .models.dit import DiT_models, find_model, load_state_dict_strict
+        path = TARGET_FILE
+    else:
+        path = args.target
+    if not os.path.isfile(path):
+        raise TrainError(f"--target {path!r} not found")
+    base = path[: -len(".safetensors")] if path.endswith(".safetensors") else path
+    try:
+        if path.endswith(".safetensors") and os.path.isfile(base + ".json"):
+            return load_json_target(path, device=device)  # our format: weights + JSON config
+        from .models.dit import DiT_models, find_model, load_state_dict_strict
 
-    sd = find_model(args.target)
-    if args.model not in DiT_models:
-        raise SystemExit(f"--model must be one of {sorted(DiT_models)} for --target {args.target!r}")
-    model = DiT_models[args.model](input_size=args.image_size // 8 if args.image_size else 32,
-                                   num_classes=args.num_classes, in_channels=args.in_channels)
-    load_state_dict_strict(model, sd)
+        if args.model not in DiT_models:
+            raise TrainError(f"--model must be one of {sorted(DiT_models)} for --target {path!r}")
+        sd = find_model(path)
+        model = DiT_models[args.model](input_size=args.image_size // 8 if args.image_size else 32,
+                                       num_classes=args.num_classes, in_channels=args.in_channels)
+        load_state_dict_strict(model, sd)
+    except TrainError:
+        raise
+    except Exception as e:  # damaged / foreign files: one line naming the file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainError(f"cannot load --target {path!r}: {first}") from None
     return model.to(device).eval()
+
+
+def target_identity(args) -> dict:
+    """Content identity of the target (hashes, not file names)."""
+    from .demo import TARGET_FILE
+
+    path = TARGET_FILE if args.target in (None, "", "demo") else args.target
+    base = path[: -len(".safetensors")] if path.endswith(".safetensors") else path
+    ident = dict(sha256=file_sha256(path))
+    if path.endswith(".safetensors") and os.path.isfile(base + ".json"):
+        ident["config_sha256"] = file_sha256(base + ".json")
+    else:
+        ident.update(model=args.model, image_size=args.image_size, num_classes=args.num_classes,
+                     in_channels=args.in_channels)
+    return ident
+
+
+# settings that change what is trained on or how: a resume / cache must match them
+RUN_KEYS = ("steps", "variance", "cfg_scale", "guidance_channels", "num_trajectories", "eval_trajectories", "seed",
+            "depth", "loss", "feature_weight", "unroll", "batch_size", "lr")
+CACHE_KEYS = ("steps", "variance", "cfg_scale", "guidance_channels", "num_trajectories", "eval_trajectories", "seed")
+# settings that may change on resume (recorded in settings_history)
+FREE_KEYS = ("train_steps", "save_every", "draft_length", "eval_samples", "device", "threads", "no_progress",
+             "cache", "out")
+CACHE_FORMAT = "free_kernels.trajectories/2"
+STATE_FORMAT = "free_kernels.train_state/2"
+
+
+def run_identity(args, target_id: dict, keys) -> dict:
+    return dict(target=target_id, **{k: getattr(args, k) for k in keys})
+
+
+def _differences(old: dict, new: dict) -> list:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        if old.get(k) != new.get(k):
+            out.append(f"{k} {old.get(k)!r} -> {new.get(k)!r}")
+    return out
 
 
 def parse_args(argv=None):
@@ -264,64 +337,161 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _atomic_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def validate_args(args) -> None:
+    """Every option checked before anything is loaded (one line naming the option)."""
+    def need(cond, msg):
+        if not cond:
+            raise TrainError(msg)
+
+    for name in ("train_steps", "batch_size", "save_every", "num_trajectories", "eval_trajectories", "eval_samples",
+                 "draft_length", "depth", "unroll"):
+        v = getattr(args, name)
+        need(v >= 1, f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    need(args.threads >= 0, f"--threads must be >= 0, got {args.threads}")
+    need(math.isfinite(args.lr) and args.lr > 0, f"--lr must be a finite number > 0, got {args.lr}")
+    need(math.isfinite(args.feature_weight) and args.feature_weight >= 0,
+         f"--feature-weight must be a finite number >= 0, got {args.feature_weight}")
+    need(math.isfinite(args.cfg_scale) and args.cfg_scale >= 1.0,
+         f"--cfg-scale must be a finite number >= 1, got {args.cfg_scale}")
+    need(args.image_size >= 8 and args.image_size % 8 == 0,
+         f"--image-size must be a positive multiple of 8, got {args.image_size}")
+    need(args.num_classes >= 1 and args.in_channels >= 1, "--num-classes and --in-channels must be >= 1")
+    try:
+        dev = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise TrainError(f"--device {args.device!r} is not a device (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        need(torch.cuda.is_available(), f"--device {args.device}: CUDA is not available to this torch "
+                                        f"({torch.__version__}); use --device cpu")
+        need(dev.index is None or dev.index < torch.cuda.device_count(),
+             f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise TrainError(f"--device {args.device!r}: only cpu and cuda are supported")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise TrainError(f"--out {args.out!r} exists and is not a directory")
+    if args.cache and os.path.isdir(args.cache):
+        raise TrainError(f"--cache {args.cache!r} is a directory, expected a file path")
 
 
-def main(argv=None):
+def load_cache(path: str, expect: dict, target, N: int) -> dict:
+    """A trajectory cache made for exactly this run (``expect``), checked against the target's shapes."""
+    try:
+        traj = safe_torch_load(path, "--cache")
+    except FileProblem as e:
+        raise TrainError(f"{e}: delete it to regenerate, or pass another --cache") from None
+    if not isinstance(traj, dict) or traj.get("format") != CACHE_FORMAT:
+        raise TrainError(f"--cache {path!r} is not a trajectory cache of this version (made by an older version "
+                         f"or another tool): delete it to regenerate, or pass another --cache")
+    diff = _differences(traj.get("identity", {}), expect)
+    if diff:
+        raise TrainError(f"--cache {path!r} was made for other settings ({'; '.join(diff)}): use another --cache "
+                         f"or the settings it was made with")
+    C, S, H = int(target.in_channels), int(target.input_size), int(target.hidden_size)
+    T = (S // int(target.patch_size)) ** 2
+    n = expect["num_trajectories"] + expect["eval_trajectories"]
+    G = 2 if expect["cfg_scale"] != 1.0 else 1
+    want = dict(x=(n, N, C, S, S), h=(n, N, G, T, H), mean=(n, N, C * S * S), logvar=(n, N, C * S * S), y=(n,))
+    for k, shape in want.items():
+        v = traj.get(k)
+        if not torch.is_tensor(v) or tuple(v.shape) != shape:
+            got = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
+            raise TrainError(f"--cache {path!r}: {k!r} is {got}, expected {shape} for this target (damaged?)")
+    return traj
+
+
+def load_state(path: str, expect: dict, device) -> dict:
+    try:
+        st = safe_torch_load(path, "checkpoint", map_location=device)
+    except FileProblem as e:
+        raise TrainError(f"{e}: use another --out, or delete it to start again") from None
+    if not isinstance(st, dict) or st.get("format") != STATE_FORMAT or not all(
+            k in st for k in ("drafter", "opt", "step", "history", "time", "gen", "identity", "args")):
+        raise TrainError(f"{path} is not a checkpoint of this trainer version (or is damaged): use another --out")
+    diff = _differences(st["identity"], expect)
+    if diff:
+        raise TrainError(f"{path} belongs to a run with other settings ({'; '.join(diff)}): use another --out, or "
+                         f"the original settings to resume")
+    return st
+
+
+def run(argv=None) -> dict:
+    """Train, write the drafter and report; returns the report.  Problems raise :class:`TrainError`."""
     args = parse_args(argv)
+    validate_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.unroll < 1:
-        raise SystemExit("--unroll must be >= 1")
     device = args.device
-    os.makedirs(args.out, exist_ok=True)
     progress = not args.no_progress
-    target = load_target(args, device)
-    target.requires_grad_(False)
-    diffusion = create_diffusion(args.steps, learn_sigma=args.variance == "learned")
+    try:
+        diffusion = create_diffusion(args.steps, learn_sigma=args.variance == "learned")
+    except (ValueError, TypeError) as e:
+        raise TrainError(f"--steps {args.steps!r} is not a valid respacing: {e}") from None
     N = diffusion.num_timesteps
     if N < args.unroll + 2:
-        raise SystemExit(f"--steps {args.steps} gives {N} steps: too few for --unroll {args.unroll}")
+        raise TrainError(f"--steps {args.steps} gives {N} steps: too few for --unroll {args.unroll}")
+    if args.draft_length > N:
+        print(f"note: --draft-length {args.draft_length} capped at the {N} sampling steps")
+        args.draft_length = N
+    os.makedirs(args.out, exist_ok=True)
+    remove_stale_tmp(args.out)
+    if args.cache:
+        remove_stale_tmp(os.path.dirname(os.path.abspath(args.cache)), [os.path.basename(args.cache)])
+    target = load_target(args, device)
+    if args.variance == "learned" and not getattr(target, "learn_sigma", True):
+        raise TrainError("--variance learned needs a target that predicts its variance; use --variance fixed")
+    target.requires_grad_(False)
+    target_id = target_identity(args)
+    identity = run_identity(args, target_id, RUN_KEYS)
+    cache_identity = run_identity(args, target_id, CACHE_KEYS)
+    state_path = os.path.join(args.out, "state.pt")
+    st = load_state(state_path, identity, device) if os.path.isfile(state_path) else None
     torch.manual_seed(args.seed)
 
     # ---------------------------------------------------------------- trajectories
     t0 = time.perf_counter()
     kw = dict(cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels, device=device, progress=progress)
     if args.cache and os.path.isfile(args.cache):
-        traj = torch.load(args.cache, weights_only=False)
-        if traj.get("num_steps") != N or traj.get("cfg_scale") != args.cfg_scale:
-            raise SystemExit(f"--cache {args.cache!r} was made for other settings "
-                             f"(steps {traj.get('num_steps')}, cfg {traj.get('cfg_scale')})")
+        traj = load_cache(args.cache, cache_identity, target, N)
         print(f"loaded {traj['x'].shape[0]} trajectories from {args.cache}")
     else:
         traj = generate_trajectories(target, diffusion, args.num_trajectories + args.eval_trajectories,
                                      seed=args.seed, **kw)
         if args.cache:
-            _atomic_save(traj, args.cache)
+            atomic_torch_save(dict(traj, format=CACHE_FORMAT, identity=cache_identity), args.cache)
     t_traj = time.perf_counter() - t0
-    n_train = traj["x"].shape[0] - args.eval_trajectories
-    if n_train < 1:
-        raise SystemExit("not enough trajectories for training after holding out --eval-trajectories")
+    n_train = args.num_trajectories
     held = {k: (v[n_train:] if torch.is_tensor(v) else v) for k, v in traj.items()}
 
     # ---------------------------------------------------------------- drafter + resume
     drafter = FeatureDrafter.for_target(target, depth=args.depth, init="identity")
     opt = torch.optim.AdamW(drafter.parameters(), lr=args.lr, weight_decay=0.0)
-    state_path = os.path.join(args.out, "state.pt")
     step, history, t_train = 0, [], 0.0
+    settings = {k: getattr(args, k) for k in FREE_KEYS}
+    settings_history = [dict(step=0, **settings)]
     gen = torch.Generator().manual_seed(args.seed + 17)
-    if os.path.isfile(state_path):
-        st = torch.load(state_path, map_location=device, weights_only=False)
-        if st["args"]["loss"] != args.loss or st["args"]["depth"] != args.depth:
-            raise SystemExit(f"{state_path} belongs to a run with other settings; use another --out")
-        drafter.load_state_dict(st["drafter"])
-        opt.load_state_dict(st["opt"])
-        step, history, t_train = st["step"], st["history"], st["time"]
-        gen.set_state(st["gen"])
+    if st is not None:
+        try:
+            drafter.load_state_dict(st["drafter"])
+            opt.load_state_dict(st["opt"])
+            gen.set_state(st["gen"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise TrainError(f"{state_path} does not fit this drafter (damaged?): "
+                             f"{str(e).strip().splitlines()[0]}") from None
+        step, history, t_train = int(st["step"]), list(st["history"]), float(st["time"])
+        settings_history = list(st.get("settings_history") or [])
+        last = {k: v for k, v in (settings_history[-1] if settings_history else {}).items() if k != "step"}
+        if last != settings:
+            changes = _differences(last, settings)
+            print(f"resuming with changed options: {'; '.join(changes)}")
+            settings_history.append(dict(step=step, **settings))
         print(f"resumed from {state_path} at step {step}")
+    if step > args.train_steps:
+        raise TrainError(f"{state_path} is at step {step}, beyond --train-steps {args.train_steps}")
+
+    def save_state():
+        atomic_torch_save(dict(format=STATE_FORMAT, identity=identity, drafter=drafter.state_dict(),
+                               opt=opt.state_dict(), step=step, history=history, time=t_train, gen=gen.get_state(),
+                               settings_history=settings_history, args=vars(args)), state_path)
 
     bar = None
     if progress:
@@ -353,8 +523,7 @@ def main(argv=None):
                 h = np.asarray(history[-50:])
                 bar.set_postfix(loss=f"{h[:, 0].mean():.3g}", kl=f"{h[:, 1].mean():.3g}")
         if step % args.save_every == 0 or step == args.train_steps:
-            _atomic_save(dict(drafter=drafter.state_dict(), opt=opt.state_dict(), step=step, history=history,
-                              time=t_train, gen=gen.get_state(), args=vars(args)), state_path)
+            save_state()
     if bar is not None:
         bar.close()
 
@@ -370,11 +539,13 @@ def main(argv=None):
     st_l = measure_free(target, drafter, diffusion, **mcfg)
     st_f = measure_free(target, frozen, diffusion, **mcfg)
     report = dict(
-        target=args.target, steps=args.steps, num_steps=N, variance=args.variance, cfg_scale=args.cfg_scale,
+        target=args.target, target_sha256=target_id["sha256"], steps=args.steps, num_steps=N,
+        variance=args.variance, cfg_scale=args.cfg_scale,
         guidance_channels=args.guidance_channels, depth=args.depth, loss=args.loss,
         feature_weight=args.feature_weight, unroll=args.unroll, train_steps=step, batch_size=args.batch_size,
         lr=args.lr, num_trajectories=n_train, eval_trajectories=args.eval_trajectories, seed=args.seed,
         trajectory_time_s=round(t_traj, 1), train_time_s=round(t_train, 1), device=str(device),
+        settings_history=settings_history,
         heldout_mean_kl=float(kl_learned[1:N - 1].mean()), heldout_mean_kl_frozen=float(kl_frozen[1:N - 1].mean()),
         heldout_mean_d2=float(d2_learned[1:N - 1].mean()), heldout_mean_d2_frozen=float(d2_frozen[1:N - 1].mean()),
         draft_length=args.draft_length, eval_samples=args.eval_samples,
@@ -384,8 +555,7 @@ def main(argv=None):
         loss_curve=[round(float(np.mean([h[0] for h in history[i:i + 100]])), 5) for i in range(0, len(history), 100)],
     )
     drafter.save(os.path.join(args.out, "drafter"), extra=report)
-    with open(os.path.join(args.out, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    atomic_write_json(os.path.join(args.out, "report.json"), report)
     print(f"drafter written to {os.path.join(args.out, 'drafter.safetensors')}")
     print(f"exact FREE, L={args.draft_length}, {args.eval_samples} samples: steps per target call "
           f"{st_l.steps_per_target_call:.2f} (acceptance {st_l.acceptance_rate:.3f}); frozen drafter "
@@ -395,5 +565,17 @@ def main(argv=None):
     return report
 
 
+def main(argv=None) -> int:
+    """Console entry point (``free-train-drafter``): 0 on success, 2 with one line on stderr for a problem."""
+    import sys
+
+    try:
+        run(argv)
+    except (TrainError, FileProblem) as e:
+        print(f"free-train-drafter: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -40,15 +40,15 @@ def test_train_drafter_end_to_end_and_resume(tmp_path):
     target = str(tmp_path / "dit")
     _tiny_target(target)
     cache = str(tmp_path / "traj.pt")
-    rep1 = train.main(_args(tmp_path, target, ["--train-steps", "4", "--save-every", "2", "--cache", cache]))
+    rep1 = train.run(_args(tmp_path, target, ["--train-steps", "4", "--save-every", "2", "--cache", cache]))
     assert os.path.isfile(cache)
     assert rep1["train_steps"] == 4
-    state = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
     assert state["step"] == 4
     # "interrupted" run continues from its checkpoint, reusing the trajectory cache
-    rep2 = train.main(_args(tmp_path, target, ["--train-steps", "40", "--save-every", "20", "--cache", cache]))
+    rep2 = train.run(_args(tmp_path, target, ["--train-steps", "40", "--save-every", "20", "--cache", cache]))
     assert rep2["train_steps"] == 40
-    assert len(torch.load(tmp_path / "run" / "state.pt", weights_only=False)["history"]) == 40
+    assert len(torch.load(tmp_path / "run" / "state.pt", weights_only=True)["history"]) == 40
     for k in ("steps_per_target_call", "steps_per_target_call_frozen", "heldout_mean_kl", "heldout_mean_kl_frozen",
               "acceptance_early_middle_late", "loss", "unroll"):
         assert k in rep2
@@ -62,11 +62,11 @@ def test_train_drafter_end_to_end_and_resume(tmp_path):
 def test_train_rejects_mismatched_resume_and_bad_options(tmp_path):
     target = str(tmp_path / "dit")
     _tiny_target(target)
-    train.main(_args(tmp_path, target, ["--train-steps", "2", "--save-every", "1"]))
+    train.run(_args(tmp_path, target, ["--train-steps", "2", "--save-every", "1"]))
     with pytest.raises(SystemExit, match="other settings"):
-        train.main(_args(tmp_path, target, ["--train-steps", "3", "--loss", "feature"]))
+        train.run(_args(tmp_path, target, ["--train-steps", "3", "--loss", "feature"]))
     with pytest.raises(SystemExit):
-        train.main(_args(tmp_path, target, ["--unroll", "0"]))
+        train.run(_args(tmp_path, target, ["--unroll", "0"]))
 
 
 def test_losses_are_zero_at_equality_and_positive_otherwise():
