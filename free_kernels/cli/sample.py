@@ -183,20 +183,47 @@ def _json_beside(path: str) -> str:
     return path[: -len(".safetensors")] + ".json" if path.endswith(".safetensors") else path + ".json"
 
 
-def load_target(args, device):
+def _problem(e: BaseException) -> str:
+    s = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return s
+
+
+def target_path(args) -> str:
     from ..demo import TARGET_FILE
+
+    return args.target or TARGET_FILE
+
+
+def drafter_path(args):
+    """The drafter's .safetensors path, or None for the frozen drafter."""
+    from ..demo import DRAFTER_FILE
+
+    spec = args.drafter if args.drafter is not None else (DRAFTER_FILE if args.target is None else "frozen")
+    if spec == "frozen":
+        return None
+    return spec if spec.endswith(".safetensors") else spec + ".safetensors"
+
+
+def load_target(args, device):
     from ..demo import load_target as load_json_target
 
-    path = args.target or TARGET_FILE
+    path = target_path(args)
     if not os.path.isfile(path):
         hint = (" (the embedded demo assets are missing: train them or pass --target/--drafter)"
                 if args.target is None else "")
         raise _UsageError(f"target checkpoint {path!r} not found{hint}")
     if path.endswith(".safetensors") and (os.path.isfile(_json_beside(path)) or args.model is None):
+        from .._checks import FileProblem, read_json_file, safe_load_safetensors
+
         try:
+            safe_load_safetensors(path, "target")  # a damaged file is named before the model is built
+            if os.path.isfile(_json_beside(path)):
+                read_json_file(_json_beside(path), "target config")
             return load_json_target(path, device=device), path
-        except (ValueError, RuntimeError, KeyError, TypeError) as e:
-            raise _UsageError(f"cannot load target {path!r}: {e}") from None
+        except FileProblem as e:
+            raise _UsageError(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - any failure: one line naming the file
+            raise _UsageError(f"cannot load target {path!r}: {_problem(e)}") from None
     from ..models.dit import DiT_models, find_model, load_state_dict_strict
 
     if args.model is None:
@@ -209,34 +236,29 @@ def load_target(args, device):
     try:
         model = DiT_models[args.model](input_size=args.image_size // 8, num_classes=args.num_classes, in_channels=4)
         load_state_dict_strict(model, find_model(path))
-    except (ValueError, RuntimeError, KeyError) as e:
-        raise _UsageError(f"cannot load target {path!r} as {args.model}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any failure: one line naming the file
+        raise _UsageError(f"cannot load target {path!r} as {args.model}: {_problem(e)}") from None
     return model.to(device).eval(), path
 
 
 def load_drafter(args, target, device, default_demo: bool):
-    """(drafter, its path or 'frozen', the 'extra' training record from its JSON or {})."""
-    from ..demo import DRAFTER_FILE
+    """(drafter, its path or 'frozen', the 'extra' training record saved with it or {})."""
     from ..models.drafter import FeatureDrafter, FrozenFeatureDrafter
 
-    spec = args.drafter
-    if spec is None:
-        spec = DRAFTER_FILE if default_demo else "frozen"
-    if spec == "frozen":
+    path = drafter_path(args)
+    if path is None:
         return FrozenFeatureDrafter(target), "frozen", {}
-    base = spec[: -len(".safetensors")] if spec.endswith(".safetensors") else spec
-    for ext in (".safetensors", ".json"):
-        if not os.path.isfile(base + ext):
-            hint = (" (the embedded demo drafter is missing: train it or pass --drafter PATH / frozen)"
-                    if args.drafter is None else "")
-            raise _UsageError(f"drafter file {base + ext!r} not found{hint}")
+    if not os.path.isfile(path):
+        hint = (" (the embedded demo drafter is missing: train it or pass --drafter PATH / frozen)"
+                if args.drafter is None else "")
+        raise _UsageError(f"drafter file {path!r} not found{hint}")
     try:
-        drafter = FeatureDrafter.load(base, target=target, map_location=device)
-        with open(base + ".json") as f:
-            extra = json.load(f).get("extra") or {}
-    except (ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise _UsageError(f"cannot use drafter {base + '.safetensors'!r}: {e}") from None
-    return drafter.eval(), base + ".safetensors", extra
+        drafter = FeatureDrafter.load(path, target=target, map_location=device)
+    except Exception as e:  # noqa: BLE001 - any failure: one line naming the file
+        msg = _problem(e)
+        raise _UsageError(msg if path in msg or path[: -len(".safetensors")] in msg
+                          else f"cannot use drafter {path!r}: {msg}") from None
+    return drafter.eval(), path, dict(drafter.extra)
 
 
 # ------------------------------------------------------------------ seeding
@@ -399,8 +421,13 @@ def _for_display(x: torch.Tensor) -> torch.Tensor:
 
 
 def write_grid(blocks: Dict[str, torch.Tensor], path: str, columns: int) -> Dict[str, List[int]]:
-    """One block of rows per method (padded with white tiles); returns {method: grid rows}."""
-    from ..demo.data import save_grid
+    """One block of rows per method (padded with white tiles), written atomically; returns {method: grid rows}."""
+    import io
+
+    from PIL import Image
+
+    from .._checks import atomic_write
+    from ..demo.data import to_uint8
 
     tiles, rows, r = [], {}, 0
     for name, x in blocks.items():
@@ -413,7 +440,19 @@ def write_grid(blocks: Dict[str, torch.Tensor], path: str, columns: int) -> Dict
         tiles.append(x)
         rows[name] = list(range(r, r + nr))
         r += nr
-    save_grid(torch.cat(tiles), path, nrow=columns)
+    # the layout of free_kernels.demo.data.save_grid (2 px white padding), encoded in memory
+    x = to_uint8(torch.cat(tiles))
+    n, c, h, w = x.shape
+    ncol, nr, gap = min(columns, n), (n + min(columns, n) - 1) // min(columns, n), 2
+    grid = torch.full((c, nr * (h + gap) + gap, ncol * (w + gap) + gap), 255, dtype=torch.uint8)
+    for i in range(n):
+        rr, k = divmod(i, ncol)
+        grid[:, gap + rr * (h + gap): gap + rr * (h + gap) + h, gap + k * (w + gap): gap + k * (w + gap) + w] = x[i]
+    arr = grid.permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr[:, :, 0] if c == 1 else arr, mode="L" if c == 1 else "RGB").save(buf, format="PNG")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: f.write(buf.getvalue()))
     return rows
 
 
@@ -457,17 +496,29 @@ def _resolve(args):
         raise _UsageError(f"--threads must be >= 0, got {args.threads}")
     if args.cfg_scale is not None and not np.isfinite(args.cfg_scale):
         raise _UsageError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
-    for opt, path in (("--out", args.out), ("--json", args.json if args.json != "-" else None)):
-        if path is None:
-            continue
-        if os.path.isdir(path):
-            raise _UsageError(f"{opt} {path!r} is a directory, expected a file path")
-        parent = os.path.dirname(os.path.abspath(path))
-        while not os.path.exists(parent):
-            parent = os.path.dirname(parent)
-        if not os.path.isdir(parent):
-            raise _UsageError(f"{opt} {path!r}: {parent!r} is not a directory")
+    check_outputs(args)
     return labels
+
+
+def check_outputs(args) -> None:
+    """Output paths checked before anything is loaded: extension, not a model file, writable directory."""
+    from .._checks import FileProblem, check_output_path, remove_stale_tmp
+
+    inputs = [target_path(args), _json_beside(target_path(args))]
+    dp = drafter_path(args)
+    if dp:
+        inputs += [dp, _json_beside(dp)]
+    outs = [("--out", args.out, (".png",))]
+    if args.json not in (None, "-"):
+        outs.append(("--json", args.json, (".json",)))
+    try:
+        for opt, path, suffixes in outs:
+            check_output_path(opt, path, suffixes=suffixes, protected=inputs)
+            remove_stale_tmp(os.path.dirname(os.path.abspath(path)), [os.path.basename(path)])
+    except FileProblem as e:
+        raise _UsageError(str(e)) from None
+    if len(outs) == 2 and os.path.abspath(args.out) == os.path.abspath(args.json):
+        raise _UsageError("--out and --json name the same file")
 
 
 def run(argv: Optional[Sequence[str]] = None) -> dict:
@@ -536,6 +587,9 @@ def _run(args, argv) -> dict:
     except (ValueError, TypeError, AssertionError) as e:
         raise _UsageError(f"--steps {args.steps!r} is not a valid respacing: {e}") from None
     N = diffusion.num_timesteps
+    if args.draft_length > N:  # a round never drafts past the last step: longer drafts only cost time and memory
+        print(f"free-sample: --draft-length {args.draft_length} capped at the {N} sampling steps", file=info)
+        args.draft_length = N
     if extra.get("num_steps") is not None and int(extra["num_steps"]) != N:
         warn(f"the drafter was trained for {extra['num_steps']} sampling steps, sampling with {N}: "
              f"FREE stays exact but accepts fewer drafts")
@@ -605,7 +659,10 @@ def _run(args, argv) -> dict:
                 break
 
     columns = min(n, 10)
-    grid_rows = write_grid(samples, args.out, columns)
+    try:
+        grid_rows = write_grid(samples, args.out, columns)
+    except OSError as e:
+        raise _UsageError(f"cannot write --out {args.out!r}: {e.strerror or e}") from None
     if C not in (1, 3):
         warn(f"the PNG shows the first {min(C, 3)} latent channel(s), min-max scaled (no VAE decoding)")
 
@@ -631,10 +688,13 @@ def _run(args, argv) -> dict:
     if args.json == "-":
         print(text)
     elif args.json is not None:
-        jdir = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(jdir, exist_ok=True)
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+        from .._checks import atomic_write_text
+
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        try:
+            atomic_write_text(args.json, text + "\n")
+        except OSError as e:
+            raise _UsageError(f"cannot write --json {args.json!r}: {e.strerror or e}") from None
         print(f"wrote {args.json}", file=info)
     return record
 
