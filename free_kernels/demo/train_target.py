@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from .._checks import FileProblem, atomic_torch_save, atomic_write_json, remove_stale_tmp, safe_torch_load
 from ..diffusion import create_diffusion
 from ..models.dit import DiT
 from . import DEMO_CONFIG
@@ -41,9 +42,23 @@ def parse_args(argv=None):
 
 
 def _save_state(path, **state):
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: an interruption never leaves a broken checkpoint
+    # atomic (temp file in the same directory, fsync, rename): an interruption never leaves a broken checkpoint
+    atomic_torch_save(dict(state, format=STATE_FORMAT), path)
+
+
+STATE_FORMAT = "free_kernels.demo.train_target/2"
+
+
+def _load_state(path, dev):
+    """state.pt, loaded safely (weights_only: a run folder from someone else cannot run code)."""
+    try:
+        st = safe_torch_load(path, "checkpoint", map_location=dev)
+    except FileProblem as e:
+        raise SystemExit(f"error: {e}; use another --out") from None
+    need = ("model", "ema", "opt", "step", "losses", "time", "gen", "torch_rng")
+    if not isinstance(st, dict) or not all(k in st for k in need):
+        raise SystemExit(f"error: {path} is not a checkpoint of this script; use another --out")
+    return st
 
 
 def main(argv=None):
@@ -51,6 +66,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
+    remove_stale_tmp(args.out)
     cfg = dict(DEMO_CONFIG)
     if args.config:
         cfg.update(json.loads(args.config))
@@ -68,7 +84,7 @@ def main(argv=None):
     state_path = os.path.join(args.out, "state.pt")
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     if os.path.isfile(state_path):
-        st = torch.load(state_path, map_location=dev, weights_only=False)
+        st = _load_state(state_path, dev)
         model.load_state_dict(st["model"])
         ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])
@@ -114,10 +130,10 @@ def main(argv=None):
                         torch_rng=torch.get_rng_state())
     bar.close()
 
-    from safetensors.torch import save_file
+    from .._checks import atomic_save_safetensors
 
     final = os.path.join(args.out, "demo_dit.safetensors")
-    save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, final)
+    atomic_save_safetensors({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, final)
     record = dict(
         config=cfg, steps=step, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, ema=args.ema,
         seed=args.seed, train_time_s=round(t_train, 1), device=str(dev), torch=torch.__version__,
@@ -128,8 +144,7 @@ def main(argv=None):
               f"{'2x2-averaged to 14x14, ' if cfg['input_size'] < 28 else ''}padded to "
               f"{cfg['input_size']}x{cfg['input_size']}, scaled to [-1, 1]"),
     )
-    with open(final[: -len(".safetensors")] + ".json", "w") as f:
-        json.dump(record, f, indent=2)
+    atomic_write_json(final[: -len(".safetensors")] + ".json", record)
     print(f"wrote {final} ({step} steps, {t_train / 60:.1f} min, final loss {record['loss_last_500']:.4f})")
 
 
