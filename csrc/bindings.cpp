@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "free_kernels/common.h"
+#include "free_kernels/dtype.h"
 #include "free_kernels/entry_points.h"
 
 // Compile definitions set by CMakeLists.txt (defaults keep a bare compile working).
@@ -126,6 +127,16 @@ PYBIND11_MODULE(_C, m) {
         "SM versions compiled in, e.g. [80, 90]; [] for a host-only build.");
   m.def("version", []() { return std::string(FK_VERSION); }, "Package version the extension was built from.");
   m.def(
+      "dtype_codes",
+      []() {
+        py::dict d;
+        d["float32"] = static_cast<int64_t>(fk::DType::kFloat32);
+        d["float16"] = static_cast<int64_t>(fk::DType::kFloat16);
+        d["bfloat16"] = static_cast<int64_t>(fk::DType::kBFloat16);
+        return d;
+      },
+      "The element-type codes every entry point's dtype_code takes (fk::DType in dtype.h).");
+  m.def(
       "build_info",
       []() {
         py::dict d;
@@ -193,7 +204,7 @@ PYBIND11_MODULE(_C, m) {
   FK_DEF_CUDA(m, "verify_attention", &fk::verify_attention,
               "verify_attention(qkv_ptr, out_ptr, B, N, heads, head_dim, s_qb, s_qn, s_qc, s_ob, s_on, s_oc, "
               "dtype_code, stream): attention over the packed qkv (B, N, 3*heads*head_dim) written into out "
-              "(B, N, heads*head_dim); strides in elements, dtype_code 0 = float16, 1 = bfloat16.",
+              "(B, N, heads*head_dim); strides in elements, dtype_code 1 = float16, 2 = bfloat16 (dtype_codes()).",
               py::arg("qkv_ptr"), py::arg("out_ptr"), py::arg("B"), py::arg("N"), py::arg("heads"),
               py::arg("head_dim"), py::arg("s_qb"), py::arg("s_qn"), py::arg("s_qc"), py::arg("s_ob"),
               py::arg("s_on"), py::arg("s_oc"), py::arg("dtype_code"), py::arg("stream") = 0,

@@ -24,7 +24,9 @@ from typing import Any, Dict, List, Optional
 
 # Shape keys that op probes look at, for a DiT-XL/2 at 256x256 (latent 32x32,
 # patch 2 -> N = 256 tokens, hidden 1152, 16 heads of 72).
-DEFAULT_SHAPES: Dict[str, Any] = dict(B=2, N=256, H=1152, heads=16, head_dim=72, C=4, latent=32)
+# M = B * N token rows (the fused ops' shape class); L, D: a round of 6 drafts of a 4x32x32 latent.
+DEFAULT_SHAPES: Dict[str, Any] = dict(B=2, N=256, M=512, H=1152, heads=16, head_dim=72, C=4, latent=32, L=6,
+                                      D=4096)
 
 
 def _contexts() -> List[dict]:
@@ -119,9 +121,18 @@ def _ops_info() -> Dict[str, List[dict]]:
             except Exception as e:
                 row["backend"], row["error"] = None, f"{type(e).__name__}: {e}"
             row["reasons"] = op.reasons(ctx)
+            row["shape_class"] = op.classify(ctx)
+            row["order"], row["order_source"] = op.order_for(ctx)
             rows.append(row)
         out[name] = rows
     return out
+
+
+def _priority_info() -> dict:
+    from .ops._dispatch import priority_file, priority_table
+
+    path = priority_file()
+    return dict(path=path, exists=os.path.exists(path), entries=len(priority_table(path)))
 
 
 def collect() -> dict:
@@ -135,6 +146,7 @@ def collect() -> dict:
         triton=_triton_info(),
         extension=_extension_info(),
         backend_env={k: v for k, v in sorted(os.environ.items()) if k.startswith("FREE_KERNELS_BACKEND")},
+        priority_table=_priority_info(),
         ops=_ops_info(),
     )
 
@@ -178,12 +190,16 @@ def format_text(info: dict) -> str:
             lines.append(f"             built with CUDA: no ({why})")
     else:
         lines.append(f"extension    not importable: {ext['reason']}")
+    pt = info.get("priority_table") or {}
+    lines.append(f"priority     {pt.get('path')} ({pt.get('entries', 0)} measured entries"
+                 f"{'' if pt.get('exists') else '; file absent'}; set FREE_KERNELS_PRIORITY_FILE to use another)")
     if info["backend_env"]:
         lines.append("backend env  " + ", ".join(f"{k}={v}" for k, v in info["backend_env"].items()))
 
     lines.append("")
-    lines.append("ops: backend chosen per context (order cuda -> triton -> torch; CPU tensors take torch "
-                 "unless a backend is requested)")
+    lines.append("ops: backend chosen per context (CUDA tensors: the measured order of the priority table for "
+                 "(op, device, dtype, shape class), else cuda -> triton -> torch; CPU tensors take torch unless a "
+                 "backend is requested); [order: ...] says which")
     ops_ctx = {name: _op_contexts(name) for name in info["ops"]}
     lines.extend(describe(ops_ctx))
     return "\n".join(lines)

@@ -32,6 +32,7 @@
 #include "free_kernels/adaln_math.h"
 #include "free_kernels/common.h"
 #include "free_kernels/cuda_check.h"
+#include "free_kernels/dtype.h"
 #include "free_kernels/entry_points.h"
 
 namespace fk {
@@ -299,11 +300,11 @@ void check_common(const char* fn, int64_t B, int64_t N, int64_t K, const std::ve
   if (strides.size() != n_strides) bad(fn, "expected " + std::to_string(n_strides) + " strides");
   for (int64_t s : strides)
     if (s < 0) bad(fn, "strides must be >= 0");
-  if (dtype_code < 0 || dtype_code > 2) bad(fn, "dtype_code must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+  if (!valid_dtype_code(dtype_code)) bad(fn, "dtype_code must be 0 (float32), 1 (float16) or 2 (bfloat16) (fk::DType)");
 }
 
 void check_ptrs(const char* fn, std::initializer_list<uintptr_t> ptrs, int64_t dtype_code) {
-  const uintptr_t align = dtype_code == 0 ? 4 : 2;
+  const uintptr_t align = static_cast<uintptr_t>(dtype_size(static_cast<DType>(dtype_code)));
   for (uintptr_t p : ptrs) {
     if (p == 0) bad(fn, "null pointer");
     if (p % align) bad(fn, "pointer not aligned to its element size");
@@ -329,9 +330,9 @@ void modulated_layernorm(uintptr_t x, uintptr_t shift, uintptr_t scale, uintptr_
   const void* cp = reinterpret_cast<const void*>(scale);
   void* op = reinterpret_cast<void*>(out);
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype_code) {
-    case 0: FK_CUDA_CHECK((launch_ln<float>(xp, sp, cp, op, a, st))); break;
-    case 1: FK_CUDA_CHECK((launch_ln<__half>(xp, sp, cp, op, a, st))); break;
+  switch (static_cast<DType>(dtype_code)) {
+    case DType::kFloat32: FK_CUDA_CHECK((launch_ln<float>(xp, sp, cp, op, a, st))); break;
+    case DType::kFloat16: FK_CUDA_CHECK((launch_ln<__half>(xp, sp, cp, op, a, st))); break;
     default: FK_CUDA_CHECK((launch_ln<__nv_bfloat16>(xp, sp, cp, op, a, st))); break;
   }
 }
@@ -339,9 +340,9 @@ void modulated_layernorm(uintptr_t x, uintptr_t shift, uintptr_t scale, uintptr_
 template <bool kGelu>
 static void run_elementwise(const void* x, const void* y, const void* rowop, void* out, const EwArgs& a,
                             int64_t dtype_code, cudaStream_t st) {
-  switch (dtype_code) {
-    case 0: FK_CUDA_CHECK((launch_elementwise<float, kGelu>(x, y, rowop, out, a, st))); break;
-    case 1: FK_CUDA_CHECK((launch_elementwise<__half, kGelu>(x, y, rowop, out, a, st))); break;
+  switch (static_cast<DType>(dtype_code)) {
+    case DType::kFloat32: FK_CUDA_CHECK((launch_elementwise<float, kGelu>(x, y, rowop, out, a, st))); break;
+    case DType::kFloat16: FK_CUDA_CHECK((launch_elementwise<__half, kGelu>(x, y, rowop, out, a, st))); break;
     default: FK_CUDA_CHECK((launch_elementwise<__nv_bfloat16, kGelu>(x, y, rowop, out, a, st))); break;
   }
 }

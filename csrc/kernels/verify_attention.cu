@@ -35,6 +35,7 @@
 
 #include "free_kernels/attention_math.h"
 #include "free_kernels/cuda_check.h"
+#include "free_kernels/dtype.h"
 #include "free_kernels/entry_points.h"
 
 namespace fk {
@@ -370,7 +371,7 @@ cudaError_t launch_dtype(const void* qkv, void* out, int B, int N, int heads, in
 
 }  // namespace
 
-// dtype_code: 0 = float16, 1 = bfloat16.  Strides in elements (any, including
+// dtype_code: fk::DType (dtype.h): kFloat16 or kBFloat16.  Strides in elements (any, including
 // a slice of a bigger tensor).  head_dim 1..128.  Returns the launch error:
 // cudaErrorInvalidValue for unsupported sizes or dtype codes.  Needs sm_80+
 // (the Python dispatcher checks the device capability before calling).
@@ -380,10 +381,10 @@ cudaError_t launch_verify_attention(const void* qkv, void* out, int B, int N, in
   if (B < 0 || N < 0 || heads < 1 || padded_head_dim(head_dim) < 0) return cudaErrorInvalidValue;
   if (B == 0 || N == 0) return cudaSuccess;
   if (qkv == nullptr || out == nullptr) return cudaErrorInvalidValue;
-  switch (dtype_code) {
-    case 0:
+  switch (static_cast<DType>(dtype_code)) {
+    case DType::kFloat16:
       return launch_dtype<__half>(qkv, out, B, N, heads, head_dim, s_qb, s_qn, s_qc, s_ob, s_on, s_oc, stream);
-    case 1:
+    case DType::kBFloat16:
       return launch_dtype<__nv_bfloat16>(qkv, out, B, N, heads, head_dim, s_qb, s_qn, s_qc, s_ob, s_on, s_oc, stream);
     default:
       return cudaErrorInvalidValue;
@@ -402,7 +403,8 @@ void verify_attention(uintptr_t qkv, uintptr_t out, int64_t B, int64_t N, int64_
   if (B < 0 || N < 0 || B > INT32_MAX || N > INT32_MAX) bad("B and N must be in [0, 2^31)");
   if (heads < 1 || heads > INT32_MAX) bad("heads must be >= 1, got " + std::to_string(heads));
   if (head_dim < 1 || head_dim > 128) bad("head_dim must be in 1..128, got " + std::to_string(head_dim));
-  if (dtype_code != 0 && dtype_code != 1) bad("dtype_code must be 0 (float16) or 1 (bfloat16)");
+  if (dtype_code != static_cast<int64_t>(DType::kFloat16) && dtype_code != static_cast<int64_t>(DType::kBFloat16))
+    bad("dtype_code must be 1 (float16) or 2 (bfloat16), got " + std::to_string(dtype_code));
   if (s_qb < 0 || s_qn < 0 || s_qc < 0 || s_ob < 0 || s_on < 0 || s_oc < 0) bad("strides must be >= 0");
   if (B == 0 || N == 0) return;
   if (qkv == 0 || out == 0) bad("null pointer");

@@ -1,23 +1,54 @@
 """One dispatch point per op: an ordered list of backends, each able to say why it cannot run.
 
-Order for CUDA tensors: ``cuda`` (the csrc extension) -> ``triton`` -> ``torch``.
-CPU tensors take ``torch`` unless a backend is requested explicitly.
+Order for CUDA tensors: the measured order of ``backend_priority.json`` for
+(op, device name, dtype, shape class) when the table has that entry, else the
+default ``cuda`` (the csrc extension) -> ``triton`` -> ``torch``.  CPU tensors
+take ``torch`` unless a backend is requested explicitly.
 
 A backend is requested by the ``backend=`` argument of the op, by
 ``FREE_KERNELS_BACKEND_<OP>`` (e.g. ``FREE_KERNELS_BACKEND_VERIFY_ATTENTION=triton``)
 or by ``FREE_KERNELS_BACKEND`` for every op.  An explicit request that cannot
 run raises :class:`BackendUnavailable` with the reasons; it never silently runs
 something else.
+
+Resolution is cached per op on (request, override variables, TRITON_INTERPRET,
+table path, context): a call site builds its context dict with a fixed set of
+keys (device, dtype, the sizes its probes and its shape class read), so a
+repeated call costs one dict lookup.  Changing ``FREE_KERNELS_BACKEND*``,
+``TRITON_INTERPRET`` or ``FREE_KERNELS_PRIORITY_FILE`` changes the key.
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 BACKEND_ORDER = ("cuda", "triton", "torch")
+PRIORITY_FILE_ENV = "FREE_KERNELS_PRIORITY_FILE"
+DEFAULT_PRIORITY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backend_priority.json")
+_CACHE_LIMIT = 1024
+_environ = os.environ
+# The cache key reads the override variables on every call: os.environ.get costs ~1 us per missing
+# variable (a KeyError inside), the raw bytes mapping behind it ~0.05 us.  Same values, same changes.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENCODE = getattr(os.environ, "encodekey", None)
+if not isinstance(_ENV_DATA, dict) or _ENCODE is None:  # pragma: no cover - non-CPython os.environ
+    _ENV_DATA, _ENCODE = None, None
+
+
+def _env_key(name: str):
+    """What the cache key stores for variable ``name``: its raw entry (bytes) or the str fallback."""
+    return _ENCODE(name) if _ENCODE is not None else name
+
+
+_K_ALL, _K_INTERPRET, _K_TABLE = (_env_key(n) for n in ("FREE_KERNELS_BACKEND", "TRITON_INTERPRET",
+                                                         "FREE_KERNELS_PRIORITY_FILE"))
+_env_get = _ENV_DATA.get if _ENV_DATA is not None else os.environ.get
 
 
 class BackendUnavailable(RuntimeError):
@@ -45,57 +76,117 @@ class Backend:
         return self._impl
 
 
+def size_class(n: int, threshold: int) -> str:
+    """``"small"`` when ``n <= threshold`` else ``"large"`` (the shape classes of the priority table)."""
+    return "small" if n <= threshold else "large"
+
+
 @dataclass
 class Op:
     name: str
     backends: Dict[str, Backend] = field(default_factory=dict)
+    # context -> shape class label of the priority table (None: every call is "any")
+    shape_class: Optional[Callable[[dict], str]] = None
+    _cache: Dict[tuple, Backend] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self._env_name = f"FREE_KERNELS_BACKEND_{self.name.upper()}"
+        self._env_k = _env_key(self._env_name)
 
     def register(self, backend: Backend) -> None:
         if backend.name not in BACKEND_ORDER:
             raise ValueError(f"unknown backend {backend.name!r}")
         self.backends[backend.name] = backend
+        self._cache.clear()
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
 
     # ------------------------------------------------------------------
     def requested(self, backend: Optional[str]) -> Optional[str]:
-        req = backend or os.environ.get(f"FREE_KERNELS_BACKEND_{self.name.upper()}") or os.environ.get(
-            "FREE_KERNELS_BACKEND"
-        )
+        req = backend or _environ.get(self._env_name) or _environ.get("FREE_KERNELS_BACKEND")
         if req in (None, "", "auto"):
             return None
         if req not in BACKEND_ORDER:
             raise ValueError(f"{self.name}: unknown backend {req!r}; choose one of {BACKEND_ORDER} or 'auto'")
         return req
 
-    def reasons(self, ctx: dict) -> Dict[str, Optional[str]]:
-        """For each backend in priority order: None if it can run ``ctx``, else why not."""
-        out: Dict[str, Optional[str]] = {}
-        for name in BACKEND_ORDER:
-            b = self.backends.get(name)
-            if b is None:
-                out[name] = f"{self.name} has no {name} implementation"
-                continue
-            try:
-                out[name] = b.supports(ctx)
-            except Exception as e:  # a broken probe must not take the op down
-                out[name] = f"probe failed: {type(e).__name__}: {e}"
-        return out
+    def _reason(self, name: str, ctx: dict) -> Optional[str]:
+        b = self.backends.get(name)
+        if b is None:
+            return f"{self.name} has no {name} implementation"
+        try:
+            return b.supports(ctx)
+        except Exception as e:  # a broken probe must not take the op down
+            return f"probe failed: {type(e).__name__}: {e}"
 
-    def resolve(self, ctx: dict, backend: Optional[str] = None) -> Backend:
+    def reasons(self, ctx: dict) -> Dict[str, Optional[str]]:
+        """For each backend in default order: None if it can run ``ctx``, else why not."""
+        return {name: self._reason(name, ctx) for name in BACKEND_ORDER}
+
+    def classify(self, ctx: dict) -> str:
+        if self.shape_class is None:
+            return "any"
+        try:
+            return self.shape_class(ctx)
+        except Exception:  # missing size keys (e.g. a bare info context)
+            return "any"
+
+    def order_for(self, ctx: dict) -> Tuple[Tuple[str, ...], str]:
+        """(backend order for ``ctx``, where it came from: a measured table entry or the default)."""
+        device = ctx.get("device")
+        if device is None or torch.device(device).type != "cuda":
+            return ("torch",), "CPU tensors take torch unless a backend is requested"
+        path = priority_file()
+        table = priority_table(path)
+        if not table:
+            return BACKEND_ORDER, f"default order (no measured entries in {os.path.basename(path)})"
+        try:
+            dev_name = device_name(torch.device(device))
+        except Exception as e:
+            return BACKEND_ORDER, f"default order (device name unknown: {type(e).__name__}: {e})"
+        dt = str(ctx.get("dtype")).replace("torch.", "")
+        sc = self.classify(ctx)
+        for key in ((self.name, dev_name, dt, sc), (self.name, dev_name, dt, "*")):
+            order = table.get(key)
+            if order is not None:
+                full = tuple(order) + tuple(b for b in BACKEND_ORDER if b not in order)
+                return full, f"measured ({os.path.basename(path)}: {'/'.join(key)})"
+        return BACKEND_ORDER, f"default order (no entry for {self.name}/{dev_name}/{dt}/{sc} in {os.path.basename(path)})"
+
+    def _resolve(self, ctx: dict, backend: Optional[str]) -> Backend:
         req = self.requested(backend)
         if req is not None:
-            b = self.backends.get(req)
-            why = self.reasons(ctx)[req]
-            if b is None or why is not None:
+            why = self._reason(req, ctx)
+            if why is not None:
                 raise BackendUnavailable(f"{self.name}: backend {req!r} was requested but cannot run: {why}")
-            return b
+            return self.backends[req]
         device = ctx.get("device")
         if device is None or torch.device(device).type != "cuda":
             return self.backends["torch"]
-        why = self.reasons(ctx)
-        for name in BACKEND_ORDER:
+        order, _ = self.order_for(ctx)
+        why = {}
+        for name in order:
+            why[name] = self._reason(name, ctx)
             if why[name] is None:
                 return self.backends[name]
         raise BackendUnavailable(f"{self.name}: no backend can run: {why}")
+
+    def resolve(self, ctx: dict, backend: Optional[str] = None) -> Backend:
+        """The backend for ``ctx`` (cached; an explicit request that cannot run raises, never cached)."""
+        get = _env_get
+        try:
+            key = (backend, get(self._env_k), get(_K_ALL), get(_K_INTERPRET), get(_K_TABLE), *ctx.items())
+            hit = self._cache.get(key)
+        except TypeError:  # an unhashable context value: resolve without the cache
+            return self._resolve(ctx, backend)
+        if hit is not None:
+            return hit
+        b = self._resolve(ctx, backend)
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[key] = b
+        return b
 
 
 OPS: Dict[str, Op] = {}
@@ -105,6 +196,56 @@ def get_op(name: str) -> Op:
     if name not in OPS:
         OPS[name] = Op(name)
     return OPS[name]
+
+
+def clear_caches() -> None:
+    """Forget every cached resolution, the priority tables and device names (tests; a swapped table file)."""
+    for op in OPS.values():
+        op.clear_cache()
+    _load_priority_table.cache_clear()
+    _device_name.cache_clear()
+
+
+# -------------------------------------------------------------- measured priority table
+def priority_file() -> str:
+    """The priority table in use: ``$FREE_KERNELS_PRIORITY_FILE`` or the one shipped with the package."""
+    return _environ.get(PRIORITY_FILE_ENV) or DEFAULT_PRIORITY_FILE
+
+
+def priority_table(path: Optional[str] = None) -> Dict[Tuple[str, str, str, str], Tuple[str, ...]]:
+    """{(op, device name, dtype, shape class): backend order} read once per path (empty if absent/unreadable)."""
+    return _load_priority_table(path or priority_file())
+
+
+@functools.lru_cache(maxsize=8)
+def _load_priority_table(path: str) -> Dict[Tuple[str, str, str, str], Tuple[str, ...]]:
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+        table = {}
+        for e in doc.get("entries", []):
+            order = tuple(e["order"])
+            bad = [b for b in order if b not in BACKEND_ORDER]
+            if bad:
+                raise ValueError(f"unknown backends {bad} in entry {e}")
+            table[(e["op"], e["device"], e["dtype"], e.get("shape_class", "*"))] = order
+        return table
+    except Exception as e:  # a broken table must not take the ops down: default order, loudly
+        warnings.warn(f"free_kernels: ignoring backend priority table {path}: {type(e).__name__}: {e}")
+        return {}
+
+
+def device_name(device: torch.device) -> str:
+    """``torch.cuda.get_device_name`` of a CUDA device, cached per index (queried on first use, never at import)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _device_name(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 # -------------------------------------------------------------- common probes
@@ -126,9 +267,6 @@ def triton_reason(ctx: dict) -> Optional[str]:
         return "CUDA is not available to torch (CPU-only build or no driver)"
     if dev is not None and torch.device(dev).type != "cuda" and not _env.triton_interpret():
         return f"inputs are on {dev} and TRITON_INTERPRET is not set (Triton runs CPU tensors only under the interpreter)"
-    if _env.triton_interpret() and ctx.get("dtype") == torch.bfloat16:
-        # the interpreter loads bf16 but kernels convert to fp32 right after loading
-        return None
     return None
 
 
@@ -160,25 +298,28 @@ def describe(ops_ctx: Dict[str, List[dict]]) -> List[str]:
     """Lines for ``python -m free_kernels.info``: resolution per op and context.
 
     One block per op; consecutive contexts with the same outcome share a line.
-    Each backend is shown once per group: ``ok`` or why it cannot run.
+    Each backend is shown once per group (in the order tried): ``ok`` or why it
+    cannot run; ``order:`` says whether the order is a measured table entry or the default.
     """
     lines = []
     for op_name, ctxs in ops_ctx.items():
         op = OPS[op_name]
         lines.append(f"  {op_name}")
-        groups: List[list] = []  # [labels, chosen, reasons]
+        groups: List[list] = []  # [labels, chosen, reasons, source]
         for ctx in ctxs:
             try:
                 chosen = op.resolve(ctx).name
             except BackendUnavailable as e:
                 chosen = f"(none: {e})"
-            reasons = op.reasons(ctx)
-            if groups and groups[-1][1] == chosen and groups[-1][2] == reasons:
+            order, source = op.order_for(ctx)
+            reasons = {name: op._reason(name, ctx) for name in order + tuple(b for b in BACKEND_ORDER
+                                                                           if b not in order)}
+            if groups and groups[-1][1] == chosen and groups[-1][2] == reasons and groups[-1][3] == source:
                 groups[-1][0].append(ctx.get("label", ""))
             else:
-                groups.append([[ctx.get("label", "")], chosen, reasons])
-        for labels, chosen, reasons in groups:
-            lines.append(f"    {', '.join(labels)} -> {chosen}")
+                groups.append([[ctx.get("label", "")], chosen, reasons, source])
+        for labels, chosen, reasons, source in groups:
+            lines.append(f"    {', '.join(labels)} -> {chosen}   [order: {source}]")
             for name, why in reasons.items():
                 mark = "*" if name == chosen else " "
                 lines.append(f"      {mark} {name:<7} {'ok' if why is None else why}")

@@ -9,15 +9,16 @@ automatically; an explicit request raises with that reason).
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
+from . import _abi
 from ._dispatch import dtype_reason, extension_reason, first_reason, triton_reason
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# dtype codes of the csrc entry points (csrc/include/free_kernels/entry_points.h)
-CUDA_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# dtype codes of the csrc entry points: the one ABI enum (_abi.DType = fk::DType in csrc)
+CUDA_DTYPE_CODE = _abi._CODE
 
 
 def needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
@@ -57,6 +58,12 @@ def mixed_dtype_reason(ref: torch.Tensor, **others: Optional[torch.Tensor]) -> O
     The torch reference promotes mixed dtypes (e.g. fp32 residual stream + bf16
     branch); the kernels leave such calls to it instead of raising.
     """
+    dt = ref.dtype
+    for t in others.values():
+        if t is not None and t.dtype != dt:
+            break
+    else:
+        return None  # the common case, without building a message
     bad = [f"{k} is {t.dtype}" for k, t in others.items() if t is not None and t.dtype != ref.dtype]
     if bad:
         return f"mixed dtypes ({', '.join(bad)}, x is {ref.dtype}): the fused kernels take one dtype"
@@ -100,11 +107,8 @@ def on_device(t: torch.Tensor):
 
 
 def stream_of(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
+    """The launch stream (a module attribute, so the host-emulation tests can stand in stream 0)."""
+    return _abi.stream(t)
 
 
-def strides(*tensors: torch.Tensor) -> Sequence[int]:
-    out = []
-    for t in tensors:
-        out.extend(t.stride())
-    return out
+strides = _abi.strides

@@ -26,11 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_tensor
-from . import _fused
-from ._dispatch import Backend, get_op
+from . import _abi, _fused, _library
+from ._dispatch import Backend, get_op, size_class
 
 OP = get_op("bias_gelu")
-INFO_CTX = dict(K=4608)
+INFO_CTX = dict(K=4608, M=512)
+# shape class of the measured priority table: token rows M (all of x's leading dims) per call
+SMALL_ROWS = 2048
+OP.shape_class = lambda ctx: size_class(ctx["M"], SMALL_ROWS)
 
 
 def _load_torch():
@@ -71,7 +74,7 @@ def _load_cuda():
         B, N, K = x3.shape
         with _fused.on_device(x3):
             ext.bias_gelu(x3.data_ptr(), bias.data_ptr(), o3.data_ptr(), B, N, K,
-                          list(_fused.strides(x3, bias, o3)), _fused.CUDA_DTYPE_CODE[x3.dtype],
+                          list(_fused.strides(x3, bias, o3)), _abi.dtype_code(x3.dtype),
                           _fused.stream_of(x3))
 
     return _with_gemm(epilogue)
@@ -86,6 +89,40 @@ def nbytes(M: int, K: int, elem: int) -> int:
     return (2 * M * K + K) * elem
 
 
+def _context(x, bias, weight=None, out=None, requires_grad=False) -> dict:
+    return dict(device=x.device, dtype=x.dtype, K=bias.shape[0], M=x.numel() // max(x.shape[-1], 1),
+                requires_grad=requires_grad, mixed=_fused.mixed_dtype_reason(x, bias=bias, weight=weight, out=out))
+
+
+def _out_shape(x, bias, weight):
+    return (*x.shape[:-1], bias.shape[0]) if weight is not None else tuple(x.shape)
+
+
+# ---------------------------------------------------------------- torch.ops.free_kernels
+def _op_impl(x, bias, weight=None, backend=None):
+    return OP.resolve(_context(x, bias, weight), backend).impl()(x, bias, weight=weight, out=None).contiguous()
+
+
+def _op_fake(x, bias, weight=None, backend=None):
+    dt = x.dtype if weight is not None else _library.promote(x, bias)
+    return x.new_empty(_out_shape(x, bias, weight), dtype=dt)
+
+
+def _op_out_impl(x, bias, out, weight=None, backend=None):
+    OP.resolve(_context(x, bias, weight, out), backend).impl()(x, bias, weight=weight, out=out)
+
+
+def _op_out_fake(x, bias, out, weight=None, backend=None):
+    return None
+
+
+LIB_OP = _library.define("bias_gelu", "(Tensor x, Tensor bias, Tensor? weight=None, str? backend=None) -> Tensor",
+                         _op_impl, _op_fake)
+LIB_OP_OUT = _library.define(
+    "bias_gelu_out", "(Tensor x, Tensor bias, Tensor(a!) out, Tensor? weight=None, str? backend=None) -> ()",
+    _op_out_impl, _op_out_fake)
+
+
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, *, weight: Optional[torch.Tensor] = None,
               out: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
     check_tensor("x", x, floating=True)
@@ -95,13 +132,13 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, *, weight: Optional[torch.Ten
     K = bias.shape[0]
     if weight is not None:
         check_tensor("weight", weight, shape=(K, x.shape[-1]), floating=True, device=x.device)
-        out_shape = (*x.shape[:-1], K)
-    else:
-        if x.shape[-1] != K:
-            raise ValueError(f"bias has {K} elements but x's last dimension is {x.shape[-1]}")
-        out_shape = tuple(x.shape)
+    elif x.shape[-1] != K:
+        raise ValueError(f"bias has {K} elements but x's last dimension is {x.shape[-1]}")
     if out is not None:
-        check_tensor("out", out, shape=out_shape, floating=True, device=x.device)
-    ctx = dict(device=x.device, dtype=x.dtype, K=K, requires_grad=_fused.needs_grad(x, bias, weight),
-               mixed=_fused.mixed_dtype_reason(x, bias=bias, weight=weight, out=out))
-    return OP.resolve(ctx, backend).impl()(x, bias, weight=weight, out=out)
+        check_tensor("out", out, shape=_out_shape(x, bias, weight), floating=True, device=x.device)
+    if _fused.needs_grad(x, bias, weight):  # forward-only kernels: the reference, outside the op
+        return OP.resolve(_context(x, bias, weight, out, True), backend).impl()(x, bias, weight=weight, out=out)
+    if out is None:
+        return LIB_OP(x, bias, weight, backend)
+    LIB_OP_OUT(x, bias, out, weight, backend)
+    return out

@@ -34,11 +34,14 @@ import torch
 
 from .._checks import check_tensor
 from ..reference.draft_epilogue import NUM_TABLES
-from . import _fused
-from ._dispatch import Backend, get_op
+from . import _abi, _fused, _library
+from ._dispatch import Backend, get_op, size_class
 
 OP = get_op("draft_epilogue")
-INFO_CTX = dict(H=1152, P=32, patch_size=2, C=4)
+INFO_CTX = dict(H=1152, P=32, patch_size=2, C=4, M=512)
+# shape class of the measured priority table: feature rows M = G * R * N per call
+SMALL_ROWS = 2048
+OP.shape_class = lambda ctx: size_class(ctx["M"], SMALL_ROWS)
 MAX_PATCH_COLUMNS = 1024  # p*p*C eps columns per token (kernel tile width)
 # the cuda kernel stages its 16 modulated feature rows in shared memory: 16 * (H + 24) * elem bytes
 # must fit the opt-in limit of every supported device (A100: 163 KiB)
@@ -61,7 +64,7 @@ def _load_cuda():
     from .. import _env
 
     ext = _env.extension()
-    code = _fused.CUDA_DTYPE_CODE
+    code = _abi.dtype_code
 
     def draft_epilogue_cuda(h, shift, scale, weight, bias, x, tables, index, noise=None, *, patch_size,
                             cfg_scale=1.0, guidance_channels=3, learned_variance, predict_xstart=False,
@@ -82,7 +85,7 @@ def _load_cuda():
                 x_next.data_ptr(), mean.data_ptr(), logvar.data_ptr(),
                 0 if noise_out is None else noise_out.data_ptr(),
                 list(_fused.strides(h, shift, scale, weight, bias, x, z, x_next, mean, logvar, zo)),
-                [code[h.dtype], code[x.dtype], code[z.dtype]],
+                [code(h.dtype), code(x.dtype), code(z.dtype)],
                 h.shape[0] // R, R, h.shape[1], h.shape[2], C, S, int(patch_size), weight.shape[0],
                 tables.stride(0), float(eps), float(cfg_scale), int(guidance_channels), bool(learned_variance),
                 bool(predict_xstart), bool(clip_denoised), _fused.stream_of(x))
@@ -158,9 +161,59 @@ def validate(h, shift, scale, weight, bias, x, tables, index, noise, *, patch_si
         check_tensor("noise_out", noise_out, shape=tuple(x.shape), dtype=torch.float32, device=dev)
     odd = [f"{n} is {t.dtype}" for n, t in (("x", x), ("noise", noise))
            if t is not None and t.dtype not in _fused.KERNEL_DTYPES]
-    return dict(device=dev, dtype=h.dtype, H=H, PE=pp * C, N=N,
-                requires_grad=_fused.needs_grad(h, shift, scale, weight, bias, x),
+    return _context(h, shift, scale, weight, bias, x, noise, patch_size,
+                    _fused.needs_grad(h, shift, scale, weight, bias, x))
+
+
+def _context(h, shift, scale, weight, bias, x, noise, patch_size, requires_grad=False) -> dict:
+    GR, N, H = h.shape
+    odd = [f"{n} is {t.dtype}" for n, t in (("x", x), ("noise", noise))
+           if t is not None and t.dtype not in _fused.KERNEL_DTYPES]
+    return dict(device=x.device, dtype=h.dtype, H=H, PE=patch_size * patch_size * x.shape[1], N=N, M=GR * N,
+                requires_grad=requires_grad,
                 mixed=f"{', '.join(odd)}: the kernels read float32 / float16 / bfloat16 states" if odd else None)
+
+
+# ---------------------------------------------------------------- torch.ops.free_kernels
+_ARGS = ("Tensor h, Tensor shift, Tensor scale, Tensor weight, Tensor bias, Tensor x, Tensor tables, Tensor index, "
+         "Tensor? noise, int patch_size, float cfg_scale, int guidance_channels, bool learned_variance, "
+         "bool predict_xstart, bool clip_denoised, float eps, Tensor(a!)? rng_state")
+
+
+def _call(h, shift, scale, weight, bias, x, tables, index, noise, patch_size, cfg_scale, guidance_channels,
+          learned_variance, predict_xstart, clip_denoised, eps, rng_state, backend, out=None, noise_out=None):
+    ctx = _context(h, shift, scale, weight, bias, x, noise, patch_size)
+    return OP.resolve(ctx, backend).impl()(
+        h, shift, scale, weight, bias, x, tables, index, noise, patch_size=patch_size, cfg_scale=cfg_scale,
+        guidance_channels=guidance_channels, learned_variance=learned_variance, predict_xstart=predict_xstart,
+        clip_denoised=clip_denoised, eps=eps, rng_state=rng_state, out=out, noise_out=noise_out)
+
+
+def _op_impl(*args, backend=None):
+    x_next, mean, logvar = _call(*args, backend)
+    # three distinct fresh tensors (the reference's fixed-variance log-variance may be a broadcast view)
+    return x_next.contiguous(), mean.contiguous(), logvar.contiguous()
+
+
+def _op_fake(h, shift, scale, weight, bias, x, *args, **kw):
+    return tuple(x.new_empty(x.shape, dtype=torch.float32) for _ in range(3))
+
+
+def _op_out_impl(*args, x_next, mean, logvar, noise_out=None, backend=None):
+    _call(*args, backend, out=(x_next, mean, logvar), noise_out=noise_out)
+
+
+def _op_out_fake(*args, **kw):
+    return None
+
+
+LIB_OP = _library.define("draft_epilogue", f"({_ARGS}, *, str? backend=None) -> (Tensor, Tensor, Tensor)",
+                         _op_impl, _op_fake)
+LIB_OP_OUT = _library.define(
+    "draft_epilogue_out",
+    f"({_ARGS}, *, Tensor(b!) x_next, Tensor(c!) mean, Tensor(d!) logvar, Tensor(e!)? noise_out=None, "
+    "str? backend=None) -> ()",
+    _op_out_impl, _op_out_fake)
 
 
 def draft_epilogue(h, shift, scale, weight, bias, x, tables, index, noise=None, *, patch_size: int,
@@ -168,10 +221,23 @@ def draft_epilogue(h, shift, scale, weight, bias, x, tables, index, noise=None, 
                    predict_xstart: bool = False, clip_denoised: bool = False, eps: float = 1e-6,
                    rng_state: Optional[torch.Tensor] = None, out=None, noise_out: Optional[torch.Tensor] = None,
                    backend: Optional[str] = None):
+    """(x_next, mean, logvar): ``torch.ops.free_kernels.draft_epilogue`` (``draft_epilogue_out`` when
+    ``out`` or ``noise_out`` is given; missing ``out`` buffers are allocated here).  A call that needs a
+    gradient runs the torch reference here, outside the op."""
     ctx = validate(h, shift, scale, weight, bias, x, tables, index, noise, patch_size=patch_size,
                    guidance_channels=guidance_channels, learned_variance=learned_variance, rng_state=rng_state,
                    out=out, noise_out=noise_out)
-    return OP.resolve(ctx, backend).impl()(
-        h, shift, scale, weight, bias, x, tables, index, noise, patch_size=patch_size, cfg_scale=cfg_scale,
-        guidance_channels=guidance_channels, learned_variance=learned_variance, predict_xstart=predict_xstart,
-        clip_denoised=clip_denoised, eps=eps, rng_state=rng_state, out=out, noise_out=noise_out)
+    if ctx["requires_grad"]:
+        return OP.resolve(ctx, backend).impl()(
+            h, shift, scale, weight, bias, x, tables, index, noise, patch_size=patch_size, cfg_scale=cfg_scale,
+            guidance_channels=guidance_channels, learned_variance=learned_variance, predict_xstart=predict_xstart,
+            clip_denoised=clip_denoised, eps=eps, rng_state=rng_state, out=out, noise_out=noise_out)
+    args = (h, shift, scale, weight, bias, x, tables, index, noise, int(patch_size), float(cfg_scale),
+            int(guidance_channels), bool(learned_variance), bool(predict_xstart), bool(clip_denoised), float(eps),
+            rng_state)
+    if out is None and noise_out is None:
+        return LIB_OP(*args, backend=backend)
+    if out is None:
+        out = tuple(torch.empty(x.shape, dtype=torch.float32, device=x.device) for _ in range(3))
+    LIB_OP_OUT(*args, x_next=out[0], mean=out[1], logvar=out[2], noise_out=noise_out, backend=backend)
+    return tuple(out)

@@ -29,10 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from . import _fused
-from ._dispatch import Backend, get_op
+from ._dispatch import Backend, get_op, size_class
 
 OP_FWD = get_op("drafter_forward")
 OP_EPI = get_op("draft_transition")
+# shape class of the measured priority table: feature rows M = G * R * N (as draft_epilogue)
+OP_EPI.shape_class = lambda ctx: size_class(ctx["M"], 2048)
 
 
 def _load_torch_fwd():
@@ -192,7 +194,8 @@ def draft_transition(target, diffusion, h, c, x, index, noise, *, cfg_scale: flo
     params = _head_params(target) if head_why is None else []
     odd = [f"{n} is {t.dtype}" for n, t in (("x", x), ("noise", noise))
            if torch.is_tensor(t) and t.dtype not in _fused.KERNEL_DTYPES]
-    ctx = dict(device=x.device, dtype=h.dtype, H=h.shape[-1], requires_grad=_fused.needs_grad(h, c, x, *params),
+    ctx = dict(device=x.device, dtype=h.dtype, H=h.shape[-1], M=h.shape[0] * h.shape[1],
+               requires_grad=_fused.needs_grad(h, c, x, *params),
                target_reason=head_why, diffusion_reason=_diffusion_reason(diffusion),
                mixed=f"{', '.join(odd)}: the kernels read float32 / float16 / bfloat16 states" if odd else None)
     if head_why is None:

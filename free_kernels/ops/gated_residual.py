@@ -18,11 +18,14 @@ from typing import Optional
 import torch
 
 from .._checks import check_tensor
-from . import _fused
-from ._dispatch import Backend, get_op
+from . import _abi, _fused, _library
+from ._dispatch import Backend, get_op, size_class
 
 OP = get_op("gated_residual")
-INFO_CTX = dict(H=1152)
+INFO_CTX = dict(H=1152, M=512)
+# shape class of the measured priority table: token rows M = B * N per call
+SMALL_ROWS = 2048
+OP.shape_class = lambda ctx: size_class(ctx["M"], SMALL_ROWS)
 
 
 def _load_torch():
@@ -48,7 +51,7 @@ def _load_cuda():
             out = torch.empty((B, N, H), dtype=x.dtype, device=x.device)
         with _fused.on_device(x):
             ext.gated_residual(x.data_ptr(), gate.data_ptr(), y.data_ptr(), out.data_ptr(), B, N, H,
-                               list(_fused.strides(x, gate, y, out)), _fused.CUDA_DTYPE_CODE[x.dtype],
+                               list(_fused.strides(x, gate, y, out)), _abi.dtype_code(x.dtype),
                                _fused.stream_of(x))
         return out
 
@@ -64,6 +67,37 @@ def nbytes(B: int, N: int, H: int, elem: int) -> int:
     return (3 * B * N * H + B * H) * elem
 
 
+def _context(x, gate, y, out=None, requires_grad=False) -> dict:
+    B, N, H = x.shape
+    return dict(device=x.device, dtype=x.dtype, H=H, M=B * N, requires_grad=requires_grad,
+                mixed=_fused.mixed_dtype_reason(x, gate=gate, y=y, out=out))
+
+
+# ---------------------------------------------------------------- torch.ops.free_kernels
+def _op_impl(x, gate, y, backend=None):
+    return OP.resolve(_context(x, gate, y), backend).impl()(x, gate, y, out=None).contiguous()
+
+
+def _op_fake(x, gate, y, backend=None):
+    return x.new_empty(x.shape, dtype=_library.promote(x, gate, y))
+
+
+def _op_out_impl(x, gate, y, out, backend=None):
+    OP.resolve(_context(x, gate, y, out), backend).impl()(x, gate, y, out=out)
+
+
+def _op_out_fake(x, gate, y, out, backend=None):
+    return None
+
+
+LIB_OP = _library.define("gated_residual", "(Tensor x, Tensor gate, Tensor y, str? backend=None) -> Tensor",
+                         _op_impl, _op_fake)
+# out may be x itself (the residual stream updated in place): every element is read before it is written
+LIB_OP_OUT = _library.define("gated_residual_out",
+                             "(Tensor x, Tensor gate, Tensor y, Tensor(a!) out, str? backend=None) -> ()",
+                             _op_out_impl, _op_out_fake)
+
+
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, *, out: Optional[torch.Tensor] = None,
                    backend: Optional[str] = None) -> torch.Tensor:
     check_tensor("x", x, dim=3, floating=True)
@@ -72,6 +106,9 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, *, out:
     check_tensor("y", y, shape=(B, N, H), floating=True, device=x.device)
     if out is not None:
         check_tensor("out", out, shape=(B, N, H), floating=True, device=x.device)
-    ctx = dict(device=x.device, dtype=x.dtype, H=H, requires_grad=_fused.needs_grad(x, gate, y),
-               mixed=_fused.mixed_dtype_reason(x, gate=gate, y=y, out=out))
-    return OP.resolve(ctx, backend).impl()(x, gate, y, out=out)
+    if _fused.needs_grad(x, gate, y):  # forward-only kernels: the reference, outside the op
+        return OP.resolve(_context(x, gate, y, out, True), backend).impl()(x, gate, y, out=out)
+    if out is None:
+        return LIB_OP(x, gate, y, backend)
+    LIB_OP_OUT(x, gate, y, out, backend)
+    return out

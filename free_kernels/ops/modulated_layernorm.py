@@ -19,11 +19,14 @@ from typing import Optional
 import torch
 
 from .._checks import check_tensor
-from . import _fused
-from ._dispatch import Backend, get_op
+from . import _abi, _fused, _library
+from ._dispatch import Backend, get_op, size_class
 
 OP = get_op("modulated_layernorm")
-INFO_CTX = dict(H=1152)
+INFO_CTX = dict(H=1152, M=512)
+# shape class of the measured priority table: token rows M = B * N per call
+SMALL_ROWS = 2048
+OP.shape_class = lambda ctx: size_class(ctx["M"], SMALL_ROWS)
 
 
 def _load_torch():
@@ -60,7 +63,7 @@ def _load_cuda():
         with _fused.on_device(x):
             ext.modulated_layernorm(x.data_ptr(), shift.data_ptr(), scale.data_ptr(), out.data_ptr(), B, N, H,
                                     float(eps), list(_fused.strides(x, shift, scale, out)),
-                                    _fused.CUDA_DTYPE_CODE[x.dtype], _fused.stream_of(x))
+                                    _abi.dtype_code(x.dtype), _fused.stream_of(x))
         return out
 
     return modulated_layernorm_cuda
@@ -81,6 +84,38 @@ OP.register(Backend("triton", _load_triton, _triton_supports))
 OP.register(Backend("cuda", _load_cuda, _cuda_supports))
 
 
+def _context(x, shift, scale, out=None, requires_grad=False) -> dict:
+    B, N, H = x.shape
+    return dict(device=x.device, dtype=x.dtype, H=H, M=B * N, requires_grad=requires_grad,
+                mixed=_fused.mixed_dtype_reason(x, shift=shift, scale=scale, out=out))
+
+
+# ---------------------------------------------------------------- torch.ops.free_kernels
+def _op_impl(x, shift, scale, eps=1e-6, backend=None):
+    return OP.resolve(_context(x, shift, scale), backend).impl()(x, shift, scale, eps=eps, out=None).contiguous()
+
+
+def _op_fake(x, shift, scale, eps=1e-6, backend=None):
+    return x.new_empty(x.shape, dtype=_library.promote(x, shift, scale))
+
+
+def _op_out_impl(x, shift, scale, out, eps=1e-6, backend=None):
+    OP.resolve(_context(x, shift, scale, out), backend).impl()(x, shift, scale, eps=eps, out=out)
+
+
+def _op_out_fake(x, shift, scale, out, eps=1e-6, backend=None):
+    return None
+
+
+LIB_OP = _library.define(
+    "modulated_layernorm", "(Tensor x, Tensor shift, Tensor scale, float eps=1e-06, str? backend=None) -> Tensor",
+    _op_impl, _op_fake)
+LIB_OP_OUT = _library.define(
+    "modulated_layernorm_out",
+    "(Tensor x, Tensor shift, Tensor scale, Tensor(a!) out, float eps=1e-06, str? backend=None) -> ()",
+    _op_out_impl, _op_out_fake)
+
+
 def modulated_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *, eps: float = 1e-6,
                         out: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
     check_tensor("x", x, dim=3, floating=True)
@@ -89,6 +124,9 @@ def modulated_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
     check_tensor("scale", scale, shape=(B, H), device=x.device)
     if out is not None:
         check_tensor("out", out, shape=tuple(x.shape), floating=True, device=x.device)
-    ctx = dict(device=x.device, dtype=x.dtype, H=H, requires_grad=_fused.needs_grad(x, shift, scale),
-               mixed=_fused.mixed_dtype_reason(x, shift=shift, scale=scale, out=out))
-    return OP.resolve(ctx, backend).impl()(x, shift, scale, eps=eps, out=out)
+    if _fused.needs_grad(x, shift, scale):  # forward-only kernels: the reference, outside the op
+        return OP.resolve(_context(x, shift, scale, out, True), backend).impl()(x, shift, scale, eps=eps, out=out)
+    if out is None:
+        return LIB_OP(x, shift, scale, eps, backend)
+    LIB_OP_OUT(x, shift, scale, out, eps, backend)
+    return out

@@ -29,9 +29,14 @@ from typing import Optional
 import torch
 
 from .._checks import check_finite, check_tensor
-from ._dispatch import Backend, dtype_reason, extension_reason, first_reason, get_op, triton_reason
+from . import _abi, _library
+from ._dispatch import Backend, dtype_reason, extension_reason, first_reason, get_op, size_class, triton_reason
 
 OP = get_op("speculative_accept")
+INFO_CTX = dict(B=8, L=6, D=16384, equal_variance=False, given_randomness=False)
+# shape class of the measured priority table: draft elements B * L * D per call
+SMALL_ELEMENTS = 1 << 18
+OP.shape_class = lambda ctx: size_class(ctx["B"] * ctx["L"] * ctx["D"], SMALL_ELEMENTS)
 
 
 def _load_torch():
@@ -43,7 +48,6 @@ def _load_torch():
 OP.register(Backend("torch", _load_torch))
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_CUDA_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 MAX_SAMPLES = 65535  # grid dimension limit of both kernel backends
 
 
@@ -91,8 +95,7 @@ def _f32(t):
     return None if t is None else t.to(torch.float32).contiguous()
 
 
-def _ptr(t):
-    return 0 if t is None else t.data_ptr()
+_ptr = _abi.ptr
 
 
 def cuda_call(ext, stream: int, mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, deterministic_last, *,
@@ -135,7 +138,7 @@ def cuda_call(ext, stream: int, mean_p, logvar_p, mean_q, logvar_q, noise_q, num
         nd.data_ptr(), det.data_ptr(), _ptr(uf), _ptr(tf), _ptr(bf), _ptr(rn), _ptr(ru),
         0 if rn is None else rn.shape[1], rng_state.data_ptr(), ws.data_ptr(), ws.numel(), out.data_ptr(),
         num_accepted.data_ptr(), log_ratio.data_ptr(), residual_candidates.data_ptr(), fallbacks.data_ptr(),
-        B, L, D, _CUDA_DTYPE_CODE[dt], bool(equal_variance), int(max_candidates), stream)
+        B, L, D, _abi.dtype_code(dt), bool(equal_variance), int(max_candidates), stream)
     return AcceptResult(out=out, num_accepted=num_accepted, log_ratio=log_ratio,
                         residual_candidates=residual_candidates, fallbacks=fallbacks)
 
@@ -162,6 +165,94 @@ def bytes_moved(B: int, L: int, D: int, elem: int = 4) -> int:
     return elem * (3 * B * L * D + 2 * B * (L + 1) * D + B * D)
 
 
+_SMALL_OUTPUTS = ("num_accepted", "log_ratio", "residual_candidates", "fallbacks")
+
+
+def _cpu_checks(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts):
+    # kernels propagate NaN into `out`; the CPU path refuses it outright (host reads: CPU tensors only)
+    for name, t in (("mean_p", mean_p), ("logvar_p", logvar_p), ("mean_q", mean_q),
+                    ("logvar_q", logvar_q), ("noise_q", noise_q)):
+        check_finite(name, t)
+    L = mean_p.shape[1] - 1
+    if bool((num_drafts < 0).any()) or bool((num_drafts > L).any()):
+        raise ValueError(f"num_drafts must lie in [0, {L}], got {num_drafts.tolist()}")
+
+
+def _run(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, deterministic_last, equal_variance, uniforms,
+         bonus_noise, residual_noise, residual_uniforms, tau, generator, rng_state, candidates_per_iter,
+         max_candidates, backend, out=None, bufs=None):
+    if not mean_p.is_cuda:
+        _cpu_checks(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts)
+    B, L1, D = mean_p.shape
+    ctx = dict(device=mean_p.device, dtype=mean_p.dtype, equal_variance=equal_variance,
+               given_randomness=uniforms is not None, B=B, L=L1 - 1, D=D)
+    chosen = OP.resolve(ctx, backend)
+    kw = {}
+    if bufs is not None and chosen.name != "torch":
+        kw = dict(zip(_SMALL_OUTPUTS, bufs))
+    res = chosen.impl()(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, deterministic_last,
+                        equal_variance=equal_variance, uniforms=uniforms, bonus_noise=bonus_noise,
+                        residual_noise=residual_noise, residual_uniforms=residual_uniforms, tau=tau,
+                        generator=generator, out=out, rng_state=rng_state, candidates_per_iter=candidates_per_iter,
+                        max_candidates=max_candidates, **kw)
+    if bufs is not None and chosen.name == "torch":
+        # the reference allocates its small outputs: copy them into the caller's buffers
+        for name, buf in zip(_SMALL_OUTPUTS, bufs):
+            buf.copy_(getattr(res, name))
+    return res
+
+
+# ---------------------------------------------------------------- torch.ops.free_kernels
+_ARGS = ("Tensor mean_p, Tensor logvar_p, Tensor mean_q, Tensor logvar_q, Tensor noise_q, Tensor num_drafts, "
+         "Tensor deterministic_last, bool equal_variance, Tensor? uniforms=None, Tensor? bonus_noise=None, "
+         "Tensor? residual_noise=None, Tensor? residual_uniforms=None, Tensor? tau=None, "
+         "Generator? generator=None, Tensor(a!)? rng_state=None, int candidates_per_iter=8, "
+         "int max_candidates=100000")
+
+
+def _op_impl(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, deterministic_last, equal_variance,
+             uniforms=None, bonus_noise=None, residual_noise=None, residual_uniforms=None, tau=None, generator=None,
+             rng_state=None, candidates_per_iter=8, max_candidates=100_000, backend=None):
+    r = _run(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, deterministic_last, equal_variance, uniforms,
+             bonus_noise, residual_noise, residual_uniforms, tau, generator, rng_state, candidates_per_iter,
+             max_candidates, backend)
+    return r.out, r.num_accepted, r.log_ratio, r.residual_candidates, r.fallbacks
+
+
+def _small_fakes(mean_p):
+    B, L1, _ = mean_p.shape
+    return (mean_p.new_empty((B,), dtype=torch.int32), mean_p.new_empty((B, L1 - 1), dtype=torch.float32),
+            mean_p.new_empty((B,), dtype=torch.int32), mean_p.new_empty((B,), dtype=torch.bool))
+
+
+def _op_fake(mean_p, *args, **kw):
+    B, _, D = mean_p.shape
+    return (mean_p.new_empty((B, D)), *_small_fakes(mean_p))
+
+
+def _op_out_impl(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, deterministic_last, equal_variance,
+                 uniforms=None, bonus_noise=None, residual_noise=None, residual_uniforms=None, tau=None,
+                 generator=None, rng_state=None, candidates_per_iter=8, max_candidates=100_000, *, out, num_accepted,
+                 log_ratio, residual_candidates, fallbacks, backend=None):
+    _run(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, deterministic_last, equal_variance, uniforms,
+         bonus_noise, residual_noise, residual_uniforms, tau, generator, rng_state, candidates_per_iter,
+         max_candidates, backend, out=out, bufs=(num_accepted, log_ratio, residual_candidates, fallbacks))
+
+
+def _op_out_fake(*args, **kw):
+    return None
+
+
+LIB_OP = _library.define(
+    "speculative_accept", f"({_ARGS}, str? backend=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _op_impl, _op_fake)
+LIB_OP_OUT = _library.define(
+    "speculative_accept_out",
+    f"({_ARGS}, *, Tensor(b!) out, Tensor(c!) num_accepted, Tensor(d!) log_ratio, "
+    "Tensor(e!) residual_candidates, Tensor(f!) fallbacks, str? backend=None) -> ()",
+    _op_out_impl, _op_out_fake)
+
+
 def speculative_accept(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, deterministic_last, *,
                        equal_variance: bool, uniforms=None, bonus_noise=None, residual_noise=None,
                        residual_uniforms=None, tau=None, generator: Optional[torch.Generator] = None,
@@ -170,9 +261,14 @@ def speculative_accept(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, 
 
     ``rng_state``: optional int64 ``[seed, offset]`` tensor on the inputs' device
     for the kernel backends (advanced in place); ``**kw``: ``candidates_per_iter``,
-    ``max_candidates``, and for the kernel backends preallocated ``num_accepted``
-    / ``log_ratio`` / ``residual_candidates`` / ``fallbacks``.
+    ``max_candidates``, and preallocated ``num_accepted`` (int32 (B,)) / ``log_ratio``
+    (float32 (B, L), contiguous) / ``residual_candidates`` (int32 (B,)) / ``fallbacks``
+    (bool (B,)).  With ``out`` or any of those given, the call is
+    ``torch.ops.free_kernels.speculative_accept_out`` (every output written in place,
+    missing buffers allocated here); otherwise ``torch.ops.free_kernels.speculative_accept``.
     """
+    from ..reference.speculative_accept import AcceptResult
+
     check_tensor("mean_p", mean_p, dim=3, floating=True)
     B, L1, D = mean_p.shape
     L = L1 - 1
@@ -201,34 +297,23 @@ def speculative_accept(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, 
         check_tensor("out", out, shape=(B, D), dtype=mean_p.dtype, device=dev)
     if rng_state is not None:
         check_tensor("rng_state", rng_state, shape=(2,), dtype=torch.int64, device=dev)
-    if not mean_p.is_cuda:
-        # kernels propagate NaN into `out`; the CPU path refuses it outright
-        for name, t in (("mean_p", mean_p), ("logvar_p", logvar_p), ("mean_q", mean_q),
-                        ("logvar_q", logvar_q), ("noise_q", noise_q)):
-            check_finite(name, t)
-        nd = num_drafts
-        if bool((nd < 0).any()) or bool((nd > L).any()):
-            raise ValueError(f"num_drafts must lie in [0, {L}], got {nd.tolist()}")
-    ctx = dict(device=dev, dtype=mean_p.dtype, equal_variance=equal_variance, given_randomness=uniforms is not None,
-               B=B)
-    chosen = OP.resolve(ctx, backend)
-    given = {k: kw.pop(k) for k in _PREALLOCATED if kw.get(k) is not None}
-    for k in _PREALLOCATED:
-        kw.pop(k, None)
-    if chosen.name != "torch":
-        kw.update(given)
-    res = chosen.impl()(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, deterministic_last,
-                        equal_variance=equal_variance, uniforms=uniforms, bonus_noise=bonus_noise,
-                        residual_noise=residual_noise, residual_uniforms=residual_uniforms, tau=tau,
-                        generator=generator, out=out, rng_state=rng_state, **kw)
-    if chosen.name == "torch" and given:
-        # the reference allocates its small outputs: copy them into the caller's buffers
-        for k, buf in given.items():
-            buf.copy_(getattr(res, _PREALLOCATED[k]))
-            setattr(res, _PREALLOCATED[k], buf)
-    return res
-
-
-# preallocated small outputs a caller may pass (kernel backends write them in place)
-_PREALLOCATED = {"num_accepted": "num_accepted", "log_ratio": "log_ratio",
-                 "residual_candidates": "residual_candidates", "fallbacks": "fallbacks"}
+    cpi = int(kw.pop("candidates_per_iter", 8))
+    max_cand = int(kw.pop("max_candidates", 100_000))
+    bufs = [kw.pop(k, None) for k in _SMALL_OUTPUTS]
+    if kw:
+        raise TypeError(f"speculative_accept() got unexpected keyword arguments {sorted(kw)}")
+    args = (mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, deterministic_last, bool(equal_variance),
+            uniforms, bonus_noise, residual_noise, residual_uniforms, tau, generator, rng_state, cpi, max_cand)
+    if out is None and all(b is None for b in bufs):
+        return AcceptResult(*LIB_OP(*args, backend=backend))
+    specs = ((torch.int32, (B,)), (torch.float32, (B, L)), (torch.int32, (B,)), (torch.bool, (B,)))
+    for i, (name, (dt, shape)) in enumerate(zip(_SMALL_OUTPUTS, specs)):
+        if bufs[i] is None:
+            bufs[i] = torch.empty(shape, dtype=dt, device=dev)
+        else:
+            check_tensor(name, bufs[i], shape=shape, dtype=dt, device=dev)
+    if out is None:
+        out = torch.empty((B, D), dtype=mean_p.dtype, device=dev)
+    LIB_OP_OUT(*args, out=out, num_accepted=bufs[0], log_ratio=bufs[1], residual_candidates=bufs[2],
+               fallbacks=bufs[3], backend=backend)
+    return AcceptResult(out, *bufs)

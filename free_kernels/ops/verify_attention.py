@@ -13,11 +13,17 @@ from typing import Optional
 
 import torch
 
+import functools
+
 from .._checks import check_tensor
+from . import _abi, _library
 from ._fused import grad_reason, needs_grad
-from ._dispatch import Backend, dtype_reason, extension_reason, first_reason, get_op, triton_reason
+from ._dispatch import Backend, dtype_reason, extension_reason, first_reason, get_op, size_class, triton_reason
 
 OP = get_op("verify_attention")
+# shape class of the measured priority table: tokens per call B * N (launch / occupancy bound at or below)
+SMALL_TOKENS = 8192
+OP.shape_class = lambda ctx: size_class(ctx["B"] * ctx["N"], SMALL_TOKENS)
 
 
 def _load_torch():
@@ -30,7 +36,7 @@ OP.register(Backend("torch", _load_torch))
 
 MAX_HEAD_DIM_TRITON = 256
 MAX_HEAD_DIM_CUDA = 128
-_CUDA_DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1}
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _capability_reason(ctx: dict, what: str) -> Optional[str]:
@@ -39,10 +45,15 @@ def _capability_reason(ctx: dict, what: str) -> Optional[str]:
         return None
     if not torch.cuda.is_available():
         return "CUDA is not available to torch (CPU-only build or no driver)"
-    major, minor = torch.cuda.get_device_capability(dev)
+    major, minor = _capability(dev.index if dev.index is not None else torch.cuda.current_device())
     if major < 8:
         return f"{what} needs compute capability >= 8.0 (mma.sync bf16 / cp.async), device has {major}.{minor}"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int):
+    return torch.cuda.get_device_capability(index)
 
 
 def _head_dim_reason(ctx: dict, limit: int) -> Optional[str]:
@@ -84,7 +95,7 @@ def _cuda_supports(ctx: dict) -> Optional[str]:
     why = first_reason(
         grad_reason(ctx),
         extension_reason(ctx, "verify_attention"),
-        dtype_reason(ctx, tuple(_CUDA_DTYPE_CODE)),
+        dtype_reason(ctx, CUDA_DTYPES),
         _head_dim_reason(ctx, MAX_HEAD_DIM_CUDA),
     )
     return why if why is not None else _capability_reason(ctx, "the cuda kernel")
@@ -105,8 +116,7 @@ def _load_cuda():
             with torch.cuda.device(dev):
                 return verify_attention_cuda(qkv, num_heads, out)
         ext.verify_attention(qkv.data_ptr(), out.data_ptr(), B, N, num_heads, head_dim,
-                             *qkv.stride(), *out.stride(), _CUDA_DTYPE_CODE[qkv.dtype],
-                             torch.cuda.current_stream(dev).cuda_stream)
+                             *qkv.stride(), *out.stride(), _abi.dtype_code(qkv.dtype), _abi.stream(qkv))
         return out
 
     return verify_attention_cuda
@@ -132,9 +142,48 @@ def _validate(qkv, num_heads, out):
         check_tensor("out", out, shape=(B, N, three_d // 3), dtype=qkv.dtype, device=qkv.device)
 
 
+def _context(qkv: torch.Tensor, num_heads: int, requires_grad: bool = False) -> dict:
+    B, N, C = qkv.shape
+    return dict(device=qkv.device, dtype=qkv.dtype, head_dim=C // (3 * num_heads), B=B, N=N,
+                requires_grad=requires_grad)
+
+
+# ---------------------------------------------------------------- torch.ops.free_kernels
+def _op_impl(qkv, num_heads, backend=None):
+    return OP.resolve(_context(qkv, num_heads), backend).impl()(qkv, num_heads, out=None).contiguous()
+
+
+def _op_fake(qkv, num_heads, backend=None):
+    B, N, C = qkv.shape
+    return qkv.new_empty((B, N, C // 3))
+
+
+def _op_out_impl(qkv, num_heads, out, backend=None):
+    OP.resolve(_context(qkv, num_heads), backend).impl()(qkv, num_heads, out=out)
+
+
+def _op_out_fake(qkv, num_heads, out, backend=None):
+    return None
+
+
+LIB_OP = _library.define("verify_attention", "(Tensor qkv, int num_heads, str? backend=None) -> Tensor",
+                         _op_impl, _op_fake)
+LIB_OP_OUT = _library.define("verify_attention_out",
+                             "(Tensor qkv, int num_heads, Tensor(a!) out, str? backend=None) -> ()",
+                             _op_out_impl, _op_out_fake)
+
+
 def verify_attention(qkv: torch.Tensor, num_heads: int, *, out: Optional[torch.Tensor] = None,
                      backend: Optional[str] = None) -> torch.Tensor:
+    """Validate, then ``torch.ops.free_kernels.verify_attention[_out]`` (which picks the backend).
+
+    A call that needs a gradient runs the torch reference here (the fused kernels are forward-only;
+    an explicit fused request then raises with that reason).
+    """
     _validate(qkv, num_heads, out)
-    ctx = dict(device=qkv.device, dtype=qkv.dtype, head_dim=qkv.shape[-1] // (3 * num_heads), N=qkv.shape[1],
-               requires_grad=needs_grad(qkv))
-    return OP.resolve(ctx, backend).impl()(qkv, num_heads, out=out)
+    if needs_grad(qkv):
+        return OP.resolve(_context(qkv, num_heads, True), backend).impl()(qkv, num_heads, out=out)
+    if out is None:
+        return LIB_OP(qkv, num_heads, backend)
+    LIB_OP_OUT(qkv, num_heads, out, backend)
+    return out

@@ -10,6 +10,8 @@
 //     0 = legacy default stream),
 //   * launches go to the calling thread's current CUDA device: the Python
 //     wrapper makes the tensors' device current (`torch.cuda.device(t.device)`),
+//   * element types arrive as `dtype_code`, an fk::DType value (dtype.h:
+//     0 = float32, 1 = float16, 2 = bfloat16; Python: free_kernels/ops/_abi.py),
 //   * each entry point calls check_cuda_available() first, validates its
 //     arguments (std::invalid_argument -> ValueError) and checks the launch
 //     (std::runtime_error -> RuntimeError).
@@ -46,7 +48,7 @@ void fill_randn_f32(uintptr_t out, int64_t n, uint64_t seed, uint64_t offset, ui
 // ---- verify_attention.cu ---------------------------------------------------
 // Attention over the packed qkv (B, N, 3 * heads * head_dim) into out
 // (B, N, heads * head_dim); strides in elements (any), head_dim 1..128,
-// dtype_code 0 = float16, 1 = bfloat16; needs sm_80+.
+// dtype_code 1 = float16, 2 = bfloat16 (fk::DType); needs sm_80+.
 void verify_attention(uintptr_t qkv, uintptr_t out, int64_t B, int64_t N, int64_t heads, int64_t head_dim,
                       int64_t s_qb, int64_t s_qn, int64_t s_qc, int64_t s_ob, int64_t s_on, int64_t s_oc,
                       int64_t dtype_code, uintptr_t stream);
