@@ -77,7 +77,32 @@ def main(argv=None) -> int:
             iters = args.iters if name != "speculative_accept" else max(1000, args.iters // 10)
             a, b = per_call_us(op, iters), per_call_us(ref, iters)
             print(f"{name:<22}{a:>9.2f}{b:>14.2f}{a - b:>13.2f}")
+    print("backend resolution for a CUDA-tensor context (every backend probed; no GPU needed):")
+    for name, ctx in cuda_contexts().items():
+        op = ops.OPS[name]
+
+        def resolve(op=op, ctx=ctx):
+            try:
+                op.resolve(ctx)
+            except ops.BackendUnavailable:
+                pass
+
+        print(f"{name:<22}{per_call_us(resolve, args.iters):>9.2f} us")
     return 0
+
+
+def cuda_contexts() -> Dict[str, dict]:
+    """Dispatch contexts of CUDA calls (DiT-XL/2 sizes), with every key any version of the op reads."""
+    dev = torch.device("cuda")
+    fused = dict(device=dev, dtype=torch.float16, H=1152, K=4608, M=512, requires_grad=False, mixed=None)
+    return {
+        "modulated_layernorm": fused,
+        "gated_residual": fused,
+        "bias_gelu": fused,
+        "verify_attention": dict(device=dev, dtype=torch.float16, head_dim=72, B=2, N=256, requires_grad=False),
+        "speculative_accept": dict(device=dev, dtype=torch.float32, equal_variance=False, given_randomness=False,
+                                   B=8, L=6, D=4096),
+    }
 
 
 if __name__ == "__main__":
