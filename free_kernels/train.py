@@ -36,7 +36,6 @@ a cache or run folder received from someone else cannot run code.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time

@@ -26,7 +26,6 @@ The helpers here are shared with ``sample_ddp.py``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -301,7 +300,10 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 4, padding: int = 2) 
         r, c = divmod(k, ncol)
         top, left = padding + r * (H + padding), padding + c * (W + padding)
         grid[:, top:top + H, left:left + W] = x[k]
-    to_pil(grid.permute(1, 2, 0).numpy()).save(path)
+    from free_kernels._checks import atomic_write
+
+    fmt = "JPEG" if path.lower().endswith((".jpg", ".jpeg")) else "PNG"
+    atomic_write(path, lambda f: to_pil(grid.permute(1, 2, 0).numpy()).save(f, format=fmt))
 
 
 def stats_dict(diffusion, batch_size: int, seconds: float) -> dict:
@@ -314,6 +316,24 @@ def stats_dict(diffusion, batch_size: int, seconds: float) -> dict:
     return st.as_dict()
 
 
+def check_outputs(args) -> None:
+    """--out / --stats checked before any model loads: extension, not an input file, writable directory."""
+    from free_kernels._checks import FileProblem, check_output_path, remove_stale_tmp
+
+    inputs = [x for x in (args.target, args.ckpt) if x]
+    inputs += [x[: -len(".safetensors")] + ".json" for x in inputs if x.endswith(".safetensors")]
+    if args.drafter not in (None, "frozen"):
+        base = args.drafter[: -len(".safetensors")] if args.drafter.endswith(".safetensors") else args.drafter
+        inputs += [base + ".safetensors", base + ".json"]
+    try:
+        for opt, path, suffixes in (("--out", args.out, (".png", ".jpg", ".jpeg")), ("--stats", args.stats, (".json",))):
+            if path:
+                check_output_path(opt, path, suffixes=suffixes, protected=inputs)
+                remove_stale_tmp(os.path.dirname(os.path.abspath(path)), [os.path.basename(path)])
+    except FileProblem as e:
+        fail(str(e))
+
+
 # --------------------------------------------------------------------------- main
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -324,6 +344,7 @@ def main(argv=None):
     p.add_argument("--out", type=str, default="sample.png")
     p.add_argument("--stats", type=str, default=None, help="write the FREE statistics as JSON here")
     args = p.parse_args(argv)
+    check_outputs(args)
 
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -354,8 +375,9 @@ def main(argv=None):
           f"{st['target_calls']} target calls" + (f", {st.get('steps_per_target_call', 1.0):.2f} steps per "
                                                    f"target call" if st["mode"] != "baseline" else "") + ")")
     if args.stats:
-        with open(args.stats, "w") as f:
-            json.dump(st, f, indent=2)
+        from free_kernels._checks import atomic_write_json
+
+        atomic_write_json(args.stats, st)
 
 
 if __name__ == "__main__":

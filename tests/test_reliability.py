@@ -196,6 +196,19 @@ def test_3_free_sample_png_and_json_writes_are_atomic(tmp_path, tiny_sample, mon
     assert json.loads(js.read_text())["format"] == "free-sample/1" and out.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_3_sample_py_checks_outputs_before_loading(tmp_path, tiny_sample, capsys):
+    from _reliability_utils import sample_ddp_module
+
+    sample_ddp_module()  # puts python/ on sys.path
+    import sample as sample_py
+
+    for extra, message in ((["--out", "result"], "must end with .png"),
+                           (["--stats", tiny_sample["target_json"]], "refusing to overwrite")):
+        with pytest.raises(SystemExit) as e:
+            sample_py.main(["--target", tiny_sample["target"], "--no-vae", "--steps", "2", *extra])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ 4. trainer resume and cache identity
 @pytest.mark.parametrize("change,expected", [
     (["--lr", "1e-3"], "lr 0.003 -> 0.001"),
