@@ -725,7 +725,8 @@ def test_draft_epilogue_strided_inputs_and_poisoned_outputs(backend, monkeypatch
 
 @pytest.mark.parametrize("backend", ["torch"] + kernel_backends())
 def test_draft_epilogue_counter_based_noise(backend, monkeypatch):
-    """noise=None: every backend draws philox_randn(seed, offset + flat index), keeps it in noise_out, advances."""
+    """noise=None: every backend draws philox_randn(seed, offset + flat index, the draft subsequence), keeps it
+    in noise_out, advances."""
     ext = _env.extension()  # the real module (host Philox mirror), before cuda-emu patches the lookup
     if ext is None and backend in ("torch", "cuda-emu"):
         pytest.skip("needs the host Philox of free_kernels._C")
@@ -745,7 +746,8 @@ def test_draft_epilogue_counter_based_noise(backend, monkeypatch):
     assert rng.tolist() == [seed, offset + n], "rng_state offset not advanced by R*C*S*S"
     assert not torch.isnan(z).any()
     if ext is not None:
-        host = torch.from_numpy(np.asarray(ext.philox_normal(seed, offset, n))).reshape(x.shape)
+        from free_kernels.reference.draft_epilogue import DRAFT_NOISE_SUBSEQUENCE as sub
+        host = torch.from_numpy(np.asarray(ext.philox_normal(seed, offset, n, subsequence=sub))).reshape(x.shape)
         torch.testing.assert_close(z.cpu(), host, rtol=1e-5, atol=1e-5)
     # the outputs are the transition of exactly that noise
     ref = run_transition(backend, tgt, dif, h, c, x, idx, z, monkeypatch, **kw)

@@ -33,15 +33,23 @@
 //     float32 (and weights that are not 4-byte addressable in pairs): a warp
 //     per column, lanes split K, fp32 FMAs, warp-shuffle reduction.
 //  3. Epilogue, a thread per (token, eps column): bias, guidance, transition,
-//     noise (given, or philox_randn(seed, offset + flat index) - philox.h, the
-//     same stream as tl.randn), stores.
+//     noise (given, or philox_randn(seed, offset + flat index,
+//     kDraftNoiseSubsequence) - philox.h; the Triton twin draws the same
+//     stream), stores.
 //
 // The (G*R, H) x (H, 2H) adaLN GEMM of c that produces shift / scale stays in
 // torch (cuBLAS), as does everything before h.
 //
 // rng_state: int64 [seed, offset] on the device.  When noise is not given the
 // kernel reads it and a one-thread kernel on the same stream then adds
-// R*C*S*S to the offset: CUDA-graph replays draw fresh noise.
+// R*C*S*S to the offset: CUDA-graph replays draw fresh noise.  The same
+// rng_state may also drive speculative_accept, whose streams (accept_math.h)
+// use the Philox subsequence word (candidate, (sample << 2) | tag) with
+// candidate field 0 for tags 0 (acceptance uniforms) and 1 (bonus normals):
+// the draft noise takes tag 0 with candidate field 2^32 - 1, which no
+// acceptance stream reaches, so drafts and acceptance tests never share
+// random numbers (with subsequence 0 the draft noise of element j was a
+// function of sample 0's acceptance uniform of slot j).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -49,6 +57,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -64,6 +73,9 @@ namespace {
 using adaln::kHeadRows;
 
 constexpr int kWarps = 8;
+// Philox subsequence of the draft noise (see the file comment; free_kernels/triton/draft_epilogue.py
+// and free_kernels/reference/draft_epilogue.py use the same value)
+constexpr uint64_t kDraftNoiseSubsequence = 0xFFFFFFFFull;
 constexpr int kThreads = 32 * kWarps;
 
 template <typename T>
@@ -367,7 +379,7 @@ __global__ void __launch_bounds__(kThreads) draft_epilogue_kernel(const Args a) 
     } else {
       const uint64_t seed = static_cast<uint64_t>(a.rng[0]);
       const uint64_t offset = static_cast<uint64_t>(a.rng[1]);
-      z = philox_randn(seed, offset + static_cast<uint64_t>(r * D + L.flat(ch, prow, pcol)));
+      z = philox_randn(seed, offset + static_cast<uint64_t>(r * D + L.flat(ch, prow, pcol)), kDraftNoiseSubsequence);
     }
     a.out_x[off4(a.oxs, r, ch, prow, pcol)] = adaln::sample_from(tr, z);
     a.out_mean[off4(a.oms, r, ch, prow, pcol)] = tr.mean;
@@ -380,37 +392,55 @@ __global__ void advance_rng_offset(int64_t* rng, int64_t n) {
   if (threadIdx.x == 0) rng[1] += n;
 }
 
-// Opt in to > 48 KiB of dynamic shared memory once per (kernel instance, device); one
-// bit per device, re-setting is harmless so races are benign.
+[[noreturn]] void bad(const std::string& what) { throw std::invalid_argument("draft_epilogue: " + what); }
+
+// Dynamic shared memory above a kernel's default allowance (48 KiB minus its STATIC shared
+// memory: the row coefficients, and the 4 KiB split-K reduction buffer on the mma path) needs an
+// opt-in, and CUDA rejects an opt-in with static + dynamic above the device's per-block opt-in
+// maximum (227 KiB on sm_90, 163 KiB on sm_80).  So request only what this call needs, after
+// checking that static + dynamic fits; the size granted so far is cached per (kernel instance,
+// device); the slow path is serialised, and the allowance only ever grows.
 template <typename T, bool kMma>
-cudaError_t ensure_smem(int smem) {
-  static std::atomic<unsigned long long> opted{0};
-  if (smem <= 48 * 1024) return cudaSuccess;
+cudaError_t ensure_smem(int smem, int64_t H) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> granted[kMaxDevices];  // static storage: zero = nothing known yet
+  static std::mutex mu;
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
-  const unsigned long long bit = 1ull << (dev & 63);
-  if (opted.load(std::memory_order_relaxed) & bit) return cudaSuccess;
-  int limit = 0;
-  err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  const bool cached = dev >= 0 && dev < kMaxDevices;
+  if (cached && smem <= granted[dev].load(std::memory_order_acquire)) return cudaSuccess;
+  std::lock_guard<std::mutex> lock(mu);
+  const int have = cached ? granted[dev].load(std::memory_order_relaxed) : 0;
+  if (smem <= have) return cudaSuccess;
+  cudaFuncAttributes fa{};  // maxDynamicSharedSizeBytes: the current allowance (default or an earlier grant)
+  err = cudaFuncGetAttributes(&fa, draft_epilogue_kernel<T, kMma>);
   if (err != cudaSuccess) return err;
-  // set the device maximum once, so that later calls with other sizes need nothing
-  err = cudaFuncSetAttribute(draft_epilogue_kernel<T, kMma>, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
-  if (err != cudaSuccess) return err;
-  opted.fetch_or(bit, std::memory_order_relaxed);
+  int grant = fa.maxDynamicSharedSizeBytes;
+  if (smem > grant) {  // grow the allowance to exactly this call's need
+    int limit = 0;
+    err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    if (err != cudaSuccess) return err;
+    if (static_cast<int64_t>(fa.sharedSizeBytes) + smem > limit)
+      bad("H=" + std::to_string(H) + " needs " + std::to_string(fa.sharedSizeBytes) + " B static + " +
+          std::to_string(smem) + " B dynamic shared memory per block, more than this device's opt-in limit of " +
+          std::to_string(limit) + " B");
+    err = cudaFuncSetAttribute(draft_epilogue_kernel<T, kMma>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+    grant = smem;
+  }
+  if (cached) granted[dev].store(grant, std::memory_order_release);
   return cudaSuccess;
 }
 
 template <typename T, bool kMma>
 cudaError_t launch_typed(const Args& a, int smem, cudaStream_t stream) {
-  cudaError_t err = ensure_smem<T, kMma>(smem);
+  cudaError_t err = ensure_smem<T, kMma>(smem, a.H);
   if (err != cudaSuccess) return err;
   const unsigned grid = static_cast<unsigned>(static_cast<int64_t>(a.R) * a.n_tb);
   draft_epilogue_kernel<T, kMma><<<grid, kThreads, smem, stream>>>(a);
   return cudaGetLastError();
 }
-
-[[noreturn]] void bad(const std::string& what) { throw std::invalid_argument("draft_epilogue: " + what); }
 
 }  // namespace
 

@@ -94,12 +94,20 @@ def transition(model_output: torch.Tensor, x: torch.Tensor, tables: torch.Tensor
     return mean, logvar
 
 
+# Philox subsequence of the draft noise: csrc/kernels/draft_epilogue.cu kDraftNoiseSubsequence and
+# free_kernels/triton/draft_epilogue.py DRAFT_NOISE_SUBSEQUENCE (tag 0 with candidate field 2^32 - 1,
+# a stream none of speculative_accept's uses)
+DRAFT_NOISE_SUBSEQUENCE = 0xFFFFFFFF
+
+
 def philox_noise(rng_state: torch.Tensor, shape, device) -> torch.Tensor:
     """Standard normals of the kernels' counter-based stream, computed on the host.
 
-    Element i of the row-major ``shape`` is ``philox_randn(seed, offset + i)``
-    (csrc/include/free_kernels/philox.h, = ``tl.randn``), from the host mirror
-    in ``free_kernels._C``.  Advances ``rng_state[1]`` by the element count.
+    Element i of the row-major ``shape`` is ``philox_randn(seed, offset + i,
+    DRAFT_NOISE_SUBSEQUENCE)`` (csrc/include/free_kernels/philox.h; the draft
+    noise's own Philox subsequence, apart from speculative_accept's streams),
+    from the host mirror in ``free_kernels._C``.  Advances ``rng_state[1]`` by
+    the element count.
     """
     from .. import _env
 
@@ -109,7 +117,8 @@ def philox_noise(rng_state: torch.Tensor, shape, device) -> torch.Tensor:
                            f"free_kernels._C, which is not importable: {_env.extension_unavailable_reason()}")
     seed, offset = (int(v) for v in rng_state.tolist())
     n = int(np.prod(shape))
-    z = torch.from_numpy(np.asarray(ext.philox_normal(seed & (2 ** 64 - 1), offset & (2 ** 64 - 1), n)))
+    z = torch.from_numpy(np.asarray(ext.philox_normal(seed & (2 ** 64 - 1), offset & (2 ** 64 - 1), n,
+                                                      subsequence=DRAFT_NOISE_SUBSEQUENCE)))
     rng_state[1] += n
     return z.reshape(shape).to(device)
 

@@ -24,8 +24,10 @@ sample row r and ``BLOCK_T`` tokens (both CFG rows of those tokens):
 
 Noise: given (any float dtype, any strides), or drawn in the kernel from the
 counter-based stream ``rng_state = [seed, offset]`` (int64 device tensor):
-element (r, c, y, x) is ``tl.randn(seed, offset + ((r*C + c)*S + y)*S + x)``,
-i.e. ``philox_randn`` of csrc/include/free_kernels/philox.h.  The launcher then
+element (r, c, y, x) is ``philox_randn(seed, offset + ((r*C + c)*S + y)*S + x,
+DRAFT_NOISE_SUBSEQUENCE)`` of csrc/include/free_kernels/philox.h (``tl.randn``'s
+conversion of the Philox words of that subsequence): its own stream, apart
+from speculative_accept's, so the two ops can share one ``rng_state``.  The launcher then
 advances ``rng_state[1]`` by R*C*S*S on the device (a separate tiny add on the
 same stream), so a captured CUDA graph draws fresh noise on every replay.
 
@@ -40,11 +42,21 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from triton.language.random import pair_uniform_to_normal, uint_to_uniform_float
 
 from .._env import triton_interpret
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+# Philox subsequence of the draft noise (csrc/kernels/draft_epilogue.cu kDraftNoiseSubsequence): the
+# candidate field 2^32 - 1 with tag 0, which none of speculative_accept's streams uses, so a
+# rng_state shared with the acceptance op never hands the same numbers to both.
+DRAFT_NOISE_SUBSEQUENCE = 0xFFFFFFFF
+DRAFT_NOISE_SUB_LO = tl.constexpr(DRAFT_NOISE_SUBSEQUENCE & 0xFFFFFFFF)
+DRAFT_NOISE_SUB_HI = tl.constexpr(DRAFT_NOISE_SUBSEQUENCE >> 32)
+# Triton launches allow at most 65,535 programs along grid axes 1 and 2
+MAX_GRID_YZ = 65535
 
 
 @triton.jit
@@ -176,7 +188,14 @@ def _draft_epilogue_kernel(
         offset = tl.load(RNG + 1)
         S = GRID_W * P
         flat = ((r * C + ch2) * S + prow) * S + pcol
-        z = tl.randn(seed, offset + flat)
+        # tl.randn(seed, offset + flat) of subsequence DRAFT_NOISE_SUBSEQUENCE (philox.h philox_randn)
+        o = offset + flat
+        o_lo = (o & 0xFFFFFFFF).to(tl.uint32)
+        o_hi = ((o >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        zero = o_lo * 0
+        w0, w1, _w2, _w3 = tl.philox(seed, o_lo, o_hi, (zero + DRAFT_NOISE_SUB_LO).to(tl.uint32),
+                                     (zero + DRAFT_NOISE_SUB_HI).to(tl.uint32))
+        z, _z1 = pair_uniform_to_normal(uint_to_uniform_float(w0), uint_to_uniform_float(w1))
     x_next = mean + tl.exp(0.5 * logvar) * z
 
     tl.store(OUT_X + r * s_oxr + ch2 * s_oxc + prow * s_oxy + pcol * s_oxx, x_next, mask=m2)
@@ -230,6 +249,12 @@ def draft_epilogue(h, shift, scale, weight, bias, x, tables, index, noise=None, 
     z_t = noise_out if noise_out is not None else x_next   # placeholder, never written
     meta = launch_meta(H, p, C, h.dtype, triton_interpret())
     grid = (triton.cdiv(N, meta["BLOCK_T"]), R)
+    if R > MAX_GRID_YZ:
+        raise ValueError(f"draft_epilogue (triton): R = {R} sample rows is more than the {MAX_GRID_YZ} programs a "
+                         "Triton launch allows along grid axis 1; split the batch")
+    if grid[0] > 2 ** 31 - 1:
+        raise ValueError(f"draft_epilogue (triton): {grid[0]} token blocks is more than the 2**31 - 1 programs a "
+                         "Triton launch allows along grid axis 0")
     _draft_epilogue_kernel[grid](
         h, shift, scale, weight, bias, x, tables, index, noise_t, rng_t, x_next, mean, logvar, z_t,
         R, N, H, grid_w, float(eps), float(cfg_scale),

@@ -7,6 +7,18 @@
 // becomes `static`: shared by the threads of the running block, reused by the
 // next block (blocks never overlap).  Device pointers are host pointers.
 //
+// Shared-memory limits ARE emulated, as a device enforces them: a launch with
+// more dynamic shared memory than the kernel's allowance fails (the allowance is
+// 48 KiB minus the kernel's static shared memory until cudaFuncSetAttribute
+// raises it), and cudaFuncSetAttribute(MaxDynamicSharedMemorySize, n) fails
+// when static + n exceeds the emulated per-block opt-in limit
+// (fk_emu::g_optin_smem: 227 KiB as on sm_90; 163 KiB on sm_80).  The
+// emulation cannot measure a kernel's static __shared__ footprint (it becomes
+// a plain `static`), so it charges every kernel fk_emu::g_static_smem bytes
+// (default 4160: the largest footprint of the emulated kernels, draft_epilogue's
+// 4 KiB split-K buffer plus its row coefficients) - any nonzero value catches an
+// opt-in of the whole device limit.
+//
 // Not emulated: memory-model corner cases beyond barrier ordering, timing,
 // occupancy, atomics, textures.  It checks the kernels' LOGIC (indexing,
 // reductions, decisions, loops), not their performance.
@@ -23,8 +35,10 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <math.h>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -57,6 +71,59 @@ inline cudaError_t cudaGetLastError() {
   fk_emu_last_error = cudaSuccess;
   return e;
 }
+
+// ---- kernel attributes and the shared-memory rules of a device
+struct cudaFuncAttributes {
+  size_t sharedSizeBytes;         // static shared memory
+  size_t constSizeBytes;
+  size_t localSizeBytes;
+  int maxThreadsPerBlock;
+  int numRegs;
+  int ptxVersion;
+  int binaryVersion;
+  int cacheModeCA;
+  int maxDynamicSharedSizeBytes;  // the current dynamic allowance
+  int preferredShmemCarveout;
+};
+// value 0 matches the stand-in macros some tests define for this name
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 0, cudaFuncAttributePreferredSharedMemoryCarveout = 1 };
+
+namespace fk_emu {
+inline size_t g_optin_smem = 227 * 1024;  // cudaDevAttrMaxSharedMemoryPerBlockOptin of sm_90
+inline size_t g_static_smem = 4160;       // charged to every kernel (see the file comment)
+constexpr size_t kDefaultSmem = 48 * 1024;
+inline std::mutex g_attr_mu;
+inline std::map<const void*, int>& dynamic_allowance() {
+  static std::map<const void*, int> m;
+  return m;
+}
+inline int allowance_of(const void* f) {
+  std::lock_guard<std::mutex> lock(g_attr_mu);
+  auto it = dynamic_allowance().find(f);
+  return it != dynamic_allowance().end() ? it->second : static_cast<int>(kDefaultSmem - g_static_smem);
+}
+}  // namespace fk_emu
+
+template <typename... KArgs>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, void (*f)(KArgs...)) {
+  *attr = cudaFuncAttributes{};
+  attr->sharedSizeBytes = fk_emu::g_static_smem;
+  attr->maxThreadsPerBlock = 1024;
+  attr->maxDynamicSharedSizeBytes = fk_emu::allowance_of(reinterpret_cast<const void*>(f));
+  return cudaSuccess;
+}
+
+// More specialised than a catch-all stand-in `template <typename F> cudaFuncSetAttribute(F, int, int)`,
+// so overload resolution picks this one for kernels.
+template <typename... KArgs>
+cudaError_t cudaFuncSetAttribute(void (*f)(KArgs...), int attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;
+  if (value < 0 || fk_emu::g_static_smem + static_cast<size_t>(value) > fk_emu::g_optin_smem) return cudaErrorInvalidValue;
+  std::lock_guard<std::mutex> lock(fk_emu::g_attr_mu);
+  fk_emu::dynamic_allowance()[reinterpret_cast<const void*>(f)] = value;
+  return cudaSuccess;
+}
+
 inline const char* cudaGetErrorName(cudaError_t e) { return e == cudaSuccess ? "cudaSuccess" : "cudaErrorEmulated"; }
 inline const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "emulated error"; }
 
@@ -132,10 +199,14 @@ T exchange(T v, unsigned src) {
 // thread that returns early must do so together with its whole block (true of
 // the kernels tested here), as std::barrier counts every thread in each phase.
 template <typename... KArgs, typename... Args>
-void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t /*smem*/, cudaStream_t /*stream*/,
+void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t /*stream*/,
             Args&&... args) {
   if (block.y != 1 || block.z != 1 || block.x % 32 != 0 || block.x > 1024) {
     fk_emu_last_error = cudaErrorInvalidValue;
+    return;
+  }
+  if (smem > static_cast<size_t>(allowance_of(reinterpret_cast<const void*>(kernel)))) {
+    fk_emu_last_error = cudaErrorInvalidValue;  // a device: "too many resources requested for launch"
     return;
   }
   Block blk(block.x);
