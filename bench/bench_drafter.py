@@ -39,18 +39,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
-import statistics
 import sys
 from typing import Callable, Dict, List, Optional
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import ROOT, environment, event_ms, graphed, needs_cuda, print_header, write_json  # noqa: E402,F401
 
 from free_kernels import ops  # noqa: E402
 from free_kernels.diffusion import create_diffusion  # noqa: E402
@@ -119,49 +115,7 @@ def sdpa_attention():
 
 def time_ms(fn: Callable[[], object], warmup: int, iters: int, reps: int) -> float:
     """Median over ``reps`` of (CUDA-event time of ``iters`` calls) / iters."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    res = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(iters):
-            fn()
-        b.record()
-        b.synchronize()
-        res.append(a.elapsed_time(b) / iters)
-    return statistics.median(res)
-
-
-def graphed(fn: Callable[[], object]) -> Callable[[], object]:
-    """Capture ``fn`` (static inputs / outputs inside) in a CUDA graph; returns the replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
-
-
-def environment() -> Dict[str, str]:
-    import triton
-
-    props = torch.cuda.get_device_properties(0)
-    env = dict(device=props.name, capability=f"{props.major}.{props.minor}", torch=torch.__version__,
-               triton=triton.__version__, cuda=str(torch.version.cuda), python=platform.python_version())
-    from free_kernels import _env
-
-    ext = _env.extension()
-    env["extension"] = "not built" if ext is None else ("cuda" if ext.built_with_cuda() else "host-only")
-    if ext is not None and getattr(ext, "cuda_driver_version", None):
-        env["driver_cuda"] = str(ext.cuda_driver_version())
-    return env
+    return event_ms(fn, warmup, iters, reps)
 
 
 # ------------------------------------------------------------------ the two steps
@@ -296,14 +250,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", default=None, help="write the rows and environment to this file")
     args = p.parse_args(argv)
 
-    if not torch.cuda.is_available():
-        print("bench_drafter: needs a CUDA GPU (torch.cuda.is_available() is False); nothing to time.")
+    if needs_cuda("bench_drafter"):
         return 0
     os.environ.setdefault("FREE_KERNELS_CHECK_NAN", "0")
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16)[args.dtype]
-    env = environment()
-    print("device: " + "  ".join(f"{k}={v}" for k, v in env.items()))
-    print(f"command: python {' '.join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:]))}")
+    env = print_header("device:", __file__, argv)
     print(f"DiT-XL/2: H={HIDDEN}, {HEADS} heads, target {DEPTH} blocks, drafter 1 block; CFG (2B rows); "
           f"ms = median of {args.reps} x CUDA events over {args.iters} calls")
     all_rows: List[Dict] = []
@@ -312,10 +263,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows = run_shape(B, T, dtype, args)
         print("\n".join(format_rows(rows, header=not all_rows)), flush=True)
         all_rows.extend(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(environment=env, rows=all_rows), f, indent=1)
-        print(f"wrote {args.json}")
+    write_json(args.json, dict(environment=env, rows=all_rows))
     return 0
 
 

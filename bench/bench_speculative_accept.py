@@ -32,18 +32,16 @@ returns 0.  CPU microbenchmark of the reference (pytest-benchmark):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import ROOT, do_bench_ms, environment, fmt, needs_cuda, print_header, write_json  # noqa: E402,F401
+from _common import graph_us as _graph_us  # noqa: E402
 
 from free_kernels.ops.speculative_accept import OP, bytes_moved, speculative_accept  # noqa: E402
 from free_kernels.reference.speculative_accept import speculative_accept as reference  # noqa: E402
@@ -75,30 +73,12 @@ def make_round(B: int, L: int, D: int, equal_variance: bool, device="cuda", seed
 
 # ------------------------------------------------------------------ timing
 def bench_us(fn: Callable) -> float:
-    import triton.testing
-
-    return 1e3 * float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    return 1e3 * do_bench_ms(fn)
 
 
 def graph_us(fn: Callable, calls: int = GRAPH_CALLS) -> Optional[float]:
     """Per-call time of ``calls`` invocations captured in one CUDA graph (None if capture fails)."""
-    try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(calls):
-                fn()
-        g.replay()
-        torch.cuda.synchronize()
-        return bench_us(g.replay) / calls
-    except Exception:
-        torch.cuda.synchronize()
-        return None
+    return _graph_us(fn, calls)
 
 
 def hbm_gbps(nbytes: int = 1 << 30) -> float:
@@ -127,29 +107,6 @@ def launch_floor_us() -> Tuple[float, Optional[float]]:
 
     run()
     return bench_us(run), graph_us(run)
-
-
-def environment() -> Dict[str, str]:
-    import triton
-
-    props = torch.cuda.get_device_properties(0)
-    env = dict(device=props.name, capability=f"{props.major}.{props.minor}", sms=str(props.multi_processor_count),
-               torch=torch.__version__, triton=triton.__version__, cuda=str(torch.version.cuda),
-               python=platform.python_version())
-    try:
-        from free_kernels import _env
-
-        ext = _env.extension()
-        if ext is not None:
-            env["extension"] = "cuda" if ext.built_with_cuda() else "host-only"
-            drv = getattr(ext, "cuda_driver_version", lambda: None)()
-            if drv:
-                env["driver_cuda"] = str(drv)
-        else:
-            env["extension"] = "not built"
-    except Exception as e:  # pragma: no cover
-        env["extension"] = f"error: {e}"
-    return env
 
 
 # ------------------------------------------------------------------ providers
@@ -232,8 +189,8 @@ def run_shape(mode: str, B: int, L: int, D: int, hbm: float, compile_ref: bool) 
     return rows
 
 
-def _f(v, fmt):
-    return "-" if v is None else format(v, fmt)
+def _f(v, spec):
+    return fmt(v, spec)
 
 
 def format_rows(rows: List[Dict], hbm: float, header: bool) -> List[str]:
@@ -258,15 +215,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", default=None, help="write the rows and environment to this file")
     args = p.parse_args(argv)
 
-    if not torch.cuda.is_available():
-        print("bench_speculative_accept: needs a CUDA GPU (torch.cuda.is_available() is False); nothing to time.\n"
-              "CPU microbenchmark of the reference: pytest bench/bench_speculative_accept.py --benchmark-only")
+    if needs_cuda("bench_speculative_accept",
+                  "CPU microbenchmark of the reference: pytest bench/bench_speculative_accept.py --benchmark-only"):
         return 0
     os.environ.setdefault("FREE_KERNELS_CHECK_NAN", "0")
 
-    env = environment()
-    print("speculative_accept benchmark  " + "  ".join(f"{k}={v}" for k, v in env.items()))
-    print(f"command: python {' '.join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:]))}")
+    env = print_header("speculative_accept benchmark", __file__, argv)
     hbm = hbm_gbps()
     floor, floor_graph = launch_floor_us()
     print(f"ceiling: HBM copy bandwidth {hbm:.0f} GB/s (1 GiB read + write); single-launch floor: empty Triton "
@@ -283,11 +237,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     rows = run_shape(mode, B, L, D, hbm, compile_ref=not args.no_compile)
                     print("\n".join(format_rows(rows, hbm, header=not rows_all)), flush=True)
                     rows_all.extend(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(environment=env, hbm_gbps=hbm, launch_floor_us=floor, launch_floor_graph_us=floor_graph,
-                           rows=rows_all), f, indent=1)
-        print(f"wrote {args.json}")
+    write_json(args.json, dict(environment=env, hbm_gbps=hbm, launch_floor_us=floor,
+                               launch_floor_graph_us=floor_graph, rows=rows_all))
     return 0
 
 

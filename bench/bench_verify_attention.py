@@ -26,18 +26,15 @@ reference at a tiny size runs under pytest-benchmark:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import ROOT, do_bench_ms, environment, needs_cuda, print_header, write_json  # noqa: E402,F401
 
 from free_kernels.ops.verify_attention import OP, flops, verify_attention  # noqa: E402
 from free_kernels.reference.verify_attention import verify_attention as reference  # noqa: E402
@@ -124,9 +121,7 @@ def reference_fp32(qkv: torch.Tensor, heads: int, chunk: int = 8) -> torch.Tenso
 
 # ------------------------------------------------------------------ timing
 def bench_ms(fn: Callable) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    return do_bench_ms(fn)
 
 
 def matmul_ceiling(dtype: torch.dtype, n: int = 8192) -> float:
@@ -136,29 +131,6 @@ def matmul_ceiling(dtype: torch.dtype, n: int = 8192) -> float:
     b = torch.randn(n, n, device="cuda", dtype=dtype, generator=g)
     ms = bench_ms(lambda: a @ b)
     return 2 * n ** 3 / (ms * 1e-3) / 1e12
-
-
-def environment() -> Dict[str, str]:
-    import triton
-
-    props = torch.cuda.get_device_properties(0)
-    env = dict(device=props.name, capability=f"{props.major}.{props.minor}", sms=str(props.multi_processor_count),
-               torch=torch.__version__, triton=triton.__version__, cuda=str(torch.version.cuda),
-               python=platform.python_version())
-    try:
-        from free_kernels import _env
-
-        ext = _env.extension()
-        if ext is not None:
-            env["extension"] = "cuda" if ext.built_with_cuda() else "host-only"
-            drv = getattr(ext, "cuda_driver_version", lambda: None)()
-            if drv:
-                env["driver_cuda"] = str(drv)
-        else:
-            env["extension"] = "not built"
-    except Exception as e:  # pragma: no cover
-        env["extension"] = f"error: {e}"
-    return env
 
 
 def run_shape(B: int, N: int, dtype: torch.dtype, heads: int = HEADS, head_dim: int = HEAD_DIM) -> List[Dict]:
@@ -217,17 +189,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="N=256, B in {2, 14} only")
     p.add_argument("--json", default=None, help="write the rows and environment to this file")
     p.add_argument("--dtypes", default="fp16,bf16", help="comma list of fp16, bf16")
+    p.add_argument("--no-compile", action="store_true",
+                   help="accepted for a uniform command line: this benchmark has no torch.compile provider")
     args = p.parse_args(argv)
 
-    if not torch.cuda.is_available():
-        print("bench_verify_attention: needs a CUDA GPU (torch.cuda.is_available() is False); nothing to time.\n"
-              "CPU microbenchmark of the reference: pytest bench/bench_verify_attention.py --benchmark-only")
+    if needs_cuda("bench_verify_attention",
+                  "CPU microbenchmark of the reference: pytest bench/bench_verify_attention.py --benchmark-only"):
         return 0
     os.environ.setdefault("FREE_KERNELS_CHECK_NAN", "0")
 
-    env = environment()
-    print("verify_attention benchmark  " + "  ".join(f"{k}={v}" for k, v in env.items()))
-    print(f"command: python {' '.join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:]))}")
+    env = print_header("verify_attention benchmark", __file__, argv)
     dtypes = [dict(fp16=torch.float16, bf16=torch.bfloat16)[d.strip()] for d in args.dtypes.split(",")]
     ceilings = {str(dt).replace("torch.", ""): matmul_ceiling(dt) for dt in dtypes}
     for k, v in ceilings.items():
@@ -243,10 +214,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 rows = run_shape(B, N, dt)
                 all_rows.extend(rows)
                 print("\n".join(format_rows(rows, ceilings)[(0 if len(all_rows) == len(rows) else 1):]), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(environment=env, ceilings_tflops=ceilings, rows=all_rows), f, indent=1)
-        print(f"wrote {args.json}")
+    write_json(args.json, dict(environment=env, ceilings_tflops=ceilings, rows=all_rows))
     return 0
 
 

@@ -168,7 +168,7 @@ def sample(args) -> int:
     print(f"SMOKE {forced}: steps/call {res['spc']} (CPU {res['spc_cpu']}), acceptance thirds {thirds} "
           f"(CPU {CPU_FIGURES['acceptance_thirds']}), target calls {st.target_calls}")
     print(f"SMOKE {forced}: wall FREE {t_free:.2f} s vs baseline {t_base:.2f} s ({res['speedup']}x) for {n} samples")
-    print(f"KS FREE vs baseline: " + ", ".join(f"{k} p={v:.3g}" for k, v in pvals.items())
+    print("KS FREE vs baseline: " + ", ".join(f"{k} p={v:.3g}" for k, v in pvals.items())
           + f" -> {'consistent' if ks_ok else 'REJECTED'} at overall 1e-3")
     print("RESULT_JSON " + json.dumps(res))
     return 0 if (ks_ok and finite) else 2
