@@ -185,7 +185,7 @@ def test_speculative_accept_buffers_and_results():
     for r in (got, got_out):
         for f in ("out", "num_accepted", "log_ratio", "residual_candidates", "fallbacks"):
             assert torch.equal(getattr(r, f), getattr(want, f)), f
-    with pytest.raises(TypeError, match="num_acepted"):
+    with pytest.raises(TypeError, match="num_acepted"):  # the backend rejects an unknown keyword
         ops.speculative_accept(*args, equal_variance=False, num_acepted=bufs["num_accepted"])
     with pytest.raises(TypeError, match="num_accepted"):
         ops.speculative_accept(*args, equal_variance=False, num_accepted=torch.empty(B, dtype=torch.int64))

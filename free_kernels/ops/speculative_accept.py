@@ -180,16 +180,16 @@ def _cpu_checks(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts):
 
 def _run(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, deterministic_last, equal_variance, uniforms,
          bonus_noise, residual_noise, residual_uniforms, tau, generator, rng_state, candidates_per_iter,
-         max_candidates, backend, out=None, bufs=None):
+         max_candidates, backend, out=None, bufs=None, extra=None):
     if not mean_p.is_cuda:
         _cpu_checks(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts)
     B, L1, D = mean_p.shape
     ctx = dict(device=mean_p.device, dtype=mean_p.dtype, equal_variance=equal_variance,
                given_randomness=uniforms is not None, B=B, L=L1 - 1, D=D)
     chosen = OP.resolve(ctx, backend)
-    kw = {}
+    kw = dict(extra) if extra else {}
     if bufs is not None and chosen.name != "torch":
-        kw = dict(zip(_SMALL_OUTPUTS, bufs))
+        kw.update(zip(_SMALL_OUTPUTS, bufs))
     res = chosen.impl()(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, deterministic_last,
                         equal_variance=equal_variance, uniforms=uniforms, bonus_noise=bonus_noise,
                         residual_noise=residual_noise, residual_uniforms=residual_uniforms, tau=tau,
@@ -301,7 +301,14 @@ def speculative_accept(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, 
     max_cand = int(kw.pop("max_candidates", 100_000))
     bufs = [kw.pop(k, None) for k in _SMALL_OUTPUTS]
     if kw:
-        raise TypeError(f"speculative_accept() got unexpected keyword arguments {sorted(kw)}")
+        # backend-specific extras (the Triton launch ``config`` of tests and tuning): an eager call of the
+        # chosen backend outside the operator; a backend that does not take them raises TypeError
+        res = _run(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, deterministic_last, equal_variance,
+                   uniforms, bonus_noise, residual_noise, residual_uniforms, tau, generator, rng_state, cpi,
+                   max_cand, backend, out=out, bufs=None if all(b is None for b in bufs) else bufs, extra=kw)
+        if all(b is None for b in bufs):
+            return res
+        return AcceptResult(res.out, *bufs)
     args = (mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, deterministic_last, bool(equal_variance),
             uniforms, bonus_noise, residual_noise, residual_uniforms, tau, generator, rng_state, cpi, max_cand)
     if out is None and all(b is None for b in bufs):
