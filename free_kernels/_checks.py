@@ -272,3 +272,22 @@ def check_output_path(opt: str, path: str, *, suffixes=(), protected=()) -> str:
         if os.path.exists(tmp):
             os.remove(tmp)
     return ap
+
+
+def check_writable_dir(opt: str, directory: str) -> None:
+    """``directory`` (created if missing) accepts a real write; else :class:`FileProblem` naming ``opt``."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise FileProblem(f"{opt} {directory!r} exists and is not a directory")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".write-probe.{os.getpid()}{TMP_SUFFIX}")
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            if os.path.exists(probe):
+                os.remove(probe)
+    except OSError as e:
+        raise FileProblem(f"{opt} {directory!r}: cannot write there ({e.strerror or e})") from None

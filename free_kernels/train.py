@@ -45,7 +45,8 @@ import numpy as np
 import torch
 
 from ._checks import (
-    FileProblem, atomic_torch_save, atomic_write_json, file_sha256, remove_stale_tmp, safe_torch_load,
+    FileProblem, atomic_torch_save, atomic_write_json, check_writable_dir, file_sha256, remove_stale_tmp,
+    safe_torch_load,
 )
 from .diffusion import create_diffusion
 from .diffusion.gaussian_diffusion import GaussianDiffusion
@@ -431,7 +432,12 @@ def run(argv=None) -> dict:
     if args.draft_length > N:
         print(f"note: --draft-length {args.draft_length} capped at the {N} sampling steps")
         args.draft_length = N
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        check_writable_dir("--out", args.out)
+        if args.cache:
+            check_writable_dir("--cache", os.path.dirname(os.path.abspath(args.cache)))
+    except FileProblem as e:
+        raise TrainError(str(e)) from None
     remove_stale_tmp(args.out)
     if args.cache:
         remove_stale_tmp(os.path.dirname(os.path.abspath(args.cache)), [os.path.basename(args.cache)])

@@ -68,7 +68,7 @@ from sample import (  # noqa: E402  (shared helpers of the single-process script
 )
 
 from free_kernels._checks import (  # noqa: E402
-    FileProblem, atomic_write, atomic_write_json, read_json_file, remove_stale_tmp,
+    FileProblem, atomic_write, atomic_write_json, check_writable_dir, read_json_file, remove_stale_tmp,
 )
 
 RUN_FORMAT = "free_kernels.sample_ddp.run/2"
@@ -83,14 +83,18 @@ def atomic_png(path: str, arr: np.ndarray) -> None:
     atomic_write(path, lambda f: to_pil(arr).save(f, format="PNG"))
 
 
-def png_ok(path: str, size: int, channels: int) -> bool:
-    """True if ``path`` is a complete PNG of this run's shape (a damaged or foreign file counts as missing)."""
+def png_ok(path: str, size, channels: int) -> bool:
+    """True if ``path`` is a complete PNG of this run's kind (a damaged or foreign file counts as missing).
+
+    ``size``: the image side, or None when it is only known after decoding (latent models: any square).
+    """
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             im.load()
-            return im.size == (size, size) and im.mode == ("L" if channels == 1 else "RGB")
+            w, h = im.size
+            return w == h and (size is None or w == size) and im.mode == ("L" if channels == 1 else "RGB")
     except Exception:
         return False
 
@@ -278,8 +282,16 @@ def _main(args, use_cuda):
     torch.manual_seed(seed)
     print(f"Starting rank={rank}, seed={seed}, world_size={world}, device={device}.", flush=True)
 
+    problem = None
+    if rank == 0:  # before any model loads
+        try:
+            check_writable_dir("--sample-dir", args.sample_dir)
+        except FileProblem as e:
+            problem = str(e)
+    _agree(problem, rank)
     model, image_size, _ = load_model(args, device)
     diffusion = make_diffusion(args, model)
+    vae = load_vae(args, device)
 
     # ---------------------------------------------------------------- folder, provenance, stale files
     folder = folder_name(args, image_size)
@@ -296,20 +308,24 @@ def _main(args, use_cuda):
                      + remove_stale_tmp(args.sample_dir, [f"{folder}.npz", f"{folder}.free_stats.json"]))
             if stale:
                 print(f"removed {len(stale)} temporary file(s) left by an interrupted run", flush=True)
-            if os.path.exists(record_path):
+            has_samples = any(f.endswith(".png") for f in os.listdir(sample_folder)) or any(
+                f.endswith(".json") for f in os.listdir(stats_dir))
+            if os.path.exists(record_path) and has_samples:
                 old = read_json_file(record_path, "run record")
                 problem = record_mismatch(record_path, old, record)
                 if problem is None and old.get("versions") != record["versions"]:
                     print(f"warning: {sample_folder} was started with {old.get('versions')}, resuming with "
                           f"{record['versions']}: re-sampled files may differ in pixels (same distribution)",
                           file=sys.stderr, flush=True)
-            else:
+            elif has_samples:
+                problem = (f"{sample_folder} holds samples but no run record ({record_path}), so their model and "
+                           f"settings cannot be verified: resuming could mix two models; use another --sample-dir")
+            else:  # a new folder, or one whose earlier run wrote nothing yet
                 atomic_json(record_path, record)
         except (FileProblem, OSError) as e:
             problem = f"{e}; use another --sample-dir" if isinstance(e, FileProblem) else \
                 f"cannot prepare {sample_folder}: {e}"
     _agree(problem, rank)
-    vae = load_vae(args, device)
     if rank == 0:
         print(f"Saving .png samples at {sample_folder}", flush=True)
     dist.barrier()
@@ -332,16 +348,21 @@ def _main(args, use_cuda):
         indices = [it * global_batch + i * world + rank for i in range(n)]
         paths = [os.path.join(sample_folder, f"{idx:06d}.png") for idx in indices]
         present = [os.path.exists(path) for path in paths]
-        redo = [i for i, path in enumerate(paths) if not (present[i] and png_ok(path, image_size, channels))]
+        redo = [i for i, path in enumerate(paths)
+                if not (present[i] and png_ok(path, image_size if vae is None else None, channels))]
         st_path = stats_path(stats_dir, rank, it)
         if not redo and stats_ok(st_path, indices):
             run["iterations_skipped"] += 1
             continue
         images, st = sample_iteration(model, diffusion, vae, args, device, seed, it, n)
-        for i in redo:  # damaged files are replaced, complete ones never rewritten
-            atomic_png(paths[i], images[i])
         st.update(rank=rank, iteration=it, indices=indices)
-        atomic_json(st_path, st)  # last: marks the iteration complete
+        try:
+            for i in redo:  # damaged files are replaced, complete ones never rewritten
+                atomic_png(paths[i], images[i])
+            atomic_json(st_path, st)  # last: marks the iteration complete
+        except OSError as e:  # a full device, a vanished mount: one line; a rerun resumes here
+            fail(f"cannot write in {sample_folder} ({e.strerror or e}); free space and rerun the same command "
+                 f"to resume")
         run["iterations_sampled"] += 1
         run["pngs_written"] += len(redo)
         run["pngs_replaced"] += sum(present[i] for i in redo)
@@ -362,7 +383,11 @@ def _main(args, use_cuda):
             fail(f"{len(missing)} PNGs missing after sampling (e.g. {missing[:5]})")
         arr = np.stack([read_png(os.path.join(sample_folder, f"{i:06d}.png")) for i in range(args.num_fid_samples)])
         npz_path = f"{sample_folder}.npz"
-        atomic_write(npz_path, lambda f: np.savez(f, arr_0=arr))
+        try:
+            atomic_write(npz_path, lambda f: np.savez(f, arr_0=arr))
+        except OSError as e:
+            fail(f"cannot write {npz_path} ({e.strerror or e}); free space and rerun the same command (the PNGs "
+                 f"are complete, only the .npz and statistics are written again)")
         print(f"Saved .npz file to {npz_path} [shape={arr.shape}].", flush=True)
         merged = [dict(g) for g in gathered]
         total = dict(ranks=len(merged), **aggregate_ranks(merged))

@@ -124,6 +124,25 @@ def test_2_sample_ddp_refuses_an_old_run_record(tmp_path, monkeypatch, capsys, t
     assert "cannot be verified" in capsys.readouterr().err
 
 
+def test_2_sample_ddp_folder_without_record_and_record_without_samples(tmp_path, monkeypatch, capsys, tiny_sample):
+    samples = str(tmp_path / "samples")
+    run_sample_ddp(monkeypatch, ddp_argv(tiny_sample["target"], samples))
+    (folder,) = [os.path.join(samples, f) for f in os.listdir(samples) if os.path.isdir(os.path.join(samples, f))]
+    os.remove(os.path.join(folder, ".free_run.json"))  # PNGs of unknown origin: refused
+    with pytest.raises(SystemExit):
+        run_sample_ddp(monkeypatch, ddp_argv(tiny_sample["target"], samples))
+    assert "holds samples but no run record" in capsys.readouterr().err
+    # a first run that wrote its record and nothing else does not lock the folder to its settings
+    import shutil
+
+    shutil.rmtree(folder)
+    os.makedirs(os.path.join(folder, ".free_stats"))
+    with open(os.path.join(folder, ".free_run.json"), "w") as f:
+        json.dump({"format": "free_kernels.sample_ddp.run/2", "world_size": 64}, f)
+    run_sample_ddp(monkeypatch, ddp_argv(tiny_sample["target"], samples))
+    assert json.load(open(os.path.join(folder, ".free_run.json")))["world_size"] == 1
+
+
 # ------------------------------------------------------------------ 3. free-sample outputs
 def _fs(tiny, tmp_path, *extra):
     return ["--target", tiny["target"], "--drafter", tiny["drafter"], "--steps", "6", "--num-samples", "2",
@@ -356,6 +375,14 @@ def test_6_trainer_options_are_checked_before_loading(tmp_path, opt, value, mess
     with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
         train.run(["--target", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "o"), opt, value])
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_6_unwritable_output_directories_are_named_before_loading(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit, match="--out '/proc/free_kernels_test': cannot write there"):
+        train.run(["--target", str(tmp_path / "missing.safetensors"), "--out", "/proc/free_kernels_test"])
+    with pytest.raises(SystemExit):
+        run_sample_ddp(monkeypatch, ddp_argv(str(tmp_path / "missing.safetensors"), "/proc/free_kernels_test"))
+    assert "--sample-dir '/proc/free_kernels_test': cannot write there" in capsys.readouterr().err
 
 
 def test_6_draft_length_is_capped_at_the_number_of_steps(tmp_path, tiny_train, tiny_sample, capsys):
