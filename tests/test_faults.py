@@ -151,6 +151,15 @@ def _campaign(tool, make_run, snapshot, monkeypatch, tmp_path, precious=lambda r
     assert resumed == tried and lost == 0
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: intra-op threads only wait on each other (and on other work) on a 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 # ------------------------------------------------------------------ sample_ddp.py
 @pytest.fixture(scope="module")
 def sample_target(tmp_path_factory):

@@ -66,6 +66,15 @@ def tiny_sample(tmp_path_factory):
                 drafter=str(d / "drafter.safetensors"), drafter_json=str(d / "drafter.json"))
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: intra-op threads only wait on each other (and on other work) on a 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 # ------------------------------------------------------------------ 1. trainer exit status
 def test_1_train_console_entry_exits_0_without_printing_the_report(tmp_path, tiny_train):
     code = ("import sys; from free_kernels.train import main; sys.exit(main())")  # what the console script runs
