@@ -188,23 +188,24 @@ def run_record(args, identity: dict, world: int) -> dict:
     return rec
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def record_mismatch(path: str, old: dict, new: dict):
     """None if a resume with ``new`` may continue the folder recorded in ``old``, else the reason (one line)."""
     if not isinstance(old, dict) or old.get("format") != RUN_FORMAT:
         return (f"{path} was written by an older sample_ddp.py or is not a run record, so the samples' model and "
                 f"settings cannot be verified: resuming could mix two models; use another --sample-dir")
-    diff = []
-    for k in sorted(set(old) | set(new)):
-        if k in ("versions",):
-            continue
-        if old.get(k) != new.get(k):
-            a, b = old.get(k), new.get(k)
-            if isinstance(a, dict) and isinstance(b, dict):
-                sub = [f"{k}.{kk}: {a.get(kk)!r} -> {b.get(kk)!r}" for kk in sorted(set(a) | set(b))
-                       if a.get(kk) != b.get(kk) and kk != "path"]
-                diff += sub or []
-            else:
-                diff.append(f"{k}: {a!r} -> {b!r}")
+    a, b = _flatten(old), _flatten(new)
+    diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not k.startswith("versions.") and k.split(".")[-1] != "path"]
     if diff:
         return (f"{os.path.dirname(path)} holds samples of a different run ({'; '.join(diff[:6])}"
                 f"{' ...' if len(diff) > 6 else ''}): resuming would mix them into one .npz; use another "

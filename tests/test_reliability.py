@@ -118,8 +118,15 @@ def test_2_sample_ddp_refuses_to_mix_another_target_with_the_same_file_name(tmp_
     with pytest.raises(SystemExit):
         run_sample_ddp(monkeypatch, ddp_argv(base + ".safetensors", samples, "--clip-denoised"))
     assert "sampler.clip_denoised: False -> True" in capsys.readouterr().err
-    # the original model again: resumes (nothing to do)
-    run_sample_ddp(monkeypatch, ddp_argv(base + ".safetensors", samples))
+    # the original model again, even moved elsewhere: resumes (nothing to do)
+    import shutil
+
+    os.makedirs(tmp_path / "moved")
+    for ext in (".safetensors", ".json"):
+        shutil.copy(base + ext, str(tmp_path / "moved" / "model") + ext)
+    run_sample_ddp(monkeypatch, ddp_argv(str(tmp_path / "moved" / "model.safetensors"), samples))
+    assert json.load(open(os.path.join(samples, folder + ".free_stats.json")))["total"]["this_run"][
+        "iterations_sampled"] == 0
 
 
 def test_2_sample_ddp_refuses_an_old_run_record(tmp_path, monkeypatch, capsys, tiny_sample):
