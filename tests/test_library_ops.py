@@ -261,6 +261,26 @@ def test_drafter_step_compiles_fullgraph_and_matches_eager():
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         assert all(g is o for g, o in zip(got, outs))  # written in place
+
+        # noise from the counter-based rng_state (advanced in place) instead of a noise tensor
+        if _env.extension() is not None:  # the host Philox mirror draws it on CPU
+            noise_out = torch.empty(2, 4, 8, 8)
+
+            def step_rng(h, x, t, y, idx, rng_state):
+                h_new = ops.drafter_forward(d, h, x, t, y)
+                c = m.embed_condition(t, y)
+                return ops.draft_transition(m, dif, h_new, c, x, idx, None, rng_state=rng_state, out=outs,
+                                            noise_out=noise_out)
+
+            rs_eager, rs_comp = torch.tensor([3, 0]), torch.tensor([3, 0])
+            want = [o.clone() for o in step_rng(h, x, t, y, idx, rs_eager)]
+            want_noise = noise_out.clone()
+            torch._dynamo.reset()
+            got = torch.compile(step_rng, fullgraph=True, backend="aot_eager")(h, x, t, y, idx, rs_comp)
+            assert torch.equal(rs_comp, rs_eager) and int(rs_comp[1]) == x.numel()
+            assert torch.equal(noise_out, want_noise)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
 
 

@@ -49,6 +49,13 @@ def _load_torch_epi():
 
     def f(target, diffusion, h, c, x, index, noise, *, cfg_scale, guidance_channels, clip_denoised,
           rng_state=None, out=None, noise_out=None):
+        if noise is None and torch.compiler.is_compiling() and _head_reason(target) is None \
+                and _diffusion_reason(diffusion) is None:
+            # torch.compile: draw the counter-based noise inside the draft_epilogue operator (its torch
+            # backend is this composition, bit for bit on float32) instead of a host read traced here
+            return _load_fused_epi("torch")()(target, diffusion, h, c, x, index, noise, cfg_scale=cfg_scale,
+                                              guidance_channels=guidance_channels, clip_denoised=clip_denoised,
+                                              rng_state=rng_state, out=out, noise_out=noise_out)
         if noise is None:
             from ..reference.draft_epilogue import philox_noise
 
