@@ -61,10 +61,14 @@ class FileProblem(ValueError):
     """A user-provided file is missing, damaged or of the wrong kind (the message names it)."""
 
 
+def _pid() -> int:  # a function so that tests can give a simulated killed run another process id
+    return os.getpid()
+
+
 def tmp_path_for(path: str) -> str:
     """The temporary name an atomic write of ``path`` uses (same directory, hidden, per process)."""
     d, base = os.path.split(os.path.abspath(path))
-    return os.path.join(d, f".{base}.{os.getpid()}{TMP_SUFFIX}")
+    return os.path.join(d, f".{base}.{_pid()}{TMP_SUFFIX}")
 
 
 def _fsync_dir(d: str) -> None:

@@ -35,6 +35,7 @@ from _reliability_utils import (
     SAMPLE_CFG, TRAIN_CFG, KillSignal, ddp_argv, run_sample_ddp, save_tiny_target, tmp_files, train_argv,
 )
 
+import free_kernels._checks as checks
 from free_kernels import train
 from free_kernels.cli import sample as cli
 
@@ -123,6 +124,7 @@ def _campaign(tool, make_run, snapshot, monkeypatch, tmp_path, precious=lambda r
             tried += 1
             with monkeypatch.context() as m:
                 m.setattr(os, "replace", _Renames(n, mode))
+                m.setattr(checks, "_pid", lambda: 4_000_000 + n)  # the killed run was another process
                 with pytest.raises(KillSignal):
                     run()
             torn = [p for p in _files(root).values() if not _readable(p)]
@@ -254,9 +256,26 @@ def test_faults_free_sample(tmp_path, monkeypatch, sample_target, capsys):
     capsys.readouterr()
 
 
+def test_fault_suite_detects_a_missing_cleanup(tmp_path, monkeypatch, sample_target, capsys):
+    """Negative control: with free-sample's stale-temp clean-up switched off, the suite reports failures."""
+    monkeypatch.setattr(checks, "remove_stale_tmp", lambda *a, **k: [])
+
+    def make_run(root):
+        os.makedirs(root, exist_ok=True)
+        return lambda: cli.main(["--target", sample_target, "--drafter", "frozen", "--steps", "4", "--num-samples",
+                                 "2", "--threads", "1", "--no-progress", "--out", os.path.join(root, "grid.png")])
+
+    with pytest.raises(AssertionError, match="temp files left"):
+        _campaign("negative control", make_run, lambda root: open(os.path.join(root, "grid.png"), "rb").read(),
+                  monkeypatch, tmp_path)
+    r = RESULTS.pop("negative control")
+    assert r["tried"] == 2 and r["resumed"] == 1  # the kill before the rename leaves a temp file behind
+    capsys.readouterr()
+
+
 def test_fault_table(capsys):
     """The README table, from the counts measured above (run the whole file)."""
-    if set(RESULTS) != {"sample_ddp.py", "free-train-drafter", "free-sample"}:
+    if not {"sample_ddp.py", "free-train-drafter", "free-sample"} <= set(RESULTS):
         pytest.skip("run the whole file to get the table")
     rows = ["| tool | write boundaries | faults tried | resumed correctly | data lost |", "|---|---|---|---|---|"]
     tot = dict(boundaries=0, tried=0, resumed=0, lost=0)
