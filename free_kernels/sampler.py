@@ -6,16 +6,38 @@ A thin composition of the three op families (``free_kernels.ops``):
 residual resampling).  See ``free-method.md`` in the docs for the rule and
 the README for the guarantees.
 
-Every sample keeps its own respaced index; one target call per round verifies
-every active sample's parents, each row at its own timestep; finished samples
-drop out.
+The round is a device program.  All run state lives in device tensors of a
+fixed slot layout (B slots, L + 1 draft positions): each slot's respaced index,
+its feature-valid flag, its parent features, its draw counter and the
+statistics accumulators; round buffers (parents, drafted transitions, target
+transitions, noise) are allocated once per shape and written through ``out=``.
+Randomness is keyed per sample (see :mod:`free_kernels.reference.philox`), so
+a sample's result depends only on its own seed, never on its slot or its
+neighbours.  The host reads one small tensor per check (every
+``check_every`` rounds): which slots are still running.
+
+Two layouts of the same round:
+
+* ``static`` (CUDA default): every slot and every draft position is computed
+  each round (finished slots and positions past a slot's last step are masked),
+  so shapes never change: the round is captured once per (batch, L) as a CUDA
+  graph and replayed, and ``torch.compile(fullgraph=True)`` traces it whole.
+* ``compact`` (CPU default): the check also tells the host which slots and
+  positions are live, and only those rows reach the drafter and the target
+  (a CPU forward costs in proportion to its rows).
+
+``sample`` runs a fixed batch; ``sample_stream`` keeps the batch full from an
+iterator of requests (continuous batching).
 """
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -23,12 +45,18 @@ import torch
 from . import ops
 from ._checks import check_finite, check_tensor
 from .diffusion.gaussian_diffusion import GaussianDiffusion, ModelMeanType, ModelVarType
+from .models.dit import guide_output
 from .models.drafter import FeatureDrafter
 from .nvtx import nvtx_phase
-from .reference.draft_transition import guided_transition
+from .ops.drafter_forward import schedule_tables_on
+from .reference.draft_epilogue import transition as table_transition
+from .reference.philox import keyed_normal, keyed_uniform
 from .relax import RelaxPolicy, as_policy
 
-__all__ = ["FreeSampler", "FreeStats"]
+__all__ = ["FreeSampler", "FreeStats", "StreamResult"]
+
+# Philox tags of the per-sample streams (reference/philox.py): one per kind of draw
+_TAG_NORMAL, _TAG_UNIFORM = 1, 2
 
 
 @dataclass
@@ -52,10 +80,13 @@ class FreeStats:
     residual_candidates: int = 0   # candidates drawn by the unequal-variance residual sampler
     residual_max_candidates: int = 0
     residual_fallbacks: int = 0    # residual sampler hit its cap (see README)
-    time_draft_s: float = 0.0
+    time_draft_s: float = 0.0      # per-phase times: always on CPU, on CUDA only with profile=True
     time_verify_s: float = 0.0
     time_accept_s: float = 0.0
     time_total_s: float = 0.0
+    host_reads: int = 0            # device -> host reads made by the sampler (checks)
+    layout: str = ""               # "static" or "compact"
+    graphs: str = "off"            # CUDA graphs: "off", "replayed", or why they were not used
     relax: Optional[str] = None
 
     @property
@@ -93,6 +124,18 @@ class FreeStats:
         return d
 
 
+@dataclass
+class StreamResult:
+    """One finished request of :meth:`FreeSampler.sample_stream`."""
+
+    index: int            # position of the request in the input iterator
+    seed: int
+    label: int
+    sample: torch.Tensor  # (C, S, S), on the sampler's device, in the noise dtype
+    steps: int            # denoising steps (= the schedule length)
+    rounds: int           # rounds the sample took part in
+
+
 class FreeSampler:
     """Lossless speculative DDPM sampling for DiT-like targets (FREE).
 
@@ -104,14 +147,23 @@ class FreeSampler:
     diffusion: a :class:`GaussianDiffusion` / ``SpacedDiffusion`` from
         :func:`free_kernels.create_diffusion` (ancestral sampling, learned-range
         or fixed variance, epsilon or x0 prediction).
-    draft_length: drafts per round (L >= 1).
+    draft_length: drafts per round (L >= 1, at most the number of steps).
     relax: None (exact), a strength >= 0, or a :class:`RelaxPolicy` (approximate).
     clip_denoised: as the baseline sampler (the DiT scripts use False).
+    residual_candidates_per_iter: residual-sampler candidates drawn from each
+        sample's own stream per round (learned variance); a residual draw that
+        needs more continues from the batch's shared stream.
+    residual_max_candidates: cap of the residual sampler (see the README).
+    layout: "auto" (static on CUDA, compact elsewhere), "static" or "compact".
+    graphs: capture the static round as a CUDA graph: "auto" (on CUDA), True, False.
+    check_every: rounds between host checks (static layout; compact checks every round).
+    profile: time the draft / verify / accept phases on CUDA (synchronises; off by default).
     """
 
     def __init__(self, target, drafter, diffusion: GaussianDiffusion, draft_length: int = 6, relax=None,
                  clip_denoised: bool = False, accept_backend: Optional[str] = None,
-                 residual_candidates_per_iter: int = 8, residual_max_candidates: int = 100_000):
+                 residual_candidates_per_iter: int = 8, residual_max_candidates: int = 100_000,
+                 layout: str = "auto", graphs="auto", check_every: int = 1, profile: Optional[bool] = None):
         if not isinstance(draft_length, (int, np.integer)) or isinstance(draft_length, bool) or draft_length < 1:
             raise ValueError(f"draft_length must be an int >= 1, got {draft_length!r}")
         if not isinstance(diffusion, GaussianDiffusion):
@@ -128,6 +180,16 @@ class FreeSampler:
             raise ValueError("a learned-variance diffusion needs a target built with learn_sigma=True")
         if not callable(drafter):
             raise TypeError(f"drafter must be callable as drafter(h_prev, x, t, y), got {type(drafter).__name__}")
+        for name, v in (("residual_candidates_per_iter", residual_candidates_per_iter),
+                        ("residual_max_candidates", residual_max_candidates)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if layout not in ("auto", "static", "compact"):
+            raise ValueError(f"layout must be 'auto', 'static' or 'compact', got {layout!r}")
+        if graphs not in ("auto", True, False):
+            raise ValueError(f"graphs must be 'auto', True or False, got {graphs!r}")
+        if not isinstance(check_every, (int, np.integer)) or isinstance(check_every, bool) or check_every < 1:
+            raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
         if isinstance(drafter, FeatureDrafter):
             drafter.attach(target)  # raises if it was built for another target
         elif getattr(drafter, "signature", None):
@@ -140,12 +202,16 @@ class FreeSampler:
         self.target = target
         self.drafter = drafter
         self.diffusion = diffusion
-        self.draft_length = int(draft_length)
+        self.draft_length = min(int(draft_length), max(int(diffusion.num_timesteps) - 1, 1))
         self.relax: Optional[RelaxPolicy] = as_policy(relax)
         self.clip_denoised = clip_denoised
         self.accept_backend = accept_backend
-        self.residual_candidates_per_iter = residual_candidates_per_iter
-        self.residual_max_candidates = residual_max_candidates
+        self.residual_candidates_per_iter = int(residual_candidates_per_iter)
+        self.residual_max_candidates = int(residual_max_candidates)
+        self.layout = layout
+        self.graphs = graphs
+        self.check_every = int(check_every)
+        self.profile = (os.environ.get("FREE_KERNELS_PROFILE", "0") == "1") if profile is None else bool(profile)
         self.equal_variance = diffusion.model_var_type in (ModelVarType.FIXED_LARGE, ModelVarType.FIXED_SMALL)
         tm = getattr(diffusion, "timestep_map", None)
         self._tmap = np.asarray(tm if tm is not None else np.arange(diffusion.num_timesteps), dtype=np.int64)
@@ -157,206 +223,550 @@ class FreeSampler:
         """Sample from x_T = ``noise`` (B, C, S, S) with labels ``y`` (B,).
 
         With ``cfg_scale > 1`` guidance is applied as the baseline applies it
-        (``forward_with_cfg``); pass B samples, not a doubled batch.  Returns
-        ``(samples, stats)``.
+        (``forward_with_cfg``); pass B samples, not a doubled batch.  Every
+        sample's randomness comes from a key drawn from ``generator`` (so a
+        fixed generator seed reproduces the run).  Returns ``(samples, stats)``.
         """
-        target, diffusion = self.target, self.diffusion
+        target = self.target
         C, S = int(target.in_channels), int(target.input_size)
         check_tensor("noise", noise, dim=4, floating=True)
         if noise.shape[1:] != (C, S, S):
             raise ValueError(f"noise must have shape (B, {C}, {S}, {S}) for this target, got {tuple(noise.shape)}")
-        tdev = _module_device(target)
-        if tdev is not None and tdev != noise.device:
-            raise ValueError(f"noise is on {noise.device} but the target is on {tdev}")
+        dev = self._check_device(noise.device, "noise")
         check_tensor("y", y, shape=(noise.shape[0],), floating=False, device=noise.device)
         check_finite("noise", noise)
-        if bool((y < 0).any()) or bool((y >= target.num_classes + 1).any()):
-            raise ValueError(f"y must hold labels in [0, {target.num_classes}], got {y.tolist()}")
-        if not isinstance(cfg_scale, (int, float)) or cfg_scale != cfg_scale:
-            raise ValueError(f"cfg_scale must be a number, got {cfg_scale!r}")
-        if guidance_channels not in (3, 4):
-            raise ValueError(f"guidance_channels must be 3 (official DiT) or 4 (diffusers), got {guidance_channels}")
-        cfg = cfg_scale != 1.0
+        y = self._check_labels(y)
+        cfg_scale, guidance_channels = self._check_guidance(cfg_scale, guidance_channels)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError("generator must be a torch.Generator (one stream for the whole batch)")
-        return self._run(noise, y, cfg, float(cfg_scale), guidance_channels, generator, progress)
+        if generator is not None and generator.device.type != dev.type:
+            raise ValueError(f"generator is on {generator.device} but noise is on {dev}: "
+                             f"create it with torch.Generator(device={str(dev.type)!r})")
+        B = noise.shape[0]
+        keys = torch.randint(-2 ** 63, 2 ** 63 - 1, (B,), generator=generator, device=dev, dtype=torch.int64)
+        overflow_seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=dev).item()) if B else 0
+        run = _Run(self, B, dev, noise.dtype, cfg_scale, guidance_channels, overflow_seed)
+        if B == 0:
+            return noise.clone(), run.stats(0.0, [], [])
+        run.insert(list(range(B)), noise, y, keys)
+        out = torch.empty_like(noise)
+        rounds_of, steps_of = [0] * B, [0] * B
+        for slot, sample, steps, rounds in self._drive(run, progress, None):
+            out[slot] = sample
+            rounds_of[slot], steps_of[slot] = rounds, steps
+        st = run.stats(run.elapsed, rounds_of, steps_of)
+        self._check_output(out, "samples")
+        return out, st
 
-    # ------------------------------------------------------------- internals
-    def _t_orig(self, idx: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(self._tmap, device=idx.device)[idx]
+    @torch.no_grad()
+    def sample_stream(self, requests: Iterable, batch_size: int, cfg_scale: float = 1.0,
+                      guidance_channels: int = 3, device=None, dtype: torch.dtype = torch.float32,
+                      progress: bool = False) -> Iterator[StreamResult]:
+        """Continuous batching: yield a :class:`StreamResult` per request as soon as it finishes.
 
-    def _sync(self, dev):
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        ``requests``: an iterable of ``(seed, label)``.  x_T and every random
+        number of a request come from its seed alone (x_T is
+        ``torch.randn((C, S, S), generator=torch.Generator().manual_seed(seed))``),
+        so a result does not depend on ``batch_size``, on the slot the request
+        ran in or on its neighbours.  A finished slot takes the next request at
+        the next check, so the batch stays full until the iterator is spent.
+        Results come in finishing order (``index`` gives the request order).
+        After the iterator is exhausted, ``self.last_stats`` holds the run's stats.
+        """
+        if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        dev = self._check_device(torch.device(device) if device is not None else (_module_device(self.target)
+                                                                                  or torch.device("cpu")), "device")
+        cfg_scale, guidance_channels = self._check_guidance(cfg_scale, guidance_channels)
+        C, S = int(self.target.in_channels), int(self.target.input_size)
+        it = iter(requests)
+        counter = [0]
+        meta: Dict[int, Tuple[int, int, int]] = {}
 
-    def _run(self, noise, y, cfg, cfg_scale, gc, generator, progress):
-        target, diffusion, drafter = self.target, self.diffusion, self.drafter
-        dev = noise.device
-        B, C, S, _ = noise.shape
-        D = C * S * S
-        N = diffusion.num_timesteps
-        L = self.draft_length
-        G = 2 if cfg else 1
-        st = FreeStats(mode="exact" if self.relax is None or self.relax.exact else "relax", batch_size=B,
-                       num_steps=N, draft_length=L, sample_rounds=[0] * B, steps_per_sample=[0] * B,
-                       accepted_by_index=[0] * N, proposed_by_index=[0] * N,
-                       relax=None if self.relax is None else self.relax.describe())
-        # the chain's state and every transition parameter stay in fp32 whatever the model's dtype:
-        # acceptance must judge exactly the numbers that are emitted (a half-precision state would be
-        # rounded after its density was evaluated)
-        mdt = _module_dtype(target) or torch.float32
-        x = noise.float().clone()
-        idx = np.full(B, N - 1, dtype=np.int64)
-        hp: Optional[torch.Tensor] = None  # (G, B, Ntok, H) exact features of each state's parent
-        has_h = np.zeros(B, dtype=bool)
+        def take(n: int):
+            """Up to n requests as (noise (n, C, S, S), labels, keys, their indices)."""
+            xs, ys, ks, ids = [], [], [], []
+            for _ in range(n):
+                try:
+                    req = next(it)
+                except StopIteration:
+                    break
+                seed, label = _parse_request(req, counter[0], self.target.num_classes)
+                g = torch.Generator().manual_seed(seed)
+                xs.append(torch.randn((C, S, S), generator=g))
+                ks.append(int(torch.randint(-2 ** 63, 2 ** 63 - 1, (1,), generator=g, dtype=torch.int64)))
+                ys.append(label)
+                ids.append(counter[0])
+                meta[counter[0]] = (seed, label)
+                counter[0] += 1
+            if not xs:
+                return None
+            return (torch.stack(xs).to(device=dev, dtype=dtype), torch.tensor(ys, device=dev),
+                    torch.tensor(ks, dtype=torch.int64, device=dev), ids)
+
+        run = _Run(self, int(batch_size), dev, dtype, cfg_scale, guidance_channels, overflow_seed=0)
+        slot_req: Dict[int, int] = {}
+
+        def refill(free_slots: List[int]) -> List[int]:
+            got = take(len(free_slots))
+            if got is None:
+                return []
+            x0, y0, k0, ids = got
+            slots = free_slots[: len(ids)]
+            run.insert(slots, x0, y0, k0)
+            for s, i in zip(slots, ids):
+                slot_req[s] = i
+            return slots
+
+        refill(list(range(int(batch_size))))
+        rounds_all, steps_all = [], []
+        for slot, sample, steps, rounds in self._drive(run, progress, refill):
+            i = slot_req.pop(slot)
+            seed, label = meta.pop(i)
+            rounds_all.append(rounds)
+            steps_all.append(steps)
+            self._check_output(sample, f"sample of request {i}")
+            yield StreamResult(index=i, seed=seed, label=label, sample=sample, steps=steps, rounds=rounds)
+        self.last_stats = run.stats(run.elapsed, rounds_all, steps_all)
+
+    # ------------------------------------------------------------ checks
+    def _check_device(self, dev: torch.device, what: str) -> torch.device:
+        tdev = _module_device(self.target)
+        if tdev is not None and tdev != dev:
+            raise ValueError(f"{what} is on {dev} but the target is on {tdev}")
+        if getattr(self.target, "training", False):
+            raise ValueError("the target is in train() mode (labels would be dropped at random): call target.eval() "
+                             "before sampling")
+        return dev
+
+    def _check_labels(self, y: torch.Tensor) -> torch.Tensor:
+        nc = int(self.target.num_classes)
+        if y.numel() and (bool((y < 0).any()) or bool((y >= nc + 1).any())):
+            raise ValueError(f"y must hold labels in [0, {nc}], got {y.tolist()}")
+        return y.to(torch.int64)
+
+    @staticmethod
+    def _check_guidance(cfg_scale, guidance_channels):
+        if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float, np.floating, np.integer)) \
+                or not math.isfinite(float(cfg_scale)):
+            raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale!r}")
+        if guidance_channels not in (3, 4):
+            raise ValueError(f"guidance_channels must be 3 (official DiT) or 4 (diffusers), got {guidance_channels}")
+        return float(cfg_scale), int(guidance_channels)
+
+    def _check_output(self, out: torch.Tensor, what: str) -> None:
+        if os.environ.get("FREE_KERNELS_CHECK_NAN", "1") == "0" or bool(torch.isfinite(out).all()):
+            return
+        self._blame_parameters(f"{what} contain NaN or Inf")
+        raise ValueError(f"{what} contain NaN or Inf although every target and drafter parameter is finite "
+                         f"(the drafted or verified transitions overflowed)")
+
+    def _blame_parameters(self, what: str) -> None:
+        """Raise a ValueError naming the first non-finite target or drafter parameter, if there is one."""
+        for owner, mod in (("target", self.target), ("drafter", self.drafter)):
+            if isinstance(mod, torch.nn.Module):
+                for name, p in mod.named_parameters():
+                    if not bool(torch.isfinite(p).all()):
+                        raise ValueError(f"{what}: {owner} parameter {name!r} is not finite")
+
+    def _drive(self, run: "_Run", progress: bool, refill):
+        """``run.drive`` with non-finite values traced back to the parameter that produced them."""
+        try:
+            yield from run.drive(progress, refill)
+        except ValueError as e:
+            if "NaN" in str(e):
+                self._blame_parameters(f"sampling failed ({e})")
+            raise
+
+
+def _parse_request(req, i: int, num_classes: int) -> Tuple[int, int]:
+    try:
+        seed, label = req
+        seed, label = int(seed), int(label)
+    except (TypeError, ValueError):
+        raise ValueError(f"request {i} must be a (seed, label) pair of integers, got {req!r}") from None
+    if not 0 <= label <= num_classes:
+        raise ValueError(f"request {i}: label must lie in [0, {num_classes}], got {label}")
+    if not 0 <= seed < 2 ** 63:
+        raise ValueError(f"request {i}: seed must lie in [0, 2**63), got {seed}")
+    return seed, label
+
+
+class _Run:
+    """One sampling run: the slot state on the device, round buffers, statistics accumulators."""
+
+    def __init__(self, sampler: FreeSampler, B: int, dev: torch.device, out_dtype, cfg_scale: float, gc: int,
+                 overflow_seed: int):
+        s = sampler
+        self.s, self.B, self.dev, self.out_dtype = s, B, dev, out_dtype
+        self.cfg = cfg_scale != 1.0
+        self.cfg_scale, self.gc = cfg_scale, gc
+        self.G = 2 if self.cfg else 1
+        t = s.target
+        self.C, self.S = int(t.in_channels), int(t.input_size)
+        self.D = self.C * self.S * self.S
+        self.N = int(s.diffusion.num_timesteps)
+        self.L = s.draft_length
+        self.K = s.residual_candidates_per_iter if not s.equal_variance else 0
+        self.mdt = _module_dtype(t) or torch.float32
+        self.null = int(t.num_classes)
+        cuda = dev.type == "cuda"
+        self.layout = s.layout if s.layout != "auto" else ("static" if cuda else "compact")
+        self.keyed_philox = cuda or self.layout == "static"  # CPU compact: per-sample torch generators
+        self.timed = self.s.profile or not cuda
+        self.tmap = torch.as_tensor(s._tmap, device=dev)
+        self.tables = schedule_tables_on(s.diffusion, dev)
+        self.jr = torch.arange(self.L + 1, device=dev)
+        # ---- slot state (device)
+        self.x = torch.zeros(B, self.C, self.S, self.S, device=dev, dtype=torch.float32)
+        self.idx = torch.full((B,), -1, device=dev, dtype=torch.int64)
+        self.has_h = torch.zeros(B, device=dev, dtype=torch.bool)
+        self.y = torch.zeros(B, device=dev, dtype=torch.int64)
+        self.keys = torch.zeros(B, device=dev, dtype=torch.int64)
+        self.draws = torch.zeros(B, device=dev, dtype=torch.int64)   # per-sample draw counter (Philox stream)
+        self.rounds = torch.zeros(B, device=dev, dtype=torch.int64)
+        self.steps = torch.zeros(B, device=dev, dtype=torch.int64)
+        self.hp: Optional[torch.Tensor] = None  # (G, B, Ntok, H) exact features of each state's parent
+        self.gens: List[Optional[torch.Generator]] = [None] * B
+        # ---- statistics accumulators (device)
+        self.acc_by_index = torch.zeros(self.N, device=dev, dtype=torch.int64)
+        self.prop_by_index = torch.zeros(self.N, device=dev, dtype=torch.int64)
+        # rejections, candidates, max candidates, fallbacks
+        self.counters = torch.zeros(4, device=dev, dtype=torch.int64)
+        self.n_rounds = self.target_rows = self.drafter_calls = self.drafter_rows = 0
+        self.t_draft = self.t_verify = self.t_accept = 0.0
+        self.host_reads = 0
+        self.graph_note = "off"
+        self.elapsed = 0.0
+        self.rng_state = torch.tensor([overflow_seed, 0], dtype=torch.int64, device=dev)
+        # the accept op's own draws (a residual draw past the per-sample candidates) come from
+        # rng_state; the static layout passes nothing else, so that it compiles and captures
+        self.overflow_gen = None
+        # host mirrors (written by the host only at insertions and checks)
+        self.live = np.zeros(B, dtype=bool)
+        self.has_host = np.zeros(B, dtype=bool)
+        self.any_features = False
+        self._warm: set = set()
+        self._graphs: Dict[int, "_GraphedRound"] = {}
+        self._bufs: Dict[tuple, dict] = {}
+
+    # ------------------------------------------------------------ slots
+    def insert(self, slot_list: List[int], x0: torch.Tensor, y0: torch.Tensor, keys: torch.Tensor) -> None:
+        """Start new samples in ``slot_list`` (host-initiated, between rounds)."""
+        slots = torch.as_tensor(slot_list, device=self.dev, dtype=torch.int64)
+        self.x.index_copy_(0, slots, x0.float())
+        self.idx.index_fill_(0, slots, self.N - 1)
+        self.has_h.index_fill_(0, slots, False)
+        self.y.index_copy_(0, slots, y0.to(torch.int64))
+        self.keys.index_copy_(0, slots, keys)
+        for buf in (self.draws, self.rounds, self.steps):
+            buf.index_fill_(0, slots, 0)
+        if not self.keyed_philox:
+            for s, k in zip(slot_list, keys.tolist()):
+                self.gens[s] = torch.Generator().manual_seed(k & (2 ** 63 - 1))
+        self.live[slot_list] = True
+        self.has_host[slot_list] = False
+
+    # ------------------------------------------------------------ driver
+    def drive(self, progress: bool, refill):
+        """Run rounds until every slot is finished; yield (slot, sample, steps, rounds) as slots finish.
+
+        One host read per check: the (3, B) snapshot [index, rounds, steps] of
+        every slot.  ``refill(free_slots) -> started_slots`` may start new
+        samples in finished slots (continuous batching).
+        """
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=B * N, desc=f"FREE (L={L})", unit="step")
+            bar = tqdm(total=int(self.live.sum()) * self.N if refill is None else None,
+                       desc=f"FREE (L={self.L})", unit="step")
         t_start = time.perf_counter()
-
-        while True:
-            act = np.nonzero(idx >= 0)[0]
-            if act.size == 0:
-                break
-            Ba = act.size
-            a_t = torch.as_tensor(act, device=dev)
-            i_a = idx[act]
-            n_draft = np.where(has_h[act], np.minimum(L, i_a), 0)
-            Lr = int(n_draft.max())
-            ya = y[a_t]
-            parents = [x[a_t]]  # parents[j]: (Ba, C, S, S); rows beyond n_draft unused
-
-            # ------------------------------------------------ draft
-            t0 = time.perf_counter()
-            nvtx_phase("draft")  # NVTX phase range (free_kernels.nvtx; off unless FREE_KERNELS_NVTX=1)
-            mean_q = torch.zeros(Ba, L, D, device=dev, dtype=torch.float32)
-            logvar_q = torch.zeros_like(mean_q)
-            noise_q = torch.zeros_like(mean_q)
-            if Lr > 0:
-                cur_h = hp[:, a_t]  # (G, Ba, Ntok, H)
-                for j in range(Lr):
-                    rows_np = np.nonzero(n_draft > j)[0]
-                    rows = torch.as_tensor(rows_np, device=dev)
-                    R = rows_np.size
-                    xr = parents[j][rows]
-                    ir = torch.as_tensor(i_a[rows_np] - j, device=dev)
-                    tr = self._t_orig(ir)
-                    yr = ya[rows]
-                    h_in = cur_h[:, rows].reshape(G * R, *cur_h.shape[2:])
-                    x_in = xr.repeat(G, 1, 1, 1)
-                    t_in = tr.repeat(G)
-                    y_in = torch.cat([yr, torch.full_like(yr, int(target.num_classes))]) if cfg else yr
-                    h_new = ops.drafter_forward(drafter, h_in, x_in.to(mdt), t_in, y_in)
-                    c_new = target.embed_condition(t_in, y_in)
-                    xi = torch.randn(xr.shape, generator=generator, device=dev, dtype=xr.dtype)
-                    x_next, mq, lvq = ops.draft_transition(target, diffusion, h_new, c_new, xr, ir, xi,
-                                                           cfg_scale=cfg_scale, guidance_channels=gc,
-                                                           clip_denoised=self.clip_denoised)
-                    mean_q[rows, j] = mq.reshape(R, D)
-                    logvar_q[rows, j] = lvq.reshape(R, D)
-                    noise_q[rows, j] = xi.reshape(R, D)
-                    nxt = parents[j].clone()
-                    nxt[rows] = x_next
-                    parents.append(nxt)
-                    cur_h = cur_h.clone()
-                    cur_h[:, rows] = h_new.reshape(G, R, *cur_h.shape[2:])
-                    st.drafter_calls += 1
-                    st.drafter_rows += R
-            self._sync(dev)
-            t1 = time.perf_counter()
-            nvtx_phase("verify")
-
-            # ------------------------------------------------ verify (one batched target call)
-            k_of_row, j_of_row = [], []
-            for k in range(Ba):
-                for j in range(int(n_draft[k]) + 1):
-                    k_of_row.append(k)
-                    j_of_row.append(j)
-            k_t = torch.as_tensor(k_of_row, device=dev)
-            j_np = np.asarray(j_of_row)
-            R = len(k_of_row)
-            X = torch.stack([parents[j][k] for k, j in zip(k_of_row, j_of_row)])
-            I_np = i_a[np.asarray(k_of_row)] - j_np
-            I = torch.as_tensor(I_np, device=dev)
-            T = self._t_orig(I)
-            Y = ya[k_t]
-            if cfg:
-                XX, TT, YY = torch.cat([X, X]), torch.cat([T, T]), torch.cat([Y, torch.full_like(Y, int(target.num_classes))])
-            else:
-                XX, TT, YY = X, T, Y
-            h_all, c_all = target.forward_features(XX.to(mdt), TT, YY)
-            out = target.forward_head(h_all, c_all).float()
-            tr = guided_transition(diffusion, out, X, I, cfg=cfg, cfg_scale=cfg_scale, guidance_channels=gc,
-                                   in_channels=C, clip_denoised=self.clip_denoised)
-            st.target_calls += 1
-            st.target_rows += R
-            mean_p = torch.zeros(Ba, L + 1, D, device=dev, dtype=torch.float32)
-            logvar_p = torch.zeros_like(mean_p)
-            jt = torch.as_tensor(j_np, device=dev)
-            mean_p[k_t, jt] = tr["mean"].reshape(R, D)
-            logvar_p[k_t, jt] = tr["log_variance"].reshape(R, D)
-            self._sync(dev)
-            t2 = time.perf_counter()
-            nvtx_phase("accept")
-
-            # ------------------------------------------------ accept
-            nd_t = torch.as_tensor(n_draft, device=dev)
-            det_last = torch.as_tensor(i_a - n_draft == 0, device=dev)
-            tau = None
-            if self.relax is not None and not self.relax.exact and L > 0:
-                slot_idx = torch.as_tensor(i_a[:, None] - np.arange(L)[None, :], device=dev)
-                tau = self.relax.tau(diffusion, logvar_p[:, :L], slot_idx)
-            res = ops.speculative_accept(
-                mean_p, logvar_p, mean_q, logvar_q, noise_q, nd_t, det_last,
-                equal_variance=self.equal_variance, tau=tau, generator=generator, backend=self.accept_backend,
-                candidates_per_iter=self.residual_candidates_per_iter,
-                max_candidates=self.residual_max_candidates,
-            )
-            n_acc = res.num_accepted.cpu().numpy().astype(np.int64)
-            x[a_t] = res.out.view(Ba, C, S, S).float()
-            # exact features of each new state's parent: verification row (k, n_acc[k])
-            row_start = np.concatenate([[0], np.cumsum(n_draft + 1)[:-1]])
-            sel = torch.as_tensor(row_start + n_acc, device=dev)
-            h_rows = h_all.view(G, R, *h_all.shape[1:])[:, sel]
-            if hp is None:
-                hp = torch.zeros(G, B, *h_all.shape[1:], device=dev, dtype=h_all.dtype)
-            hp[:, a_t] = h_rows
-            has_h[act] = True
-            self._sync(dev)
-            t3 = time.perf_counter()
-            nvtx_phase(None)
-
-            # ------------------------------------------------ bookkeeping
-            adv = n_acc + 1
-            idx[act] -= adv
-            rc = res.residual_candidates.cpu().numpy()
-            for k in range(Ba):
-                b, i0 = act[k], i_a[k]
-                st.sample_rounds[b] += 1
-                st.steps_per_sample[b] += int(adv[k])
-                judged = min(int(n_acc[k]) + 1, int(n_draft[k]))
-                for j in range(judged):
-                    st.proposed_by_index[i0 - j] += 1
-                    if j < n_acc[k]:
-                        st.accepted_by_index[i0 - j] += 1
-                if n_acc[k] < n_draft[k]:
-                    st.residual_rejections += 1
-            st.residual_candidates += int(rc.sum())
-            st.residual_max_candidates = max(st.residual_max_candidates, int(rc.max()) if rc.size else 0)
-            st.residual_fallbacks += int(res.fallbacks.sum())
-            st.rounds += 1
-            st.time_draft_s += t1 - t0
-            st.time_verify_s += t2 - t1
-            st.time_accept_s += t3 - t2
+        done_steps = 0
+        static = self.layout == "static"
+        while self.live.any():
+            if static:
+                for _ in range(self.s.check_every):
+                    self._round_static(self.L if self.any_features else 0)
+                    self.any_features = True
+            snap = self._read(torch.stack([self.idx, self.rounds, self.steps]))
+            finished = np.nonzero(self.live & (snap[0] < 0))[0]
             if bar is not None:
-                bar.update(int(adv.sum()))
-                bar.set_postfix(spc=f"{st.steps_per_target_call:.2f}")
+                bar.update(int(snap[2][self.live].sum()) + done_steps - bar.n)
+            for slot in finished.tolist():
+                self.live[slot] = False
+                done_steps += int(snap[2][slot])
+                yield slot, self.x[slot].to(self.out_dtype).clone(), int(snap[2][slot]), int(snap[1][slot])
+            if refill is not None and finished.size:
+                for slot in refill(finished.tolist()):
+                    snap[0][slot] = self.N - 1
+            if not static and self.live.any():
+                self._round_compact(snap[0])
+        self.elapsed = time.perf_counter() - t_start
         if bar is not None:
             bar.close()
-        st.time_total_s = time.perf_counter() - t_start
-        return x.to(noise.dtype), st
+
+    def _read(self, t: torch.Tensor) -> np.ndarray:
+        """The sampler's only device -> host read."""
+        self.host_reads += 1
+        return t.cpu().numpy()
+
+    # ------------------------------------------------------------ randomness
+    def _draw(self, rows: Optional[torch.Tensor], rows_host: Optional[List[int]]):
+        """Normals (R, (L + 1 + K) * D) and uniforms (R, L + K) of the rows' own streams for this round."""
+        L, K, D = self.L, self.K, self.D
+        nn_, nu = (L + 1 + K) * D, L + K
+        if self.keyed_philox:
+            keys = self.keys if rows is None else self.keys[rows]
+            draws = self.draws if rows is None else self.draws[rows]
+            z = keyed_normal(keys, draws, _TAG_NORMAL, nn_)
+            u = keyed_uniform(keys, draws, _TAG_UNIFORM, nu)
+            return z, u
+        slots = list(range(self.B)) if rows_host is None else rows_host
+        n_rows = len(slots)
+        buf = self._buf(("draw", n_rows), lambda: dict(z=torch.empty(n_rows, nn_), u=torch.empty(n_rows, nu)))
+        z, u = buf["z"], buf["u"]
+        for r, slot in enumerate(slots):
+            g = self.gens[slot]
+            torch.randn(nn_, generator=g, out=z[r])
+            torch.rand(nu, generator=g, out=u[r])
+        u.neg_().add_(1.0)  # (0, 1]: never log(0)
+        return z, u
+
+    def _buf(self, key, make):
+        b = self._bufs.get(key)
+        if b is None:
+            b = self._bufs[key] = make()
+        return b
+
+    # ------------------------------------------------------------ rounds
+    def _round_static(self, Lr: int) -> None:
+        """One round of the static layout: replayed from a CUDA graph when captured, else eager."""
+        g = self._graphs.get(Lr)
+        if g is None and self._graphs_on() and Lr in self._warm:
+            try:
+                g = self._graphs[Lr] = _GraphedRound(lambda: self._round_body(None, None, Lr, None), self.dev)
+                self.graph_note = "replayed"
+            except Exception as e:  # noqa: BLE001 - fall back to eager, say why
+                self.graph_note = f"eager (capture failed: {type(e).__name__}: {e})"[:300]
+                self.s.graphs = False
+                warnings.warn(f"FREE: CUDA-graph capture of the round failed, running eagerly: {e}")
+        if g is not None:
+            g.replay()
+        else:
+            self._round_body(None, None, Lr, None)
+            self._warm.add(Lr)  # the first eager round of a shape warms up kernels and buffers
+        self._count(self.B, Lr, self.B * (Lr + 1))
+
+    def _graphs_on(self) -> bool:
+        g = self.s.graphs
+        return self.dev.type == "cuda" and (g is True or g == "auto") and not self.s.profile
+
+    def _round_compact(self, idx_host: np.ndarray) -> None:
+        act_np = np.nonzero(self.live)[0]
+        nd = np.where(self.has_host[act_np], np.minimum(idx_host[act_np], self.L), 0)
+        Lr = int(nd.max()) if nd.size else 0
+        valid = np.arange(Lr + 1)[None, :] <= nd[:, None]          # (Ba, Lr + 1) rows the target verifies
+        vrows = np.nonzero(valid.reshape(-1))[0]
+        full = vrows.size == valid.size
+        act = None if act_np.size == self.B else torch.as_tensor(act_np, device=self.dev)
+        self._round_body(act, None if full else torch.as_tensor(vrows, device=self.dev), Lr,
+                         None if full else torch.as_tensor(valid, device=self.dev),
+                         None if act is None else act_np.tolist())
+        self.has_host[act_np] = True
+        self._count(act_np.size, Lr, int(vrows.size))
+
+    def _count(self, rows_d: int, Lr: int, rows_v: int) -> None:
+        self.n_rounds += 1
+        self.target_rows += rows_v
+        if Lr > 0:
+            self.drafter_calls += Lr
+            self.drafter_rows += rows_d * Lr
+
+    def _round_body(self, act: Optional[torch.Tensor], vrows: Optional[torch.Tensor], Lr: int,
+                    valid: Optional[torch.Tensor], act_host: Optional[List[int]] = None) -> None:
+        """One round on the slots ``act`` (None: all B), drafting ``Lr`` positions.
+
+        ``vrows``: flat (slot, position) rows of the (Ba, Lr + 1) layout that the
+        target verifies (None: all).  Writes the slot state in place.
+        """
+        s, dev, G, C, S, D, L = self.s, self.dev, self.G, self.C, self.S, self.D, self.L
+        target, drafter, diffusion = s.target, s.drafter, s.diffusion
+        timed = self.timed
+        t0 = time.perf_counter() if timed else 0.0
+        if timed and s.profile and dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        sel = (lambda t: t) if act is None else (lambda t: t[act])
+        x, idx, y, has_h = sel(self.x), sel(self.idx), sel(self.y), sel(self.has_h)
+        Ba = x.shape[0]
+        active = idx >= 0
+        nd = torch.where(has_h & active, torch.clamp(idx, max=Lr), torch.zeros_like(idx))
+        I = (idx[:, None] - self.jr[None, : Lr + 1]).clamp(min=0)      # (Ba, Lr + 1) respaced index per slot
+        T = self.tmap[I]
+        z, u = self._draw(act, act_host)
+        noise_q = z[:, : L * D].view(Ba, L, D)[:, :Lr]
+        bonus = z[:, L * D:(L + 1) * D]
+        resid_z = z[:, (L + 1) * D:].view(Ba, self.K, D) if self.K else None
+        uni = u[:, :L][:, :Lr]
+        resid_u = u[:, L:] if self.K else None
+        self.draws[act if act is not None else slice(None)] += active.to(torch.int64)
+        bufs = self._buf(("round", Ba, Lr), lambda: dict(
+            P=torch.empty(Ba, Lr + 1, C, S, S, device=dev), MQ=torch.empty(Ba, Lr, D, device=dev),
+            LVQ=torch.empty(Ba, Lr, D, device=dev), MP=torch.zeros(Ba, Lr + 1, D, device=dev),
+            LVP=torch.zeros(Ba, Lr + 1, D, device=dev), out=torch.empty(Ba, D, device=dev),
+            n_acc=torch.empty(Ba, dtype=torch.int32, device=dev),
+            log_ratio=torch.empty(Ba, Lr, dtype=torch.float32, device=dev),
+            rc=torch.empty(Ba, dtype=torch.int32, device=dev), fb=torch.empty(Ba, dtype=torch.bool, device=dev)))
+        P, MQ, LVQ, MP, LVP = bufs["P"], bufs["MQ"], bufs["LVQ"], bufs["MP"], bufs["LVP"]
+        yG = torch.cat([y, torch.full_like(y, self.null)]) if self.cfg else y
+        P[:, 0] = x
+
+        # ------------------------------------------------ draft
+        nvtx_phase("draft")
+        if Lr > 0:
+            hp = self.hp if act is None else self.hp[:, act]
+            h = hp.reshape(G * Ba, *hp.shape[2:])
+            for j in range(Lr):
+                xj = P[:, j]
+                x_in = xj.repeat(G, 1, 1, 1) if G > 1 else xj
+                t_in = T[:, j].repeat(G) if G > 1 else T[:, j]
+                h = ops.drafter_forward(drafter, h, x_in.to(self.mdt), t_in, yG)
+                c = target.embed_condition(t_in, yG)
+                ops.draft_transition(target, diffusion, h, c, xj, I[:, j], noise_q[:, j].reshape(Ba, C, S, S),
+                                     cfg_scale=self.cfg_scale, guidance_channels=self.gc,
+                                     clip_denoised=s.clip_denoised,
+                                     out=(P[:, j + 1], MQ[:, j].view(Ba, C, S, S), LVQ[:, j].view(Ba, C, S, S)))
+        t1 = self._tick(timed)
+
+        # ------------------------------------------------ verify (one batched target call)
+        nvtx_phase("verify")
+        X = P.view(Ba * (Lr + 1), C, S, S)
+        If, Tf = I.reshape(-1), T.reshape(-1)
+        Yf = y[:, None].expand(Ba, Lr + 1).reshape(-1)
+        if vrows is not None:
+            X, If, Tf, Yf = X[vrows], If[vrows], Tf[vrows], Yf[vrows]
+        if self.cfg:
+            XX, TT, YY = torch.cat([X, X]), torch.cat([Tf, Tf]), torch.cat([Yf, torch.full_like(Yf, self.null)])
+        else:
+            XX, TT, YY = X, Tf, Yf
+        h_all, c_all = target.forward_features(XX.to(self.mdt), TT, YY)
+        out = target.forward_head(h_all, c_all).float()
+        if self.cfg:
+            out = guide_output(out, self.cfg_scale, self.gc, C)[: X.shape[0]]
+        mean, logvar = table_transition(out, X, self.tables, If, learned_variance=diffusion.learned_variance,
+                                        predict_xstart=diffusion.model_mean_type == ModelMeanType.START_X,
+                                        clip_denoised=s.clip_denoised)
+        if vrows is None:
+            MP.view(-1, C, S, S).copy_(mean)
+            LVP.view(-1, C, S, S).copy_(logvar)
+        else:
+            MP.view(-1, D).index_copy_(0, vrows, mean.reshape(-1, D))
+            LVP.view(-1, D).index_copy_(0, vrows, logvar.reshape(-1, D))
+        t2 = self._tick(timed)
+
+        # ------------------------------------------------ accept
+        nvtx_phase("accept")
+        det_last = (idx - nd) == 0
+        tau = None
+        if s.relax is not None and not s.relax.exact and Lr > 0:
+            tau = s.relax.tau(diffusion, LVP[:, :Lr], I[:, :Lr], self.tables)
+        res = ops.speculative_accept(
+            MP, LVP, MQ, LVQ, noise_q, nd, det_last,
+            equal_variance=s.equal_variance, uniforms=uni, bonus_noise=bonus, residual_noise=resid_z,
+            residual_uniforms=resid_u, tau=tau, generator=self.overflow_gen, rng_state=self.rng_state,
+            backend=s.accept_backend, candidates_per_iter=max(self.K, 1), max_candidates=s.residual_max_candidates,
+            out=bufs["out"], num_accepted=bufs["n_acc"], log_ratio=bufs["log_ratio"],
+            residual_candidates=bufs["rc"], fallbacks=bufs["fb"])
+        n_acc = torch.where(active, res.num_accepted.long(), torch.zeros_like(idx))
+        adv = torch.where(active, n_acc + 1, torch.zeros_like(idx))
+        x_new = torch.where(active[:, None, None, None], res.out.view(Ba, C, S, S).to(torch.float32), x)
+        # exact features of each new state's parent: verification row (slot, n_acc)
+        Ntok_H = h_all.shape[1:]
+        if vrows is None:
+            h_rows = h_all.view(G, Ba, Lr + 1, *Ntok_H)[:, torch.arange(Ba, device=dev), n_acc]
+        else:
+            pos = torch.cumsum(valid.reshape(-1).to(torch.int64), 0).view(Ba, Lr + 1) - 1
+            rowpos = pos[torch.arange(Ba, device=dev), n_acc]
+            h_rows = h_all.view(G, -1, *Ntok_H)[:, rowpos]
+        if self.hp is None:
+            self.hp = torch.zeros(G, self.B, *Ntok_H, device=dev, dtype=h_all.dtype)
+        hp_old = self.hp if act is None else self.hp[:, act]
+        hp_new = torch.where(active[None, :, None, None], h_rows, hp_old)
+
+        # ------------------------------------------------ statistics (device accumulators)
+        if Lr > 0:
+            judged = torch.minimum(n_acc + 1, nd)
+            jj = self.jr[None, :Lr]
+            ind = (idx[:, None] - jj).clamp(min=0)
+            prop = (jj < judged[:, None]).to(torch.int64)
+            acc = (jj < n_acc[:, None]).to(torch.int64)
+            self.prop_by_index.scatter_add_(0, ind.reshape(-1), prop.reshape(-1))
+            self.acc_by_index.scatter_add_(0, ind.reshape(-1), acc.reshape(-1))
+        rc = torch.where(active, res.residual_candidates.long(), torch.zeros_like(idx))
+        self.counters[0] += (active & (n_acc < nd)).sum()
+        self.counters[1] += rc.sum()
+        self.counters[2] = torch.maximum(self.counters[2], rc.max())
+        self.counters[3] += (res.fallbacks & active).sum()
+
+        # ------------------------------------------------ write the slot state back
+        if act is None:
+            self.x.copy_(x_new)
+            self.hp.copy_(hp_new)
+            self.idx.sub_(adv)
+            self.has_h.logical_or_(active)
+            self.rounds.add_(active.to(torch.int64))
+            self.steps.add_(adv)
+        else:
+            self.x.index_copy_(0, act, x_new)
+            self.hp.index_copy_(1, act, hp_new)
+            self.idx.index_copy_(0, act, idx - adv)
+            self.has_h.index_copy_(0, act, has_h | active)
+            self.rounds.index_add_(0, act, active.to(torch.int64))
+            self.steps.index_add_(0, act, adv)
+        t3 = self._tick(timed)
+        nvtx_phase(None)
+        if timed:
+            self.t_draft += t1 - t0
+            self.t_verify += t2 - t1
+            self.t_accept += t3 - t2
+
+    def _tick(self, timed: bool) -> float:
+        if not timed:
+            return 0.0
+        if self.s.profile and self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        return time.perf_counter()
+
+    # ------------------------------------------------------------ stats
+    def stats(self, total_s: float, rounds_of: List[int], steps_of: List[int]) -> FreeStats:
+        s = self.s
+        ctr = self.counters.tolist()
+        return FreeStats(
+            mode="exact" if s.relax is None or s.relax.exact else "relax", batch_size=self.B, num_steps=self.N,
+            draft_length=self.L, target_calls=self.n_rounds, drafter_calls=self.drafter_calls, rounds=self.n_rounds,
+            target_rows=self.target_rows, drafter_rows=self.drafter_rows, sample_rounds=list(rounds_of),
+            steps_per_sample=list(steps_of), accepted_by_index=self.acc_by_index.tolist(),
+            proposed_by_index=self.prop_by_index.tolist(), residual_rejections=int(ctr[0]),
+            residual_candidates=int(ctr[1]), residual_max_candidates=int(ctr[2]), residual_fallbacks=int(ctr[3]),
+            time_draft_s=self.t_draft, time_verify_s=self.t_verify, time_accept_s=self.t_accept,
+            time_total_s=total_s, host_reads=self.host_reads, layout=self.layout, graphs=self.graph_note,
+            relax=None if s.relax is None else s.relax.describe())
+
+
+class _GraphedRound:
+    """A CUDA graph of one static round (all state in persistent device tensors)."""
+
+    def __init__(self, body, dev: torch.device):
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream):
+            with torch.cuda.graph(self.graph, stream=stream):
+                body()
+        torch.cuda.current_stream(dev).wait_stream(stream)
+
+    def replay(self) -> None:
+        self.graph.replay()
 
 
 def _module_dtype(m):
