@@ -44,8 +44,14 @@ class RelaxPolicy:
     def describe(self) -> str:
         return f"FREE (relax, approximate): strength={self.strength}, uncertainty={self.uncertainty}"
 
-    def uncertainty_of(self, diffusion, logvar_p: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """g in [0, 1] per (sample, slot); ``logvar_p`` (B, L, D), ``index`` (B, L) respaced indices."""
+    def uncertainty_of(self, diffusion, logvar_p: torch.Tensor, index: torch.Tensor,
+                       tables: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """g in [0, 1] per (sample, slot); ``logvar_p`` (B, L, D), ``index`` (B, L) respaced indices.
+
+        ``tables``: the diffusion's (6, T) schedule tables already on the device
+        (``ops.drafter_forward.schedule_tables_on``); rows 4 and 5 are the
+        learned range's bounds.  With them nothing is copied from the host (CUDA-graph safe).
+        """
         mode = self.uncertainty
         if mode == "auto":
             mode = "variance" if diffusion.learned_variance else "position"
@@ -53,8 +59,11 @@ class RelaxPolicy:
             if not diffusion.learned_variance:
                 raise ValueError("relax uncertainty='variance' needs a learned-variance diffusion")
             idx = index.clamp(min=0)
-            lo = extract(diffusion.posterior_log_variance_clipped, idx, idx.shape)
-            hi = extract(diffusion.log_betas, idx, idx.shape)
+            if tables is not None:
+                lo, hi = tables[4][idx], tables[5][idx]
+            else:
+                lo = extract(diffusion.posterior_log_variance_clipped, idx, idx.shape)
+                hi = extract(diffusion.log_betas, idx, idx.shape)
             span = (hi - lo).clamp_min(1e-12)
             g = (logvar_p.float().mean(-1) - lo) / span
         else:
@@ -62,10 +71,11 @@ class RelaxPolicy:
             g = 1.0 - index.float() / n
         return g.clamp(0.0, 1.0)
 
-    def tau(self, diffusion, logvar_p: torch.Tensor, index: torch.Tensor) -> Optional[torch.Tensor]:
+    def tau(self, diffusion, logvar_p: torch.Tensor, index: torch.Tensor,
+            tables: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         if self.exact:
             return None
-        return 1.0 + self.strength * self.uncertainty_of(diffusion, logvar_p, index)
+        return 1.0 + self.strength * self.uncertainty_of(diffusion, logvar_p, index, tables)
 
 
 def as_policy(relax) -> Optional[RelaxPolicy]:

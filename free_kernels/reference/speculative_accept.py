@@ -70,7 +70,31 @@ def log_ratio_general(mean_p, logvar_p, mean_q, logvar_q, noise_q):
     return (-0.5 * zp * zp - 0.5 * lvp + 0.5 * xi * xi + 0.5 * lvq).sum(-1)
 
 
+class _StateGenerator:
+    """The generator of the reference's own draws, created on first use.
+
+    ``generator`` when given; otherwise, when ``rng_state`` ([seed, offset]) is
+    given, a generator seeded from it (and ``rng_state[1]`` advanced by one), so
+    that a caller that owns only an ``rng_state`` (as in a compiled or captured
+    round) still gets reproducible draws; otherwise the global generator.
+    """
+
+    def __init__(self, generator, rng_state, device):
+        self.generator, self.rng_state, self.device, self.made = generator, rng_state, device, False
+
+    def __call__(self):
+        if self.generator is None and self.rng_state is not None and not self.made:
+            seed, offset = (int(v) for v in self.rng_state.tolist())
+            mixed = (seed * 0x9E3779B97F4A7C15 + offset * 0xBF58476D1CE4E5B9 + 1) % (2 ** 63)
+            self.generator = torch.Generator(device=self.device).manual_seed(mixed)
+            self.rng_state[1] += 1
+        self.made = True
+        return self.generator
+
+
 def _rand(shape, generator, device, normal=False):
+    if callable(generator) and not isinstance(generator, torch.Generator):
+        generator = generator()
     if normal:
         return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
     return torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
@@ -97,13 +121,13 @@ def speculative_accept(
     max_candidates: int = 100_000,
     rng_state: Optional[torch.Tensor] = None,
 ) -> AcceptResult:
-    # rng_state ([seed, offset], the kernel backends' counter-based generator) is
-    # accepted for a uniform signature and left untouched: this reference draws
-    # from ``generator``.
-    del rng_state
+    # rng_state ([seed, offset], the kernel backends' counter-based generator) seeds this
+    # reference's draws only when no generator is given and something must be drawn
+    # (see _StateGenerator); with every random input given it is left untouched.
     B, L1, D = mean_p.shape
     L = L1 - 1
     dev = mean_p.device
+    generator = _StateGenerator(generator, rng_state, dev)
     if uniforms is None:
         uniforms = _rand((B, L), generator, dev)
     if bonus_noise is None:
