@@ -39,7 +39,7 @@ import argparse
 import math
 import os
 import time
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 import torch
@@ -50,7 +50,6 @@ from ._checks import (
 )
 from .diffusion import create_diffusion
 from .diffusion.gaussian_diffusion import GaussianDiffusion
-from .models.dit import guide_output
 from .models.drafter import FeatureDrafter, FrozenFeatureDrafter
 from .reference.draft_transition import guided_transition
 
