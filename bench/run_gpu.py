@@ -44,9 +44,10 @@ Steps, in order of value (``--list`` prints them with their limits):
  3. ``cuda-check`` ``python bench/gpu_smoke.py check``: ``free_kernels.info`` must show torch with
     CUDA, the extension built with CUDA for the device's arch, and every op resolving to ``cuda``
     on CUDA fp16 tensors; fails loudly with the reasons otherwise.
- 4. ``tests:<file>`` the GPU tests, one pytest process per test file, no ``-x``, selected with
-    ``-k "gpu or cuda or triton"``, with ``FREE_KERNELS_REQUIRE_GPU=1`` (tests/conftest.py turns
-    a skip of a gpu-marked or cuda / triton case into a failure).
+ 4. ``tests:<file>`` the GPU tests, one pytest process per test file that has GPU cases, kernel
+    files first, no ``-x``.  tests/conftest.py: ``FREE_KERNELS_GPU_CASES_ONLY=1`` keeps only the
+    gpu-marked tests and those whose name or parameters name a ``cuda`` / ``triton`` backend, and
+    ``FREE_KERNELS_REQUIRE_GPU=1`` turns a skip of such a case into a failure.
  5. ``smoke:cuda``, ``smoke:triton`` the demo DiT sampled with FREE on the GPU, the ops forced
     to one backend: steps per target call and acceptance by thirds
     against the CPU figures, and a two-sample KS test against the baseline ``p_sample_loop``
@@ -94,7 +95,7 @@ ECHO = re.compile(r"FAIL|ERROR|Error|error:|Traceback|KILLED|passed|failed|^\s*\
 @dataclass
 class Step:
     name: str
-    cmd: List[str]
+    cmd: object                                   # argv list, or a callable -> (argv or None, why not)
     limit: float                                  # seconds, before the budget cut
     env: Dict[str, str] = field(default_factory=dict)
     parse: Optional[Callable[[str, "Step"], Dict]] = None  # (log text kept in memory, step) -> figures
@@ -291,8 +292,25 @@ ls -l "{out_dir}"/_C*.so
     return ["bash", "-c", script]
 
 
-CUDA_TEST_FILES = ("test_speculative_accept", "test_verify_attention", "test_fused_drafter", "test_build")
-OTHER_GPU_TEST_FILES = ("test_sampler", "test_nvtx", "test_run_gpu")
+FIRST_TEST_FILES = ("test_speculative_accept", "test_verify_attention", "test_fused_drafter", "test_build")
+TEST_LIMITS = {"test_speculative_accept": 90, "test_verify_attention": 90, "test_fused_drafter": 120}
+
+
+def gpu_test_files() -> List[str]:
+    """Test files with GPU cases (a ``gpu`` marker or a ``cuda`` backend parameter), kernel files first."""
+    found = []
+    for dirpath, _dirs, files in os.walk(os.path.join(ROOT, "tests")):
+        for f in sorted(files):
+            if f.startswith("test_") and f.endswith(".py"):
+                path = os.path.join(dirpath, f)
+                try:
+                    text = open(path, encoding="utf-8", errors="replace").read()
+                except OSError:
+                    continue
+                if "mark.gpu" in text or '"cuda"' in text or "'cuda'" in text:
+                    found.append(os.path.relpath(path, ROOT))
+    rank = {name: i for i, name in enumerate(FIRST_TEST_FILES)}
+    return sorted(found, key=lambda p: (rank.get(os.path.basename(p)[:-3], len(rank)), p))
 
 
 def gpu_steps(args, scratch: str) -> List[Step]:
@@ -302,16 +320,14 @@ def gpu_steps(args, scratch: str) -> List[Step]:
         Step("build", _build_cmd(args.archs), 240),
         Step("cuda-check", [PY, "bench/gpu_smoke.py", "check"], 60, parse=parse_marked_json),
     ]
-    kexpr = "gpu or cuda or triton"
-    for name in CUDA_TEST_FILES + OTHER_GPU_TEST_FILES:
-        path = os.path.join("tests", name + ".py")
-        limit = 120 if name in CUDA_TEST_FILES else 60
-        steps.append(Step(f"tests:{name[5:]}", [PY, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rfEs",
-                                                "--durations=5", path, "-k", kexpr],
-                          limit, env={"FREE_KERNELS_REQUIRE_GPU": "1", "FREE_KERNELS_CUDA_ARCHS": args.archs},
-                          parse=parse_pytest,
-                          skip=None if os.path.exists(os.path.join(ROOT, path)) else f"{path} not found",
-                          ok_codes=(0, 5)))
+    for path in gpu_test_files():
+        stem = os.path.basename(path)[:-3]
+        name = "tests:" + stem[len("test_"):]
+        steps.append(Step(name, [PY, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rfEs", "--durations=5", path],
+                          TEST_LIMITS.get(stem, 45),
+                          env={"FREE_KERNELS_REQUIRE_GPU": "1", "FREE_KERNELS_GPU_CASES_ONLY": "1",
+                               "FREE_KERNELS_CUDA_ARCHS": args.archs},
+                          parse=parse_pytest, ok_codes=(0, 5)))
     for backend in ("cuda", "triton"):
         steps.append(Step(f"smoke:{backend}", [PY, "bench/gpu_smoke.py", "sample", "--backend", backend], 120,
                           parse=parse_marked_json))
@@ -325,7 +341,14 @@ def gpu_steps(args, scratch: str) -> List[Step]:
         steps.append(Step(f"bench:{name}", [PY, f"bench/bench_{name}.py", "--json", js, *extra], 120,
                           env=env_bench, parse=parse, json_out=js))
     upd = os.path.join(ROOT, "bench", "update_priority.py")
-    steps.append(Step("priority", [PY, upd, "--out", os.path.join(args.out, "backend_priority.json"), *jsons], 30,
+
+    def priority_cmd():
+        have = [j for j in jsons if os.path.exists(j)]
+        if not have:
+            return None, "no benchmark JSON to read"
+        return [PY, upd, "--out", os.path.join(args.out, "backend_priority.json"), *have], None
+
+    steps.append(Step("priority", priority_cmd, 30,
                       skip=None if os.path.exists(upd) else "bench/update_priority.py not present"))
     js = os.path.join(scratch, "e2e.json")
     steps.append(Step("bench:e2e", [PY, "bench/bench_e2e.py", "--xl", "--quick", "--batches", "1,4,16",
@@ -421,6 +444,14 @@ class Runner:
             self.say(f"[{step.name}] skipped: {step.skip}")
             self._log_write(f"\n===== {step.name}: skipped ({step.skip})\n".encode())
             return res
+        if callable(step.cmd):  # decided when the step is reached (e.g. which JSON files exist by then)
+            cmd, why = step.cmd()
+            if cmd is None:
+                res["reason"] = why
+                self.say(f"[{step.name}] skipped: {why}")
+                self._log_write(f"\n===== {step.name}: skipped ({why})\n".encode())
+                return res
+            step.cmd = cmd
         allowed = min(step.limit, self.left() - self.reserve)
         if allowed < self.args.min_step:
             res["reason"] = f"budget exhausted ({max(0.0, self.left()):.1f} s left)"
@@ -598,12 +629,12 @@ class Runner:
         for r in self.results:
             counts[r["status"]] = counts.get(r["status"], 0) + 1
         lines = ["", "=" * 20 + " run_gpu summary " + "=" * 20,
-                 f"{'step':<26}{'status':<9}{'s':>7}  figures"]
+                 f"{'step':<30}{'status':<9}{'s':>7}  figures"]
         for r in self.results:
             extra = _fmt_figs(r.get("figures") or {}, 150)
             if not extra:
                 extra = r.get("reason") or (f"rc={r['rc']}" if r["status"] == "failed" else "")
-            lines.append(f"{r['step'][:25]:<26}{r['status']:<9}{r['seconds']:>7.1f}  {extra or ''}")
+            lines.append(f"{r['step'][:29]:<30}{r['status']:<9}{r['seconds']:>7.1f}  {extra or ''}")
         total = time.monotonic() - self.t0
         lines.append(f"total {total:.1f} s of budget {self.budget:.0f} s; "
                      + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
@@ -645,6 +676,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma list of step-name prefixes to run (others: skipped)")
     ap.add_argument("--skip", default="", help="comma list of step-name prefixes not to run")
     ap.add_argument("--list", action="store_true", help="print the steps and their limits, run nothing")
+    ap.add_argument("--limits", default="", help="per-step limits, e.g. 'tests:fused_drafter=200,smoke=60' "
+                                                 "(prefix match, seconds)")
     ap.add_argument("--archs", default=os.environ.get("FREE_KERNELS_CUDA_ARCHS", "90"), help="CUDA archs to build")
     ap.add_argument("--grace", type=float, default=None, help="seconds between SIGTERM and SIGKILL (3; dry run 0.5)")
     ap.add_argument("--min-step", type=float, default=None, help="do not start a step with less time (5; dry 0.5)")
@@ -669,9 +702,14 @@ def main(argv=None) -> int:
             st.skip = st.skip or "not selected (--only)"
         if any(st.name.startswith(p) for p in skip):
             st.skip = "deselected (--skip)"
+    for item in [x for x in args.limits.split(",") if x.strip()]:
+        prefix, _, secs = item.partition("=")
+        for st in steps:
+            if st.name.startswith(prefix.strip()):
+                st.limit = float(secs)
     if args.list:
         for st in steps:
-            print(f"{st.name:<26}{st.limit:>6.0f} s  {st.skip or ''}")
+            print(f"{st.name:<34}{st.limit:>6.0f} s  {st.skip or ''}")
         return 0
     for name in ("summary.json", "steps.log", "bench.json"):  # a fresh run, not an append to an old one
         p = os.path.join(args.out, name)

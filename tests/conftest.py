@@ -13,6 +13,10 @@ Order matters here:
    GPU such a skip means a kernel was not exercised, which must not read as a
    pass.  Expected failures (xfail) and the deliberate skips of CPU-only
    checks (reasons matching ``CPU_ONLY_SKIP``) are left alone.
+5. ``FREE_KERNELS_GPU_CASES_ONLY=1`` deselects every test that is not such a
+   GPU case (bench/run_gpu.py: the GPU slice is too short for the CPU suite).
+   Unlike ``-k``, this looks at the test's name and parameters only, not at
+   its file or folder name.
 """
 import os
 import re
@@ -36,7 +40,12 @@ if not CUDA_AVAILABLE:
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 GPU_SKIP_REASON = "needs a CUDA GPU (torch.cuda.is_available() is False)"
-REQUIRE_GPU = os.environ.get("FREE_KERNELS_REQUIRE_GPU", "").strip().lower() in ("1", "true", "yes", "on")
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+REQUIRE_GPU = _flag("FREE_KERNELS_REQUIRE_GPU")
+GPU_CASES_ONLY = _flag("FREE_KERNELS_GPU_CASES_ONLY")
 # skip reasons of checks that exist for CPU machines only: still skips under REQUIRE_GPU
 CPU_ONLY_SKIP = re.compile(r"CPU-only|a GPU is present|on CPU|interpreter|not the default architecture list",
                            re.IGNORECASE)
@@ -55,6 +64,12 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    if GPU_CASES_ONLY:
+        keep = [it for it in items if is_gpu_case(it)]
+        drop = [it for it in items if not is_gpu_case(it)]
+        if drop:
+            config.hook.pytest_deselected(items=drop)
+        items[:] = keep
     if CUDA_AVAILABLE:
         return
     skip_gpu = pytest.mark.skip(reason=GPU_SKIP_REASON)
