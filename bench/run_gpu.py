@@ -55,7 +55,8 @@ Steps, in order of value (``--list`` prints them with their limits):
  6. ``bench:verify_attention``, ``bench:speculative_accept``, ``bench:drafter`` the
     microbenchmarks in quick mode, without torch.compile; ``priority`` then runs
     ``bench/update_priority.py`` on their JSON when that script exists (else skipped).
- 7. ``bench:e2e``  demo model and DiT-XL/2 shapes at 256 px, batch 1 / 4 / 16.
+ 7. ``bench:e2e``  demo model and DiT-XL/2 shapes at 256 px, batch 1 / 4 / 16, with
+    ``FREE_KERNELS_PRIORITY_FILE`` pointing at the table just measured (the default order if none).
  8. ``sanitize:memcheck``, ``sanitize:racecheck`` compute-sanitizer on one small call of every
     CUDA kernel (bench/sanitize_cases.py), last and time-boxed.
 
@@ -205,6 +206,16 @@ def parse_e2e(text: str, step: Step) -> Dict:
     return figs
 
 
+def _priority_figures(path: str) -> Dict:
+    doc = _load_json(path)
+    entries = doc.get("entries", []) if isinstance(doc, dict) else []
+    firsts: Dict[str, int] = {}
+    for e in entries:
+        if e.get("order"):
+            firsts[e["order"][0]] = firsts.get(e["order"][0], 0) + 1
+    return {"entries": len(entries), **{f"first_{k}": v for k, v in sorted(firsts.items())}}
+
+
 def parse_preflight(text: str, step: Step) -> Dict:
     figs = parse_marked_json(text, step)
     keep = ("gpu", "driver", "nvcc", "torch", "triton", "compute-sanitizer", "ncu", "cpus")
@@ -342,17 +353,22 @@ def gpu_steps(args, scratch: str) -> List[Step]:
                           env=env_bench, parse=parse, json_out=js))
     upd = os.path.join(ROOT, "bench", "update_priority.py")
 
+    prio_out = os.path.join(args.out, "backend_priority.json")
+
     def priority_cmd():
         have = [j for j in jsons if os.path.exists(j)]
         if not have:
             return None, "no benchmark JSON to read"
-        return [PY, upd, "--out", os.path.join(args.out, "backend_priority.json"), *have], None
+        return [PY, upd, "--out", prio_out, *have], None
 
-    steps.append(Step("priority", priority_cmd, 30,
+    steps.append(Step("priority", priority_cmd, 30, parse=lambda text, st: _priority_figures(prio_out),
                       skip=None if os.path.exists(upd) else "bench/update_priority.py not present"))
     js = os.path.join(scratch, "e2e.json")
+    prio = os.path.join(args.out, "backend_priority.json")
     steps.append(Step("bench:e2e", [PY, "bench/bench_e2e.py", "--xl", "--quick", "--batches", "1,4,16",
-                                    "--json", js], 150, env=env_bench, parse=parse_e2e, json_out=js))
+                                    "--json", js], 150, parse=parse_e2e, json_out=js,
+                      # the dispatcher then uses the order just measured (absent file: the default order)
+                      env={**env_bench, "FREE_KERNELS_PRIORITY_FILE": prio}))
     cs = shutil.which("compute-sanitizer") or next(
         (p for p in ("/usr/local/cuda/bin/compute-sanitizer",) if os.path.exists(p)), None)
     for tool in ("memcheck", "racecheck"):
