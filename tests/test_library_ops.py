@@ -142,6 +142,27 @@ def test_opcheck_draft_epilogue(device, learn_sigma):
                 dict(outs, noise_out=torch.empty_like(x)))
 
 
+# ------------------------------------------------------------------ eager fast path vs the operator
+def test_wrappers_use_the_operator_under_fake_tensors_and_dispatch_modes(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from free_kernels.ops import _library
+
+    x = rnd((2, 3, 32), 0)
+    assert _library.eager(x)
+    with FakeTensorMode() as mode:
+        fx = mode.from_tensor(x)
+        assert not _library.eager(fx)
+        y = ops.gated_residual(fx, fx[:, 0], fx)  # the fake implementation answers
+        assert y.shape == x.shape and type(y) is not torch.Tensor
+    # eager calls skip the dispatcher round trip but run the same kernel
+    calls = []
+    monkeypatch.setattr(_library, "eager", lambda t: calls.append(1) or False)
+    with torch.no_grad():
+        assert torch.equal(ops.gated_residual(x, x[:, 0], x), x + x[:, 0, None] * x)
+    assert calls
+
+
 # ------------------------------------------------------------------ wrappers keep their behaviour
 def test_wrappers_equal_the_references_on_cpu():
     from free_kernels.reference.bias_gelu import bias_gelu as r_bg
@@ -326,4 +347,5 @@ def test_no_second_dtype_code_convention_in_the_ops():
     for f in os.listdir(ops_dir):
         if f.endswith(".py") and f != "_abi.py":
             src = open(os.path.join(ops_dir, f)).read()
-            assert not re.search(r"torch\.(float16|bfloat16)\s*:\s*[0-2]\s*[,}]", src), f"{f} defines its own dtype codes"
+            own = re.search(r"torch\.(float16|bfloat16)\s*:\s*[0-2]\s*[,}]", src)
+            assert not own, f"{f} defines its own dtype codes"

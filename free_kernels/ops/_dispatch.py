@@ -152,7 +152,8 @@ class Op:
             if order is not None:
                 full = tuple(order) + tuple(b for b in BACKEND_ORDER if b not in order)
                 return full, f"measured ({os.path.basename(path)}: {'/'.join(key)})"
-        return BACKEND_ORDER, f"default order (no entry for {self.name}/{dev_name}/{dt}/{sc} in {os.path.basename(path)})"
+        return BACKEND_ORDER, (f"default order (no entry for {self.name}/{dev_name}/{dt}/{sc} in "
+                               f"{os.path.basename(path)})")
 
     def _resolve(self, ctx: dict, backend: Optional[str]) -> Backend:
         req = self.requested(backend)

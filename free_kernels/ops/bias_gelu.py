@@ -139,6 +139,6 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, *, weight: Optional[torch.Ten
     if _fused.needs_grad(x, bias, weight):  # forward-only kernels: the reference, outside the op
         return OP.resolve(_context(x, bias, weight, out, True), backend).impl()(x, bias, weight=weight, out=out)
     if out is None:
-        return LIB_OP(x, bias, weight, backend)
-    LIB_OP_OUT(x, bias, out, weight, backend)
+        return (_op_impl if _library.eager(x) else LIB_OP)(x, bias, weight, backend)
+    (_op_out_impl if _library.eager(x) else LIB_OP_OUT)(x, bias, out, weight, backend)
     return out

@@ -236,8 +236,9 @@ def draft_epilogue(h, shift, scale, weight, bias, x, tables, index, noise=None, 
             int(guidance_channels), bool(learned_variance), bool(predict_xstart), bool(clip_denoised), float(eps),
             rng_state)
     if out is None and noise_out is None:
-        return LIB_OP(*args, backend=backend)
+        return (_op_impl if _library.eager(h) else LIB_OP)(*args, backend=backend)
     if out is None:
         out = tuple(torch.empty(x.shape, dtype=torch.float32, device=x.device) for _ in range(3))
-    LIB_OP_OUT(*args, x_next=out[0], mean=out[1], logvar=out[2], noise_out=noise_out, backend=backend)
+    (_op_out_impl if _library.eager(h) else LIB_OP_OUT)(*args, x_next=out[0], mean=out[1], logvar=out[2],
+                                                        noise_out=noise_out, backend=backend)
     return tuple(out)

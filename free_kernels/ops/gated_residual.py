@@ -109,6 +109,6 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, *, out:
     if _fused.needs_grad(x, gate, y):  # forward-only kernels: the reference, outside the op
         return OP.resolve(_context(x, gate, y, out, True), backend).impl()(x, gate, y, out=out)
     if out is None:
-        return LIB_OP(x, gate, y, backend)
-    LIB_OP_OUT(x, gate, y, out, backend)
+        return (_op_impl if _library.eager(x) else LIB_OP)(x, gate, y, backend)
+    (_op_out_impl if _library.eager(x) else LIB_OP_OUT)(x, gate, y, out, backend)
     return out

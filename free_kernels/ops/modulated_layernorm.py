@@ -127,6 +127,6 @@ def modulated_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
     if _fused.needs_grad(x, shift, scale):  # forward-only kernels: the reference, outside the op
         return OP.resolve(_context(x, shift, scale, out, True), backend).impl()(x, shift, scale, eps=eps, out=out)
     if out is None:
-        return LIB_OP(x, shift, scale, eps, backend)
-    LIB_OP_OUT(x, shift, scale, out, eps, backend)
+        return (_op_impl if _library.eager(x) else LIB_OP)(x, shift, scale, eps, backend)
+    (_op_out_impl if _library.eager(x) else LIB_OP_OUT)(x, shift, scale, out, eps, backend)
     return out

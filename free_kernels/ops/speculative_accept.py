@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from .._checks import check_finite, check_tensor
+from ..reference.speculative_accept import AcceptResult
 from . import _abi, _library
 from ._dispatch import Backend, dtype_reason, extension_reason, first_reason, get_op, size_class, triton_reason
 
@@ -267,8 +268,6 @@ def speculative_accept(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, 
     ``torch.ops.free_kernels.speculative_accept_out`` (every output written in place,
     missing buffers allocated here); otherwise ``torch.ops.free_kernels.speculative_accept``.
     """
-    from ..reference.speculative_accept import AcceptResult
-
     check_tensor("mean_p", mean_p, dim=3, floating=True)
     B, L1, D = mean_p.shape
     L = L1 - 1
@@ -312,6 +311,8 @@ def speculative_accept(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, 
     args = (mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, deterministic_last, bool(equal_variance),
             uniforms, bonus_noise, residual_noise, residual_uniforms, tau, generator, rng_state, cpi, max_cand)
     if out is None and all(b is None for b in bufs):
+        if _library.eager(mean_p):
+            return _run(*args, backend)
         return AcceptResult(*LIB_OP(*args, backend=backend))
     specs = ((torch.int32, (B,)), (torch.float32, (B, L)), (torch.int32, (B,)), (torch.bool, (B,)))
     for i, (name, (dt, shape)) in enumerate(zip(_SMALL_OUTPUTS, specs)):
@@ -321,6 +322,7 @@ def speculative_accept(mean_p, logvar_p, mean_q, logvar_q, noise_q, num_drafts, 
             check_tensor(name, bufs[i], shape=shape, dtype=dt, device=dev)
     if out is None:
         out = torch.empty((B, D), dtype=mean_p.dtype, device=dev)
-    LIB_OP_OUT(*args, out=out, num_accepted=bufs[0], log_ratio=bufs[1], residual_candidates=bufs[2],
-               fallbacks=bufs[3], backend=backend)
+    (_op_out_impl if _library.eager(mean_p) else LIB_OP_OUT)(
+        *args, out=out, num_accepted=bufs[0], log_ratio=bufs[1], residual_candidates=bufs[2], fallbacks=bufs[3],
+        backend=backend)
     return AcceptResult(out, *bufs)

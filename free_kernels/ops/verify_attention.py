@@ -184,6 +184,6 @@ def verify_attention(qkv: torch.Tensor, num_heads: int, *, out: Optional[torch.T
     if needs_grad(qkv):
         return OP.resolve(_context(qkv, num_heads, True), backend).impl()(qkv, num_heads, out=out)
     if out is None:
-        return LIB_OP(qkv, num_heads, backend)
-    LIB_OP_OUT(qkv, num_heads, out, backend)
+        return (_op_impl if _library.eager(qkv) else LIB_OP)(qkv, num_heads, backend)
+    (_op_out_impl if _library.eager(qkv) else LIB_OP_OUT)(qkv, num_heads, out, backend)
     return out
