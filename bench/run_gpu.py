@@ -84,6 +84,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 
 MAX_FILE_BYTES = 16 * 1024 * 1024
+LOG_HARD_CAP = 15 * 1024 * 1024   # steps.log never grows past this, even if the run is cut short
+LOG_HEAD_CAP = 14 * 1024 * 1024   # step heads stop here, leaving room for the tails
 CONSOLE_LINE = 200          # characters per echoed line
 CONSOLE_HEAD_LINES = 6      # first lines of a step echoed as they come
 CONSOLE_MATCH_LINES = 40    # further lines echoed when they match ECHO (per step)
@@ -425,6 +427,7 @@ class Runner:
         self.results: List[Dict] = []
         self.bench: Dict = {}
         self.log = open(self.log_path, "ab")
+        self.log_bytes = self.log.tell()
 
     # -- console
     @staticmethod
@@ -449,8 +452,13 @@ class Runner:
         self._atomic_json(self.summary_path, doc)
 
     def _log_write(self, data: bytes) -> None:
+        room = LOG_HARD_CAP - self.log_bytes
+        if room <= 0:
+            return
+        data = data[:room]
         self.log.write(data)
         self.log.flush()
+        self.log_bytes += len(data)
 
     # -- one step
     def run_step(self, step: Step) -> Dict:
@@ -536,8 +544,9 @@ class Runner:
             if not chunk:
                 break
             # file: head as it comes, then a bounded tail
-            if state["head_left"] > 0:
-                w = chunk[: state["head_left"]]
+            head_room = min(state["head_left"], LOG_HEAD_CAP - self.log_bytes)
+            if head_room > 0:
+                w = chunk[:head_room]
                 self._log_write(w)
                 state["head_left"] -= len(w)
                 rest = chunk[len(w):]
@@ -697,8 +706,8 @@ def main(argv=None) -> int:
     ap.add_argument("--archs", default=os.environ.get("FREE_KERNELS_CUDA_ARCHS", "90"), help="CUDA archs to build")
     ap.add_argument("--grace", type=float, default=None, help="seconds between SIGTERM and SIGKILL (3; dry run 0.5)")
     ap.add_argument("--min-step", type=float, default=None, help="do not start a step with less time (5; dry 0.5)")
-    ap.add_argument("--log-head", type=int, default=512 * 1024, help="bytes of a step's output kept from its start")
-    ap.add_argument("--log-tail", type=int, default=256 * 1024, help="bytes of a step's output kept from its end")
+    ap.add_argument("--log-head", type=int, default=320 * 1024, help="bytes of a step's output kept from its start")
+    ap.add_argument("--log-tail", type=int, default=192 * 1024, help="bytes of a step's output kept from its end")
     ap.add_argument("--parse-keep", type=int, default=4 * 1024 * 1024, help="bytes of output kept for the parsers")
     ap.add_argument("--hang-limit", type=float, default=2.0, help=argparse.SUPPRESS)
     ap.add_argument("--flood-bytes", type=float, default=3e6, help=argparse.SUPPRESS)
