@@ -3,7 +3,7 @@
 Tiny tensors, so the reference's own work is a few microseconds and the difference is the host cost
 the dispatch point adds to every call of a latency-bound draft loop.
 
-    python bench/bench_dispatch.py [--iters 20000]
+    python bench/bench_dispatch.py [--iters 20000] [--registration]
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -68,6 +68,8 @@ def cases() -> Dict[str, tuple]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--iters", type=int, default=20000)
+    p.add_argument("--registration", action="store_true",
+                   help="also time a trivial op registered with torch.library.Library vs torch.library.custom_op")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     os.environ.setdefault("FREE_KERNELS_CHECK_NAN", "0")
@@ -78,6 +80,8 @@ def main(argv=None) -> int:
             iters = args.iters if name != "speculative_accept" else max(1000, args.iters // 10)
             a, b = per_call_us(op, iters), per_call_us(ref, iters)
             print(f"{name:<22}{a:>9.2f}{b:>14.2f}{a - b:>13.2f}")
+    if args.registration:
+        registration_cost(args.iters)
     print("backend resolution for a CUDA-tensor context (every backend probed; no GPU needed):")
     for name, ctx in cuda_contexts().items():
         op = ops.OPS[name]
@@ -90,6 +94,34 @@ def main(argv=None) -> int:
 
         print(f"{name:<22}{per_call_us(resolve, args.iters):>9.2f} us")
     return 0
+
+
+def registration_cost(iters: int) -> None:
+    """Per-call cost of the two torch.library registrations, on a trivial op (x.clone() / out.copy_(x))."""
+    from torch.library import Library
+
+    lib = Library("fk_bench_registration", "DEF")
+    lib.define("f(Tensor x, str? backend=None) -> Tensor")
+    lib.impl("f", lambda x, backend=None: x.clone(), "CPU")
+    lib.define("f_out(Tensor x, Tensor(a!) out) -> ()")
+    lib.impl("f_out", lambda x, out: (out.copy_(x), None)[1], "CPU")
+
+    @torch.library.custom_op("fk_bench_registration::g", mutates_args=())
+    def g(x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+        return x.clone()
+
+    @torch.library.custom_op("fk_bench_registration::g_out", mutates_args=("out",))
+    def g_out(x: torch.Tensor, out: torch.Tensor) -> None:
+        out.copy_(x)
+
+    x = torch.randn(4, 8)
+    out = torch.empty_like(x)
+    f, f_out = torch.ops.fk_bench_registration.f.default, torch.ops.fk_bench_registration.f_out.default
+    print("operator registration, trivial op:")
+    for name, fn in (("direct python call", lambda: x.clone()), ("Library define+impl", lambda: f(x)),
+                     ("Library, mutating", lambda: f_out(x, out)), ("custom_op", lambda: g(x)),
+                     ("custom_op, mutating", lambda: g_out(x, out))):
+        print(f"  {name:<22}{per_call_us(fn, iters):>9.2f} us")
 
 
 def cuda_contexts() -> Dict[str, dict]:
