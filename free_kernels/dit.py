@@ -394,6 +394,26 @@ class FreeDiffusion(SpacedDiffusion):
             samples = torch.cat([samples, samples], dim=0)
         return samples, stats
 
+    def free_sampler(self, model, device=None):
+        """The :class:`FreeSampler` this diffusion runs on ``model`` (official, diffusers or our DiT module).
+
+        For callers that want more than the official loop offers, e.g.
+        continuous batching with ``free_sampler(model).sample_stream(requests, batch_size)``.
+        """
+        if self.drafter is None:
+            raise ValueError("this diffusion has no drafter: create it with create_diffusion(..., drafter=...)")
+        target, _, _ = resolve_target(model)
+        inner = target.model if isinstance(target, (OfficialDiTTarget, DiffusersDiTTarget)) else target
+        if inner.training:
+            raise ValueError("the model is in train() mode (DiT drops labels at random there): call model.eval() "
+                             "before sampling, as the official scripts do")
+        from .sampler import FreeSampler
+
+        if device is None:
+            device = next(iter(inner.parameters())).device
+        return FreeSampler(target, self._drafter_for(target, torch.device(device)), self,
+                           draft_length=self.draft_length, relax=self.relax, clip_denoised=False)
+
     # ------------------------------------------------------------ sampling
     def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None, cond_fn=None,
                       model_kwargs=None, device=None, progress=False, generator=None):

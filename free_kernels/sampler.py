@@ -134,6 +134,8 @@ class StreamResult:
     sample: torch.Tensor  # (C, S, S), on the sampler's device, in the noise dtype
     steps: int            # denoising steps (= the schedule length)
     rounds: int           # rounds the sample took part in
+    accepted: int = 0     # drafts of this sample accepted
+    proposed: int = 0     # drafts of this sample judged
 
 
 class FreeSampler:
@@ -326,7 +328,9 @@ class FreeSampler:
             rounds_all.append(rounds)
             steps_all.append(steps)
             self._check_output(sample, f"sample of request {i}")
-            yield StreamResult(index=i, seed=seed, label=label, sample=sample, steps=steps, rounds=rounds)
+            acc, prop = run.slot_counts[slot]
+            yield StreamResult(index=i, seed=seed, label=label, sample=sample, steps=steps, rounds=rounds,
+                               accepted=acc, proposed=prop)
         self.last_stats = run.stats(run.elapsed, rounds_all, steps_all)
 
     # ------------------------------------------------------------ checks
@@ -426,6 +430,9 @@ class _Run:
         self.draws = torch.zeros(B, device=dev, dtype=torch.int64)   # per-sample draw counter (Philox stream)
         self.rounds = torch.zeros(B, device=dev, dtype=torch.int64)
         self.steps = torch.zeros(B, device=dev, dtype=torch.int64)
+        self.acc_slot = torch.zeros(B, device=dev, dtype=torch.int64)   # drafts accepted / judged per slot
+        self.prop_slot = torch.zeros(B, device=dev, dtype=torch.int64)
+        self.slot_counts: Dict[int, Tuple[int, int]] = {}
         self.hp: Optional[torch.Tensor] = None  # (G, B, Ntok, H) exact features of each state's parent
         self.gens: List[Optional[torch.Generator]] = [None] * B
         # ---- statistics accumulators (device)
@@ -459,7 +466,7 @@ class _Run:
         self.has_h.index_fill_(0, slots, False)
         self.y.index_copy_(0, slots, y0.to(torch.int64))
         self.keys.index_copy_(0, slots, keys)
-        for buf in (self.draws, self.rounds, self.steps):
+        for buf in (self.draws, self.rounds, self.steps, self.acc_slot, self.prop_slot):
             buf.index_fill_(0, slots, 0)
         if not self.keyed_philox:
             for s, k in zip(slot_list, keys.tolist()):
@@ -489,13 +496,14 @@ class _Run:
                 for _ in range(self.s.check_every):
                     self._round_static(self.L if self.any_features else 0)
                     self.any_features = True
-            snap = self._read(torch.stack([self.idx, self.rounds, self.steps]))
+            snap = self._read(torch.stack([self.idx, self.rounds, self.steps, self.acc_slot, self.prop_slot]))
             finished = np.nonzero(self.live & (snap[0] < 0))[0]
             if bar is not None:
                 bar.update(int(snap[2][self.live].sum()) + done_steps - bar.n)
             for slot in finished.tolist():
                 self.live[slot] = False
                 done_steps += int(snap[2][slot])
+                self.slot_counts[slot] = (int(snap[3][slot]), int(snap[4][slot]))
                 yield slot, self.x[slot].to(self.out_dtype).clone(), int(snap[2][slot]), int(snap[1][slot])
             if refill is not None and finished.size:
                 for slot in refill(finished.tolist()):
@@ -702,6 +710,13 @@ class _Run:
             acc = (jj < n_acc[:, None]).to(torch.int64)
             self.prop_by_index.scatter_add_(0, ind.reshape(-1), prop.reshape(-1))
             self.acc_by_index.scatter_add_(0, ind.reshape(-1), acc.reshape(-1))
+            slot_prop, slot_acc = prop.sum(1), acc.sum(1)
+            if act is None:
+                self.prop_slot.add_(slot_prop)
+                self.acc_slot.add_(slot_acc)
+            else:
+                self.prop_slot.index_add_(0, act, slot_prop)
+                self.acc_slot.index_add_(0, act, slot_acc)
         rc = torch.where(active, res.residual_candidates.long(), torch.zeros_like(idx))
         self.counters[0] += (active & (n_acc < nd)).sum()
         self.counters[1] += rc.sum()

@@ -21,12 +21,26 @@ i-th sample of iteration k has index ``k * world * batch + i * world + r``, and
 rank r's seed is ``global_seed * world_size + rank``, as in the official script.
 Added: ``{sample_dir}/{folder}.free_stats.json``, each rank's FREE statistics
 (target calls, steps per target call, acceptance by timestep, time per phase)
-gathered to rank 0, plus their totals.
+gathered to rank 0, plus their totals.  Per-sample figures (steps, rounds,
+accepted and judged drafts) are stored per iteration and always complete;
+batch-level figures (target calls, acceptance by timestep, phase times) are
+stored once per sampling run of a rank, so a killed run's share of them is
+missing (``runs_recorded`` says how many runs they cover).
+
+Seeds and continuous batching (differ from the official script)
+    Every sample has its own seed, ``SeedSequence([rank seed, k, i])`` for the
+    i-th sample of rank r's iteration k: its x_T, its label and all of its
+    sampler randomness come from that seed alone, so a sample does not depend
+    on its batch.  With a drafter the rank feeds all of its pending samples
+    through ``FreeSampler.sample_stream`` with ``--per-proc-batch-size`` slots:
+    a sample that finishes early (FREE samples take different numbers of
+    rounds) frees its slot for the next one, so the batch stays full; an
+    iteration's files are written as soon as its last sample is done.  The
+    baseline (no drafter) samples an iteration as one batch, with per-sample
+    generators.
 
 Resume (differs from the official script, which cannot resume)
-    The noise, labels and sampler randomness of rank r's iteration k come from
-    a generator seeded by (rank seed, k), not from one stream per rank, so an
-    iteration can be run on its own.  A rerun with the same arguments skips
+    An iteration can be run on its own (its samples' seeds say everything).  A rerun with the same arguments skips
     every complete iteration (all its PNGs readable and its statistics file
     present), re-samples an iteration with missing or damaged files (the same
     samples on the same hardware and software) and writes only those files.
@@ -72,7 +86,9 @@ from free_kernels._checks import (  # noqa: E402
 )
 
 RUN_FORMAT = "free_kernels.sample_ddp.run/2"
-SEED_POLICY = "rank seed = global_seed * world + rank; iteration k: SeedSequence([rank seed, k]) (v1)"
+SEED_POLICY = ("rank seed = global_seed * world + rank; sample i of iteration k: seed SeedSequence([rank seed, k, i]), "
+               "x_T = randn of torch.Generator(seed), label and step noise from SeedSequence([rank seed, k, i, 1|2]) "
+               "(v2)")
 
 
 def atomic_json(path: str, obj) -> None:
@@ -110,22 +126,44 @@ def read_png(path: str) -> np.ndarray:
     return a[..., None] if a.ndim == 2 else a
 
 
-def iteration_seed(rank_seed: int, iteration: int) -> int:
-    """Independent, reproducible seed for one (rank, iteration)."""
-    lo, hi = np.random.SeedSequence([rank_seed, iteration]).generate_state(2, dtype=np.uint32).tolist()
+def _seed_of(*words: int) -> int:
+    lo, hi = np.random.SeedSequence(list(words)).generate_state(2, dtype=np.uint32).tolist()
     return (hi << 32 | lo) & ((1 << 63) - 1)
 
 
-def aggregate(stats: list) -> dict:
-    """Sum per-iteration statistics (FreeStats.as_dict() or the baseline's) into one record."""
-    out = dict(iterations=len(stats), samples=0, target_calls=0, drafter_calls=0, rounds=0, target_rows=0,
-               drafter_rows=0, residual_rejections=0, residual_candidates=0, residual_fallbacks=0,
+def iteration_requests(rank_seed: int, iteration: int, n: int, num_classes: int):
+    """The (seed, label) of each of the n samples of one (rank, iteration): independent and reproducible."""
+    out = []
+    for i in range(n):
+        seed = _seed_of(rank_seed, iteration, i)
+        label = int(np.random.default_rng(_seed_of(rank_seed, iteration, i, 1)).integers(num_classes))
+        out.append((seed, label))
+    return out
+
+
+def initial_noise(seed: int, shape) -> torch.Tensor:
+    """x_T of a sample: the same tensor ``FreeSampler.sample_stream`` makes from the seed."""
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
+
+
+def aggregate(stats: list, runs: list = ()) -> dict:
+    """Sum per-iteration statistics and per-run (batch-level) records into one record.
+
+    Baseline iterations carry everything; FREE iterations carry the per-sample
+    figures and ``runs`` (one record per sampling run of the rank) the
+    batch-level ones.
+    """
+    out = dict(iterations=len(stats), runs_recorded=len(runs), samples=0, target_calls=0, drafter_calls=0, rounds=0,
+               target_rows=0, drafter_rows=0, residual_rejections=0, residual_candidates=0, residual_fallbacks=0,
                time_draft_s=0.0, time_verify_s=0.0, time_accept_s=0.0, time_total_s=0.0,
-               steps=0, sample_rounds=0, accepted_by_index=None, proposed_by_index=None)
+               steps=0, sample_rounds=0, accepted=0, proposed=0, accepted_by_index=None, proposed_by_index=None)
     for s in stats:
         out["samples"] += len(s.get("steps_per_sample", []))
         out["steps"] += sum(s.get("steps_per_sample", []))
         out["sample_rounds"] += sum(s.get("sample_rounds", []))
+        out["accepted"] += sum(s.get("accepted_per_sample", []))
+        out["proposed"] += sum(s.get("proposed_per_sample", []))
+    for s in list(stats) + list(runs):
         for k in ("target_calls", "drafter_calls", "rounds", "target_rows", "drafter_rows", "residual_rejections",
                   "residual_candidates", "residual_fallbacks", "time_draft_s", "time_verify_s", "time_accept_s",
                   "time_total_s"):
@@ -134,9 +172,11 @@ def aggregate(stats: list) -> dict:
             if s.get(k) is not None:
                 out[k] = list(s[k]) if out[k] is None else [a + b for a, b in zip(out[k], s[k])]
     out["steps_per_target_call"] = out["steps"] / out["sample_rounds"] if out["sample_rounds"] else None
+    out["acceptance_rate"] = out["accepted"] / out["proposed"] if out["proposed"] else None
     if out["proposed_by_index"]:
         p, a = out["proposed_by_index"], out["accepted_by_index"]
-        out["acceptance_rate"] = sum(a) / sum(p) if sum(p) else None
+        if out["acceptance_rate"] is None:
+            out["acceptance_rate"] = sum(a) / sum(p) if sum(p) else None
         out["acceptance_by_index"] = [x / y if y else None for x, y in zip(a, p)]
     return out
 
@@ -236,17 +276,77 @@ def stats_ok(path: str, indices) -> bool:
         return False
 
 
+def run_stats_path(stats_dir: str, rank: int) -> str:
+    """A new file for the batch-level statistics of this sampling run of ``rank``."""
+    k = 0
+    while os.path.exists(os.path.join(stats_dir, f"rank{rank:05d}-run{k:04d}.json")):
+        k += 1
+    return os.path.join(stats_dir, f"rank{rank:05d}-run{k:04d}.json")
+
+
 def sample_iteration(model, diffusion, vae, args, device, rank_seed: int, it: int, n: int):
-    """Rank's iteration ``it``: (uint8 NHWC images, statistics dict)."""
-    g = torch.Generator(device=device).manual_seed(iteration_seed(rank_seed, it))
-    z = torch.randn(n, model.in_channels, model.input_size, model.input_size, generator=g, device=device)
-    y = torch.randint(0, model.num_classes, (n,), generator=g, device=device)
+    """Baseline: rank's iteration ``it`` as one batch: (uint8 NHWC images, statistics dict)."""
+    from free_kernels.diffusion import per_sample_generators
+
+    reqs = iteration_requests(rank_seed, it, n, model.num_classes)
+    shape = (model.in_channels, model.input_size, model.input_size)
+    z = torch.stack([initial_noise(seed, shape) for seed, _ in reqs]).to(device)
+    y = torch.tensor([label for _, label in reqs], device=device)
+    gens = per_sample_generators([_seed_of(rank_seed, it, i, 2) for i in range(n)], device=device)
     t0 = time.perf_counter()
     samples = sample_batch(model, diffusion, z, y, args.cfg_scale, guidance_channels=args.guidance_channels,
-                           clip_denoised=args.clip_denoised, generator=g)
+                           clip_denoised=args.clip_denoised, generator=gens + gens if args.cfg_scale > 1.0 else gens)
     seconds = time.perf_counter() - t0
     images = to_uint8(decode(vae, samples))
     return images, stats_dict(diffusion, n, seconds)
+
+
+def stream_iterations(model, diffusion, vae, args, device, rank_seed: int, its, n: int):
+    """FREE with continuous batching over the iterations ``its``: yield (it, images, stats) as each completes.
+
+    All pending samples of the rank go through one ``sample_stream`` with n
+    slots; ``diffusion.last_run_stats`` holds the run's batch-level statistics
+    when the generator is exhausted.
+    """
+    sampler = diffusion.free_sampler(model, device)
+    requests = [req for it in its for req in iteration_requests(rank_seed, it, n, model.num_classes)]
+    cfg = args.cfg_scale if args.cfg_scale > 1.0 else 1.0  # the official scripts guide only above 1
+    done = {}
+    t0 = time.perf_counter()
+    for r in sampler.sample_stream(requests, batch_size=n, cfg_scale=cfg, guidance_channels=args.guidance_channels,
+                                   device=device):
+        pos, i = divmod(r.index, n)
+        got = done.setdefault(pos, {})
+        got[i] = r
+        if len(got) == n:
+            res = [got[k] for k in range(n)]
+            images = to_uint8(decode(vae, torch.stack([x.sample for x in res])))
+            st = dict(mode="exact" if sampler.relax is None or sampler.relax.exact else "relax", batch_size=n, num_steps=diffusion.num_timesteps,
+                      steps_per_sample=[x.steps for x in res], sample_rounds=[x.rounds for x in res],
+                      accepted_per_sample=[x.accepted for x in res], proposed_per_sample=[x.proposed for x in res],
+                      seeds=[x.seed for x in res], labels=[x.label for x in res])
+            del done[pos]
+            yield its[pos], images, st
+    run = sampler.last_stats.as_dict()
+    for k in ("steps_per_sample", "sample_rounds"):
+        run.pop(k, None)
+    run["time_total_s"] = time.perf_counter() - t0
+    diffusion.last_run_stats = run
+
+
+def write_iteration(run, sample_folder, it, rank, indices, paths, present, redo, st_path, images, st):
+    """An iteration's damaged or missing PNGs, then its statistics file (last: marks it complete)."""
+    st.update(rank=rank, iteration=it, indices=indices)
+    try:
+        for i in redo:  # damaged files are replaced, complete ones never rewritten
+            atomic_png(paths[i], images[i])
+        atomic_json(st_path, st)
+    except OSError as e:  # a full device, a vanished mount: one line; a rerun resumes here
+        fail(f"cannot write in {sample_folder} ({e.strerror or e}); free space and rerun the same command "
+             f"to resume")
+    run["iterations_sampled"] += 1
+    run["pngs_written"] += len(redo)
+    run["pngs_replaced"] += sum(present[i] for i in redo)
 
 
 def _agree(problem, rank):
@@ -345,6 +445,7 @@ def _main(args, use_cuda):
 
         bar = tqdm(bar)
     run = dict(iterations_sampled=0, iterations_skipped=0, pngs_written=0, pngs_replaced=0)
+    pending = {}
     for it in bar:
         indices = [it * global_batch + i * world + rank for i in range(n)]
         paths = [os.path.join(sample_folder, f"{idx:06d}.png") for idx in indices]
@@ -355,18 +456,20 @@ def _main(args, use_cuda):
         if not redo and stats_ok(st_path, indices):
             run["iterations_skipped"] += 1
             continue
+        if diffusion.drafter is not None:
+            pending[it] = (indices, paths, present, redo, st_path)  # sampled below, continuously batched
+            continue
         images, st = sample_iteration(model, diffusion, vae, args, device, seed, it, n)
-        st.update(rank=rank, iteration=it, indices=indices)
+        write_iteration(run, sample_folder, it, rank, indices, paths, present, redo, st_path, images, st)
+    if pending:
+        its = sorted(pending)
+        for it, images, st in stream_iterations(model, diffusion, vae, args, device, seed, its, n):
+            write_iteration(run, sample_folder, it, rank, *pending[it], images, st)
         try:
-            for i in redo:  # damaged files are replaced, complete ones never rewritten
-                atomic_png(paths[i], images[i])
-            atomic_json(st_path, st)  # last: marks the iteration complete
-        except OSError as e:  # a full device, a vanished mount: one line; a rerun resumes here
-            fail(f"cannot write in {sample_folder} ({e.strerror or e}); free space and rerun the same command "
-                 f"to resume")
-        run["iterations_sampled"] += 1
-        run["pngs_written"] += len(redo)
-        run["pngs_replaced"] += sum(present[i] for i in redo)
+            atomic_json(run_stats_path(stats_dir, rank), dict(diffusion.last_run_stats, rank=rank,
+                                                              iterations=its))
+        except OSError as e:
+            fail(f"cannot write in {stats_dir} ({e.strerror or e}); free space and rerun the same command")
 
     # ---------------------------------------------------------------- stats and .npz
     dist.barrier()
@@ -374,7 +477,11 @@ def _main(args, use_cuda):
     for it in range(iterations):
         with open(stats_path(stats_dir, rank, it)) as f:  # written by this loop or a complete earlier one
             mine.append(json.load(f))
-    summary = dict(rank=rank, this_run=run, **aggregate(mine))
+    runs = []
+    for name in sorted(os.listdir(stats_dir)):
+        if name.startswith(f"rank{rank:05d}-run") and name.endswith(".json"):
+            runs.append(read_json_file(os.path.join(stats_dir, name), "run statistics"))
+    summary = dict(rank=rank, this_run=run, **aggregate(mine, runs))
     gathered = [None] * world if rank == 0 else None
     dist.gather_object(summary, gathered, dst=0)
     if rank == 0:
@@ -402,7 +509,8 @@ def _main(args, use_cuda):
 
 def aggregate_ranks(per_rank: list) -> dict:
     """Totals over ranks' aggregated records."""
-    keys_sum = ("iterations", "samples", "target_calls", "drafter_calls", "rounds", "target_rows", "drafter_rows",
+    keys_sum = ("iterations", "runs_recorded", "samples", "accepted", "proposed", "target_calls", "drafter_calls",
+                "rounds", "target_rows", "drafter_rows",
                 "residual_rejections", "residual_candidates", "residual_fallbacks", "time_draft_s",
                 "time_verify_s", "time_accept_s", "time_total_s", "steps", "sample_rounds")
     out = {k: sum(r.get(k, 0) or 0 for r in per_rank) for k in keys_sum}
@@ -414,6 +522,8 @@ def aggregate_ranks(per_rank: list) -> dict:
         p = [sum(v) for v in zip(*pro)]
         out["acceptance_rate"] = sum(a) / sum(p) if sum(p) else None
         out["acceptance_by_index"] = [x / y if y else None for x, y in zip(a, p)]
+    if out["proposed"]:  # per-sample counts are complete even when a killed run's batch-level record is missing
+        out["acceptance_rate"] = out["accepted"] / out["proposed"]
     out["this_run"] = {k: sum(r["this_run"][k] for r in per_rank) for k in per_rank[0]["this_run"]}
     return out
 
