@@ -192,6 +192,18 @@ def parse_bench_generic(text: str, step: Step) -> Dict:
     return {}
 
 
+def parse_round_graphs(text: str, step: Step) -> Dict:
+    """Replay == eager and the replay speed-up per batch (bench_round_graphs.py)."""
+    doc = _load_json(step.json_out)
+    figs: Dict = {}
+    for r in (doc or {}).get("rows", []) if isinstance(doc, dict) else []:
+        b = r.get("batch")
+        figs[f"b{b}_replay_equals_eager"] = r.get("replay_equals_eager")
+        figs[f"b{b}_graph_speedup"] = _num(r.get("graph_speedup"), 2)
+        figs[f"b{b}_graphs_ms_per_round"] = _num(r.get("graphs_ms_per_round"), 2)
+    return figs
+
+
 def parse_e2e(text: str, step: Step) -> Dict:
     doc = _load_json(step.json_out)
     figs: Dict = {}
@@ -344,6 +356,10 @@ def gpu_steps(args, scratch: str) -> List[Step]:
     for backend in ("cuda", "triton"):
         steps.append(Step(f"smoke:{backend}", [PY, "bench/gpu_smoke.py", "sample", "--backend", backend], 120,
                           parse=parse_marked_json))
+    js_graphs = os.path.join(scratch, "round_graphs.json")
+    steps.append(Step("bench:round_graphs", [PY, "bench/bench_round_graphs.py", "--batch", "1", "--batch", "16",
+                                             "--steps", "100", "--json", js_graphs], 120,
+                      env=env_bench, parse=parse_round_graphs, json_out=js_graphs))
     benches = [("verify_attention", ["--quick"], parse_bench_attention),
                ("speculative_accept", ["--quick", "--no-compile"], parse_bench_accept),
                ("drafter", ["--quick", "--no-compile"], parse_bench_generic)]
