@@ -638,8 +638,9 @@ class _Run:
                 xj = P[:, j]
                 x_in = xj.repeat(G, 1, 1, 1) if G > 1 else xj
                 t_in = T[:, j].repeat(G) if G > 1 else T[:, j]
-                h = ops.drafter_forward(drafter, h, x_in.to(self.mdt), t_in, yG)
-                c = target.embed_condition(t_in, yG)
+                t_nx = T[:, j + 1].repeat(G) if G > 1 else T[:, j + 1]   # the step being drafted
+                c = target.embed_condition(t_in, yG)                      # once: drafter and head share it
+                h = ops.drafter_forward(drafter, h, x_in.to(self.mdt), t_in, yG, t_next=t_nx, c=c)
                 ops.draft_transition(target, diffusion, h, c, xj, I[:, j], noise_q[:, j].reshape(Ba, C, S, S),
                                      cfg_scale=self.cfg_scale, guidance_channels=self.gc,
                                      clip_denoised=s.clip_denoised,
