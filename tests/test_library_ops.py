@@ -12,7 +12,6 @@ import shutil
 import pytest
 import torch
 
-import free_kernels
 from free_kernels import _env
 from free_kernels import ops
 from free_kernels.ops import _abi

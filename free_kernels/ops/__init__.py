@@ -1,4 +1,8 @@
-"""Public ops, one dispatch point each (see ``_dispatch``)."""
+"""Public ops, one dispatch point each (see ``_dispatch``).
+
+Each op (but the module-level compositions ``drafter_forward`` / ``draft_transition``) is also a
+``torch.library`` operator, ``torch.ops.free_kernels.<op>`` and ``<op>_out`` (see ``_library``).
+"""
 from ._dispatch import OPS, BackendUnavailable, get_op  # noqa: F401
 from .drafter_forward import draft_transition, drafter_forward  # noqa: F401
 from .modulated_layernorm import modulated_layernorm  # noqa: F401

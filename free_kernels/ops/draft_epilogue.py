@@ -159,8 +159,6 @@ def validate(h, shift, scale, weight, bias, x, tables, index, noise, *, patch_si
             check_tensor(name, t, shape=tuple(x.shape), dtype=torch.float32, device=dev)
     if noise_out is not None:
         check_tensor("noise_out", noise_out, shape=tuple(x.shape), dtype=torch.float32, device=dev)
-    odd = [f"{n} is {t.dtype}" for n, t in (("x", x), ("noise", noise))
-           if t is not None and t.dtype not in _fused.KERNEL_DTYPES]
     return _context(h, shift, scale, weight, bias, x, noise, patch_size,
                     _fused.needs_grad(h, shift, scale, weight, bias, x))
 
