@@ -82,6 +82,9 @@ def collect(docs: Iterable[Tuple[str, dict]]) -> Tuple[Measurements, Dict[tuple,
         if kind is None or not device:
             print(f"update_priority: {src}: not a recognised benchmark JSON (no device or rows), skipped")
             continue
+        if device == "cpu":  # the table orders backends for CUDA tensors only
+            print(f"update_priority: {src}: measured on the CPU, skipped")
+            continue
         for r in doc["rows"]:
             if kind == "verify_attention":
                 b = ATTENTION_PROVIDERS.get(r.get("provider"))
