@@ -23,6 +23,11 @@ import re
 import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# the draft planner's cost-model cache (draft_length="auto") goes to a private folder, not ~/.cache
+if "FREE_KERNELS_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["FREE_KERNELS_CACHE"] = tempfile.mkdtemp(prefix="free_kernels_test_cache_")
 os.environ.setdefault("MKL_NUM_THREADS", "2")
 
 import pytest  # noqa: E402
