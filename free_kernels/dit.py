@@ -325,12 +325,12 @@ def _load_drafter(drafter):
 class FreeDiffusion(SpacedDiffusion):
     """``SpacedDiffusion`` whose ``p_sample_loop`` runs FREE when a drafter is set (module docstring)."""
 
-    def __init__(self, use_timesteps, *, drafter=None, draft_length: int = 6, relax=None, **kwargs):
+    def __init__(self, use_timesteps, *, drafter=None, draft_length="auto", relax=None, **kwargs):
         super().__init__(use_timesteps, **kwargs)
-        if isinstance(draft_length, bool) or not isinstance(draft_length, int) or draft_length < 1:
-            raise ValueError(f"draft_length must be an int >= 1, got {draft_length!r}")
+        from .planner import check_draft_length
+
+        self.draft_length = check_draft_length(draft_length)
         self.drafter = _load_drafter(drafter)
-        self.draft_length = int(draft_length)
         self.relax = as_policy(relax)
         self.last_stats = None
 
@@ -446,15 +446,16 @@ def create_diffusion(
     rescale_learned_sigmas=False,
     diffusion_steps=1000,
     drafter=None,
-    draft_length=6,
+    draft_length="auto",
     relax=None,
 ) -> FreeDiffusion:
     """The official ``create_diffusion`` plus ``drafter`` / ``draft_length`` / ``relax``.
 
     ``drafter``: None (baseline, bit for bit), ``"frozen"`` (training-free
     drafter), a path to a saved :class:`FeatureDrafter` (``.safetensors`` +
-    ``.json``), or a drafter module/callable.  ``relax``: None (exact) or an
-    approximate relax strength / :class:`free_kernels.RelaxPolicy`.
+    ``.json``), or a drafter module/callable.  ``draft_length``: ``"auto"``
+    (the draft planner chooses per round where drafting pays) or a fixed L >= 1.
+    ``relax``: None (exact) or an approximate relax strength / :class:`free_kernels.RelaxPolicy`.
     """
     base = _base_create_diffusion(
         timestep_respacing, noise_schedule=noise_schedule, use_kl=use_kl, sigma_small=sigma_small,

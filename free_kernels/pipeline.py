@@ -93,7 +93,7 @@ def _schedule_from_scheduler(config) -> dict:
 class FreeDiTPipeline(DiTPipeline):
     """``DiTPipeline`` sampling with FREE (module docstring)."""
 
-    def __init__(self, transformer, vae, scheduler, id2label=None, drafter=None, draft_length: int = 6,
+    def __init__(self, transformer, vae, scheduler, id2label=None, drafter=None, draft_length="auto",
                  relax=None, guidance_channels: int = 4):
         super().__init__(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
         self.drafter = self._load_drafter(drafter)
@@ -107,9 +107,9 @@ class FreeDiTPipeline(DiTPipeline):
     # ---------------------------------------------------------------- helpers
     @staticmethod
     def _check_length(L):
-        if isinstance(L, bool) or not isinstance(L, int) or L < 1:
-            raise ValueError(f"draft_length must be an int >= 1, got {L!r}")
-        return L
+        from .planner import check_draft_length
+
+        return check_draft_length(L)
 
     @staticmethod
     def _load_drafter(drafter):
@@ -137,7 +137,7 @@ class FreeDiTPipeline(DiTPipeline):
         output_type: Optional[str] = "pil",
         return_dict: bool = True,
         drafter=_UNSET,
-        draft_length: Optional[int] = None,
+        draft_length=None,
         relax=_UNSET,
     ):
         """Generate images for ``class_labels``; ``drafter`` / ``draft_length`` / ``relax`` override the

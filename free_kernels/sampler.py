@@ -50,13 +50,15 @@ from .models.drafter import FeatureDrafter
 from .nvtx import nvtx_phase
 from .ops.drafter_forward import schedule_tables_on
 from .reference.draft_epilogue import transition as table_transition
-from .reference.philox import keyed_normal, keyed_uniform
+from .planner import DraftPlanner, check_draft_length
+from .reference.philox import keyed_parts
 from .relax import RelaxPolicy, as_policy
 
 __all__ = ["FreeSampler", "FreeStats", "StreamResult"]
 
-# Philox tags of the per-sample streams (reference/philox.py): one per kind of draw
-_TAG_NORMAL, _TAG_UNIFORM = 1, 2
+# Philox tags of the per-sample streams (reference/philox.py): one per kind of draw, so that a
+# draw does not depend on how many numbers of the other kinds a round needed
+_TAG_DRAFT, _TAG_BONUS, _TAG_RESID, _TAG_U_ACCEPT, _TAG_U_RESID = 1, 2, 3, 4, 5
 
 
 @dataclass
@@ -88,6 +90,9 @@ class FreeStats:
     layout: str = ""               # "static" or "compact"
     graphs: str = "off"            # CUDA graphs: "off", "replayed", or why they were not used
     relax: Optional[str] = None
+    draft_length_mode: str = "fixed"  # "fixed" or "auto" (planner)
+    rounds_by_draft_length: List[int] = field(default_factory=list)  # rounds that drafted L = 0, 1, ...
+    plan: Optional[dict] = None    # auto: costs, profile source, choices per third (planner.PlanRecord)
 
     @property
     def steps_per_target_call(self) -> float:
@@ -110,6 +115,36 @@ class FreeStats:
         sel = [i for i in range(n) if lo <= i / max(n, 1) < hi]
         p = sum(self.proposed_by_index[i] for i in sel)
         return sum(self.accepted_by_index[i] for i in sel) / p if p else None
+
+    @classmethod
+    def merged(cls, parts: List["FreeStats"]) -> "FreeStats":
+        """The stats of several runs of one sampler setting as one record (counts add, per-sample lists join)."""
+        if not parts:
+            return cls()
+        out = FreeStats(**{**asdict(parts[0]), "plan": None})
+        out.batch_size = max(p.batch_size for p in parts)
+        for name in ("target_calls", "drafter_calls", "rounds", "target_rows", "drafter_rows", "residual_rejections",
+                     "residual_candidates", "residual_fallbacks", "time_draft_s", "time_verify_s", "time_accept_s",
+                     "time_total_s", "host_reads"):
+            setattr(out, name, sum(getattr(p, name) for p in parts))
+        out.residual_max_candidates = max(p.residual_max_candidates for p in parts)
+        for name in ("sample_rounds", "steps_per_sample"):
+            setattr(out, name, [v for p in parts for v in getattr(p, name)])
+        for name in ("accepted_by_index", "proposed_by_index", "rounds_by_draft_length"):
+            setattr(out, name, [sum(v) for v in zip(*(getattr(p, name) for p in parts))])
+        plans = [p.plan for p in parts if p.plan]
+        if plans:
+            plan = dict(plans[0])
+            thirds = []
+            for k in range(3):
+                rounds = sum(p["thirds"][k]["rounds"] for p in plans)
+                mean = lambda key: (sum((p["thirds"][k][key] or 0) * p["thirds"][k]["rounds"] for p in plans)  # noqa
+                                    / rounds if rounds else None)
+                thirds.append(dict(third=plans[0]["thirds"][k]["third"], rounds=rounds, mean_L=mean("mean_L"),
+                                   predicted_acceptance=mean("predicted_acceptance")))
+            plan["thirds"] = thirds
+            out.plan = plan
+        return out
 
     def as_dict(self) -> Dict:
         d = asdict(self)
@@ -149,7 +184,9 @@ class FreeSampler:
     diffusion: a :class:`GaussianDiffusion` / ``SpacedDiffusion`` from
         :func:`free_kernels.create_diffusion` (ancestral sampling, learned-range
         or fixed variance, epsilon or x0 prediction).
-    draft_length: drafts per round (L >= 1, at most the number of steps).
+    draft_length: drafts per round: ``"auto"`` (default: a :class:`~free_kernels.planner.DraftPlanner`
+        chooses L in 0..``max_draft_length`` per round where it pays, from this device's measured
+        costs and the drafter's acceptance) or a fixed L >= 1 (capped at the number of steps - 1).
     relax: None (exact), a strength >= 0, or a :class:`RelaxPolicy` (approximate).
     clip_denoised: as the baseline sampler (the DiT scripts use False).
     residual_candidates_per_iter: residual-sampler candidates drawn from each
@@ -162,12 +199,14 @@ class FreeSampler:
     profile: time the draft / verify / accept phases on CUDA (synchronises; off by default).
     """
 
-    def __init__(self, target, drafter, diffusion: GaussianDiffusion, draft_length: int = 6, relax=None,
+    def __init__(self, target, drafter, diffusion: GaussianDiffusion, draft_length="auto", relax=None,
                  clip_denoised: bool = False, accept_backend: Optional[str] = None,
                  residual_candidates_per_iter: int = 8, residual_max_candidates: int = 100_000,
-                 layout: str = "auto", graphs="auto", check_every: int = 1, profile: Optional[bool] = None):
-        if not isinstance(draft_length, (int, np.integer)) or isinstance(draft_length, bool) or draft_length < 1:
-            raise ValueError(f"draft_length must be an int >= 1, got {draft_length!r}")
+                 layout: str = "auto", graphs="auto", check_every: int = 1, profile: Optional[bool] = None,
+                 max_draft_length: int = 8, planner: Optional[DraftPlanner] = None):
+        auto = check_draft_length(draft_length) == "auto"
+        if planner is not None and not auto:
+            raise ValueError("planner= is used with draft_length='auto' only")
         if not isinstance(diffusion, GaussianDiffusion):
             raise TypeError(f"diffusion must come from free_kernels.create_diffusion, got {type(diffusion).__name__}")
         if diffusion.model_mean_type not in (ModelMeanType.EPSILON, ModelMeanType.START_X):
@@ -204,7 +243,12 @@ class FreeSampler:
         self.target = target
         self.drafter = drafter
         self.diffusion = diffusion
-        self.draft_length = min(int(draft_length), max(int(diffusion.num_timesteps) - 1, 1))
+        self.max_useful_draft_length = max(int(diffusion.num_timesteps) - 1, 1)  # a round never drafts past the end
+        self.planner: Optional[DraftPlanner] = (planner or DraftPlanner(max_draft_length)) if auto else None
+        if auto:
+            self.draft_length = max(min(self.planner.max_draft_length, self.max_useful_draft_length), 1)
+        else:
+            self.draft_length = min(int(draft_length), self.max_useful_draft_length)
         self.relax: Optional[RelaxPolicy] = as_policy(relax)
         self.clip_denoised = clip_denoised
         self.accept_backend = accept_backend
@@ -333,14 +377,22 @@ class FreeSampler:
                                accepted=acc, proposed=prop)
         self.last_stats = run.stats(run.elapsed, rounds_all, steps_all)
 
+    def prepare(self, batch_size: int, cfg_scale: float = 1.0, device=None) -> None:
+        """Do the one-off work of ``draft_length="auto"`` now (the planner's cost-model calibration for this
+        batch size and guidance), so that it is not inside a timed run; a no-op for a fixed draft length."""
+        if self.planner is None:
+            return
+        dev = torch.device(device) if device is not None else (_module_device(self.target) or torch.device("cpu"))
+        self.planner.start(self, int(batch_size), 2 if float(cfg_scale) != 1.0 else 1, dev)
+
     # ------------------------------------------------------------ checks
     def _check_device(self, dev: torch.device, what: str) -> torch.device:
         tdev = _module_device(self.target)
         if tdev is not None and tdev != dev:
             raise ValueError(f"{what} is on {dev} but the target is on {tdev}")
-        if getattr(self.target, "training", False):
-            raise ValueError("the target is in train() mode (labels would be dropped at random): call target.eval() "
-                             "before sampling")
+        if _drops_labels(self.target):
+            raise ValueError("the target is in train() mode and drops labels at random there (class dropout): call "
+                             "target.eval() before sampling")
         return dev
 
     def _check_labels(self, y: torch.Tensor) -> torch.Tensor:
@@ -450,6 +502,8 @@ class _Run:
         # rng_state; the static layout passes nothing else, so that it compiles and captures
         self.overflow_gen = None
         # host mirrors (written by the host only at insertions and checks)
+        self.plan = s.planner.start(s, B, self.G, dev) if s.planner is not None and B > 0 else None
+        self.rounds_by_L = [0] * (self.L + 1)
         self.live = np.zeros(B, dtype=bool)
         self.has_host = np.zeros(B, dtype=bool)
         self.any_features = False
@@ -491,12 +545,13 @@ class _Run:
         t_start = time.perf_counter()
         done_steps = 0
         static = self.layout == "static"
+        idx_known = None  # respaced index of every slot as of the last check (host)
         while self.live.any():
             if static:
                 for _ in range(self.s.check_every):
-                    self._round_static(self.L if self.any_features else 0)
+                    self._round_static(self._choose(idx_known) if self.any_features else 0)
                     self.any_features = True
-            snap = self._read(torch.stack([self.idx, self.rounds, self.steps, self.acc_slot, self.prop_slot]))
+            snap = self._snapshot()
             finished = np.nonzero(self.live & (snap[0] < 0))[0]
             if bar is not None:
                 bar.update(int(snap[2][self.live].sum()) + done_steps - bar.n)
@@ -508,11 +563,35 @@ class _Run:
             if refill is not None and finished.size:
                 for slot in refill(finished.tolist()):
                     snap[0][slot] = self.N - 1
+            idx_known = snap[0]
             if not static and self.live.any():
                 self._round_compact(snap[0])
         self.elapsed = time.perf_counter() - t_start
+        if self.plan is not None:
+            if self.n_rounds:
+                self._snapshot()  # the last round's accept counts, for the next run's plan
+            self.plan.finish()
         if bar is not None:
             bar.close()
+
+    def _snapshot(self) -> np.ndarray:
+        """(5, B) [index, rounds, steps, accepted, judged] per slot; with the planner also its counts (one read)."""
+        state = torch.stack([self.idx, self.rounds, self.steps, self.acc_slot, self.prop_slot])
+        if self.plan is None:
+            return self._read(state)
+        flat = self._read(torch.cat([state.reshape(-1), self.acc_by_index, self.prop_by_index]))
+        n = state.numel()
+        self.plan.profile.update(flat[n:n + self.N], flat[n + self.N:])
+        return flat[:n].reshape(5, self.B)
+
+    def _choose(self, idx_host: Optional[np.ndarray]) -> int:
+        """This round's draft length: fixed L, or the planner's choice for the live slots."""
+        if self.plan is None:
+            return self.L
+        if idx_host is None:
+            return self.L
+        live = np.nonzero(self.live)[0]
+        return min(self.plan.choose(np.maximum(idx_host[live], 0)), self.L)
 
     def _read(self, t: torch.Tensor) -> np.ndarray:
         """The sampler's only device -> host read."""
@@ -520,16 +599,26 @@ class _Run:
         return t.cpu().numpy()
 
     # ------------------------------------------------------------ randomness
-    def _draw(self, rows: Optional[torch.Tensor], rows_host: Optional[List[int]]):
-        """Normals (R, (L + 1 + K) * D) and uniforms (R, L + K) of the rows' own streams for this round."""
+    def _draw(self, rows: Optional[torch.Tensor], rows_host: Optional[List[int]], Lr: int):
+        """This round's randomness of the rows, each from its own stream.
+
+        Returns (draft noise (R, Lr, D), bonus noise (R, D), residual candidates
+        (R, K, D) or None, acceptance uniforms (R, Lr), residual uniforms (R, K) or None).
+        Keyed Philox: one stream per kind, so what a round draws of one kind does
+        not move another.  Per-sample generators (CPU compact layout): the full
+        row for L drafts every round, whatever Lr.
+        """
         L, K, D = self.L, self.K, self.D
-        nn_, nu = (L + 1 + K) * D, L + K
+        Kr = K if Lr > 0 else 0
         if self.keyed_philox:
             keys = self.keys if rows is None else self.keys[rows]
             draws = self.draws if rows is None else self.draws[rows]
-            z = keyed_normal(keys, draws, _TAG_NORMAL, nn_)
-            u = keyed_uniform(keys, draws, _TAG_UNIFORM, nu)
-            return z, u
+            zd, zb, zr = keyed_parts(keys, draws, [(_TAG_DRAFT, Lr * D), (_TAG_BONUS, D), (_TAG_RESID, Kr * D)],
+                                     normal=True)
+            ua, ur = keyed_parts(keys, draws, [(_TAG_U_ACCEPT, Lr), (_TAG_U_RESID, Kr)], normal=False)
+            R = keys.shape[0]
+            return (zd.view(R, Lr, D), zb, zr.view(R, Kr, D) if Kr else None, ua, ur if Kr else None)
+        nn_, nu = (L + 1 + K) * D, L + K
         slots = list(range(self.B)) if rows_host is None else rows_host
         n_rows = len(slots)
         buf = self._buf(("draw", n_rows), lambda: dict(z=torch.empty(n_rows, nn_), u=torch.empty(n_rows, nu)))
@@ -539,7 +628,8 @@ class _Run:
             torch.randn(nn_, generator=g, out=z[r])
             torch.rand(nu, generator=g, out=u[r])
         u.neg_().add_(1.0)  # (0, 1]: never log(0)
-        return z, u
+        return (z[:, : L * D].view(n_rows, L, D)[:, :Lr], z[:, L * D:(L + 1) * D],
+                z[:, (L + 1) * D:].view(n_rows, K, D) if Kr else None, u[:, :Lr], u[:, L:] if Kr else None)
 
     def _buf(self, key, make):
         b = self._bufs.get(key)
@@ -572,7 +662,8 @@ class _Run:
 
     def _round_compact(self, idx_host: np.ndarray) -> None:
         act_np = np.nonzero(self.live)[0]
-        nd = np.where(self.has_host[act_np], np.minimum(idx_host[act_np], self.L), 0)
+        L = self._choose(idx_host)
+        nd = np.where(self.has_host[act_np], np.minimum(idx_host[act_np], L), 0)
         Lr = int(nd.max()) if nd.size else 0
         valid = np.arange(Lr + 1)[None, :] <= nd[:, None]          # (Ba, Lr + 1) rows the target verifies
         vrows = np.nonzero(valid.reshape(-1))[0]
@@ -586,6 +677,7 @@ class _Run:
 
     def _count(self, rows_d: int, Lr: int, rows_v: int) -> None:
         self.n_rounds += 1
+        self.rounds_by_L[Lr] += 1
         self.target_rows += rows_v
         if Lr > 0:
             self.drafter_calls += Lr
@@ -611,12 +703,7 @@ class _Run:
         nd = torch.where(has_h & active, torch.clamp(idx, max=Lr), torch.zeros_like(idx))
         I = (idx[:, None] - self.jr[None, : Lr + 1]).clamp(min=0)      # (Ba, Lr + 1) respaced index per slot
         T = self.tmap[I]
-        z, u = self._draw(act, act_host)
-        noise_q = z[:, : L * D].view(Ba, L, D)[:, :Lr]
-        bonus = z[:, L * D:(L + 1) * D]
-        resid_z = z[:, (L + 1) * D:].view(Ba, self.K, D) if self.K else None
-        uni = u[:, :L][:, :Lr]
-        resid_u = u[:, L:] if self.K else None
+        noise_q, bonus, resid_z, uni, resid_u = self._draw(act, act_host, Lr)
         self.draws[act if act is not None else slice(None)] += active.to(torch.int64)
         bufs = self._buf(("round", Ba, Lr), lambda: dict(
             P=torch.empty(Ba, Lr + 1, C, S, S, device=dev), MQ=torch.empty(Ba, Lr, D, device=dev),
@@ -683,7 +770,8 @@ class _Run:
             MP, LVP, MQ, LVQ, noise_q, nd, det_last,
             equal_variance=s.equal_variance, uniforms=uni, bonus_noise=bonus, residual_noise=resid_z,
             residual_uniforms=resid_u, tau=tau, generator=self.overflow_gen, rng_state=self.rng_state,
-            backend=s.accept_backend, candidates_per_iter=max(self.K, 1), max_candidates=s.residual_max_candidates,
+            backend=s.accept_backend, candidates_per_iter=s.residual_candidates_per_iter,
+            max_candidates=s.residual_max_candidates,
             out=bufs["out"], num_accepted=bufs["n_acc"], log_ratio=bufs["log_ratio"],
             residual_candidates=bufs["rc"], fallbacks=bufs["fb"])
         n_acc = torch.where(active, res.num_accepted.long(), torch.zeros_like(idx))
@@ -766,7 +854,9 @@ class _Run:
             residual_candidates=int(ctr[1]), residual_max_candidates=int(ctr[2]), residual_fallbacks=int(ctr[3]),
             time_draft_s=self.t_draft, time_verify_s=self.t_verify, time_accept_s=self.t_accept,
             time_total_s=total_s, host_reads=self.host_reads, layout=self.layout, graphs=self.graph_note,
-            relax=None if s.relax is None else s.relax.describe())
+            relax=None if s.relax is None else s.relax.describe(),
+            draft_length_mode="fixed" if self.plan is None else "auto", rounds_by_draft_length=list(self.rounds_by_L),
+            plan=None if self.plan is None else self.plan.record().as_dict())
 
 
 class _GraphedRound:
@@ -783,6 +873,14 @@ class _GraphedRound:
 
     def replay(self) -> None:
         self.graph.replay()
+
+
+def _drops_labels(m) -> bool:
+    """Does ``m`` (in train() mode) replace labels by the null class at random?  (our DiT's and diffusers'
+    label embedders both keep the rate in ``dropout_prob``)"""
+    if not isinstance(m, torch.nn.Module):
+        return False
+    return any(sub.training and float(getattr(sub, "dropout_prob", 0) or 0) > 0 for sub in m.modules())
 
 
 def _module_dtype(m):

@@ -66,8 +66,8 @@ def test_baseline_free_relax_png_and_json(tmp_path, tiny):
     assert cli.main(_common(tmp_path, target, drafter, "--relax", "0.5", "--json", str(jpath))) == 0
     png = tmp_path / "grid.png"
     assert png.is_file()
-    with Image.open(png) as im:  # 3 per row; rows: baseline, FREE, FREE (relax)
-        assert im.size == _grid_size(3, 3) and im.mode == "L"
+    with Image.open(png) as im:  # 3 per row; rows: baseline, FREE (auto), FREE (L = 6), FREE (relax)
+        assert im.size == _grid_size(3, 4) and im.mode == "L"
     rec = json.loads(jpath.read_text())
 
     documented = _documented_names()
@@ -76,14 +76,21 @@ def test_baseline_free_relax_png_and_json(tmp_path, tiny):
         assert set(m) <= documented, f"undocumented method fields {set(m) - documented}"
     assert rec["format"] == cli.JSON_FORMAT
     assert rec["num_samples"] == 3 and rec["labels"] == [0, 1, 2] and rec["num_steps"] == 10
-    assert rec["cfg_scale"] == 1.0 and rec["drafter_cfg_scale"] == 1.0 and rec["draft_length"] == 6
-    assert list(rec["methods"]) == ["baseline", "free", "relax"]
-    assert rec["grid_rows"] == {"baseline": [0], "free": [1], "relax": [2]} and rec["grid_columns"] == 3
+    assert rec["cfg_scale"] == 1.0 and rec["drafter_cfg_scale"] == 1.0 and rec["draft_length"] == "auto"
+    assert rec["compare_length"] == 6 and rec["batch_size"] == 1
+    assert list(rec["methods"]) == ["baseline", "free", "free_fixed", "relax"]
+    assert rec["grid_rows"] == {"baseline": [0], "free": [1], "free_fixed": [2], "relax": [3]}
+    assert rec["grid_columns"] == 3
 
-    base, free, relax = (rec["methods"][k] for k in ("baseline", "free", "relax"))
-    assert base["target_calls"] == 10 and base["target_rows"] == 30 and base["steps_per_target_call"] == 1.0
+    base, free, fixed, relax = (rec["methods"][k] for k in ("baseline", "free", "free_fixed", "relax"))
+    # batch 1: one call per sample and step
+    assert base["target_calls"] == 30 and base["target_rows"] == 30 and base["steps_per_target_call"] == 1.0
+    assert base["latency_s"] == pytest.approx(base["wall_s"] / 3)
+    assert free["stats"]["draft_length_mode"] == "auto" and free["stats"]["plan"]["thirds"]
+    assert fixed["stats"]["draft_length_mode"] == "fixed" and fixed["stats"]["draft_length"] == 6
+    assert "auto" in free["label"] and "L = 6" in fixed["label"]
     assert base["speedup"] == pytest.approx(1.0) and base["exact"] and base["stats"] is None
-    for m in (free, relax):
+    for m in (free, fixed, relax):
         assert m["steps_per_target_call"] >= 1.0
         assert 1 <= m["target_calls"] <= base["target_calls"]
         assert m["wall_s"] > 0 and m["speedup"] > 0
@@ -101,11 +108,11 @@ def test_json_to_stdout_without_baseline(tmp_path, tiny, capsys):
     assert cli.main(_common(tmp_path, target, "frozen", "--no-baseline", "--json")) == 0
     out = capsys.readouterr()
     rec = json.loads(out.out)  # stdout holds only the JSON; the table went to stderr
-    assert "FREE (exact, lossless)" in out.err
-    assert list(rec["methods"]) == ["free"] and rec["drafter"] == "frozen"
+    assert "FREE (exact, auto L)" in out.err and "planner" in out.err
+    assert list(rec["methods"]) == ["free", "free_fixed"] and rec["drafter"] == "frozen"
     assert rec["speedup"] is None and rec["methods"]["free"]["speedup"] is None and rec["speedup_relax"] is None
     with Image.open(tmp_path / "grid.png") as im:
-        assert im.size == _grid_size(3, 1)
+        assert im.size == _grid_size(3, 2)
 
 
 def test_same_noise_and_batch_independent_baseline(tmp_path, tiny):
@@ -131,9 +138,9 @@ def test_cfg_default_and_warning_on_a_three_channel_target(tmp_path):
     cli.main(_common(tmp_path, target, drafter, "--json", str(jpath)))
     rec = json.loads(jpath.read_text())
     assert rec["cfg_scale"] == 1.5 and rec["warnings"] == []  # the drafter's setting is the default
-    assert rec["methods"]["baseline"]["target_calls"] == 10  # one doubled-batch forward per step
+    assert rec["methods"]["baseline"]["target_calls"] == 3 * 10  # one doubled-batch forward per step and sample
     with Image.open(tmp_path / "grid.png") as im:
-        assert im.mode == "RGB" and im.size == _grid_size(3, 2)
+        assert im.mode == "RGB" and im.size == _grid_size(3, 3)
     cli.main(_common(tmp_path, target, drafter, "--cfg-scale", "3", "--json", str(jpath)))
     rec = json.loads(jpath.read_text())
     assert rec["cfg_scale"] == 3.0 and any("cfg-scale 1.5" in w for w in rec["warnings"])
@@ -224,10 +231,10 @@ def test_default_demo_run(tmp_path):
     assert cli.main(["--steps", "20", "--threads", "1", "--no-progress", "--out", str(out),
                      "--json", str(jpath)]) == 0
     rec = json.loads(jpath.read_text())
-    assert rec["num_samples"] == 10 and rec["labels"] == list(range(10))
+    assert rec["num_samples"] == 4 and rec["labels"] == list(range(4)) and rec["batch_size"] == 1
     assert rec["target"] == demo.TARGET_FILE and rec["drafter"] == demo.DRAFTER_FILE
     assert rec["methods"]["free"]["steps_per_target_call"] >= 1.0
-    assert rec["methods"]["free"]["target_calls"] <= rec["methods"]["baseline"]["target_calls"] == 20
+    assert rec["methods"]["free"]["target_calls"] <= rec["methods"]["baseline"]["target_calls"] == 4 * 20
     assert rec["speedup"] > 0
     with Image.open(out) as im:
-        assert im.size == _grid_size(10, 2, tile=16)
+        assert im.size == _grid_size(4, 3, tile=16)

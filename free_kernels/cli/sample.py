@@ -1,21 +1,28 @@
 """free-sample: sample a grid with the baseline ancestral sampler and with exact FREE, and compare.
 
-    free-sample                                     # embedded demo DiT + its drafter, labels 0..9
+    free-sample                                     # embedded demo DiT + its drafter, labels 0..3, batch 1
+    free-sample --num-samples 10 --batch-size 10    # the batched case
     free-sample --labels 3,1,4 --steps 100 --relax 0.5 --json run.json
     free-sample --target DiT-XL-2-256x256.pt --model DiT-XL/2 --image-size 256 \\
                 --drafter runs/drafter/drafter.safetensors --cfg-scale 1.5 --device cuda
 
 Both methods start from the SAME x_T (one seeded stream per sample) with the
 SAME labels, the same diffusion (respacing ``--steps``, clip_denoised=False)
-and the same guidance.  The baseline is the target's own ancestral sampler
+and the same guidance, in calls of ``--batch-size`` samples (default 1: per-image
+latency, where a GPU is latency-bound and FREE pays).  The baseline is the target's own ancestral sampler
 exactly as the official DiT scripts run it (``p_sample_loop`` over
 ``forward_with_cfg`` on the doubled batch [x; x] with labels [y; null] when
 ``--cfg-scale`` != 1), with one random stream per sample so its result does
 not depend on which other samples share the batch.  FREE drafts
 ``--draft-length`` steps per round and verifies them in one batched target
 call; its samples have exactly the baseline's distribution (not the same
-pixels: the two samplers draw different random numbers).  ``--relax S`` > 0
-adds a third run, FREE (relax), which is APPROXIMATE.
+pixels: the two samplers draw different random numbers).  With
+``--draft-length auto`` (the default) a planner chooses per round how many
+steps to draft, from this device's measured costs (a short calibration, cached
+on disk) and the drafter's acceptance; it prints what it chose in each third
+of the schedule and why.  ``--compare-length L`` (default 6) adds exact FREE
+with that fixed L for comparison; ``--relax S`` > 0 adds FREE (relax), which
+is APPROXIMATE.
 
 Each method's wall time is measured around its sampling loop only, after one
 warm-up forward of the target and the drafter (device synchronised before
@@ -28,10 +35,12 @@ machine where other work runs, extra threads wait on each other (measured
 
 Printed table (one row per method; illustrative numbers)::
 
-    method                  wall s  target calls  target rows  steps/call  acc early  acc mid  acc late  speed-up
-    baseline (ancestral)      1.93           250         2500        1.00          -        -         -     1.00x
-    FREE (exact, lossless)    1.20            64         5210        3.95       0.91     0.86      0.52     1.61x
+    method                wall s  s/image  target calls  target rows  steps/call  acc early  acc mid  acc late  speed-up
+    baseline (ancestral)     9.80    2.450          1000         1000        1.00          -        -         -     1.00x
+    FREE (exact, auto L)     6.90    1.725           330         1240        3.03       0.90     0.92      0.70     1.42x
+    FREE (exact, L = 6)     12.10    3.025           276         1770        3.62       0.90     0.92      0.66     0.81x
 
+* ``s/image``: wall time per image (wall / samples);
 * ``target calls``: batched target forwards (CFG doubling counts as one call);
 * ``target rows``: sample-states the target evaluated (CFG doubling excluded);
 * ``steps/call``: denoising steps per target forward, per sample (1 for the baseline);
@@ -60,19 +69,24 @@ table then going to stderr).  Fields:
 * ``cfg_scale``; ``guidance_channels``: channels guided when cfg_scale != 1
   (3 official, 4 diffusers).
 * ``drafter_cfg_scale``: the CFG scale the drafter was trained for (null if unknown).
-* ``draft_length``, ``relax`` (strength; 0 = off), ``seed``.
+* ``draft_length`` ("auto" or L), ``compare_length`` (0 = off), ``batch_size``,
+  ``relax`` (strength; 0 = off), ``seed``.
 * ``png``: path of the grid; ``grid_columns``: tiles per grid row;
   ``grid_rows``: {method: [grid row indices, 0-based]}.
-* ``methods``: {"baseline" | "free" | "relax": entry}, in run order; an entry has
+* ``methods``: {"baseline" | "free" | "free_fixed" | "relax": entry}, in run order
+  ("free_fixed": exact FREE with ``--compare-length``); an entry has
   ``label`` (printed name; the relax one says "approximate"), ``exact``
-  (true for baseline and FREE, false for relax), ``wall_s``, ``target_calls``,
+  (true for baseline and FREE, false for relax), ``wall_s``, ``latency_s``
+  (wall per image), ``target_calls``,
   ``target_rows``, ``steps_per_target_call``, ``acceptance`` (overall; null for the
   baseline), ``acceptance_early_middle_late`` (3 values or nulls),
   ``speedup`` (baseline wall / wall; null with ``--no-baseline``),
   ``quality`` (digit classifier accuracy, null without ``--quality``),
   ``quality_detail`` (what the metric returned, or null), ``stats`` (FreeStats
   as_dict() for FREE runs: draft/verify/accept times, residual sampler counts,
-  per-index acceptance; null for the baseline).
+  per-index acceptance, rounds per draft length and, for auto, the ``plan``:
+  measured costs, acceptance prior and the mean L chosen per third; null for
+  the baseline).
 * ``speedup``: FREE (exact) speed-up over the baseline (null with --no-baseline).
 * ``speedup_relax``: FREE (relax) speed-up (null when not run or no baseline).
 * ``quality_note``: why quality is missing (null when measured or not asked for).
@@ -109,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "x_T), print wall time, target calls, steps per call, acceptance and speed-up, write a PNG.",
         epilog=_DOC_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-samples", type=int, default=None,
-                   help="number of samples (default 10, or the number of --labels); labels cycle 0, 1, ...")
+                   help="number of samples (default 4, or the number of --labels); labels cycle 0, 1, ...")
     p.add_argument("--labels", default=None, help='comma-separated class labels, e.g. "3,1,4"')
     p.add_argument("--steps", default="250", help='timestep respacing, e.g. "250", "100" (default 250)')
     p.add_argument("--cfg-scale", type=float, default=None,
@@ -120,7 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variance", choices=("learned", "fixed"), default=None,
                    help="sampler variance (default: the drafter's training setting, else learned when the target "
                         "predicts it)")
-    p.add_argument("--draft-length", type=int, default=6, help="drafted steps per FREE round (default 6)")
+    p.add_argument("--draft-length", default="auto",
+                   help="drafted steps per FREE round: 'auto' (default: the planner drafts where it pays on this "
+                        "device, from measured costs and the drafter's acceptance) or a fixed L >= 1")
+    p.add_argument("--compare-length", type=int, default=6, metavar="L",
+                   help="also run exact FREE with this fixed draft length, to compare with 'auto' (default 6; "
+                        "0 = off)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="samples per sampler call (default 1: per-image latency, the case FREE is for; "
+                        "e.g. --batch-size 10 for the batched case)")
     p.add_argument("--relax", type=float, default=0.0, metavar="STRENGTH",
                    help="also run FREE (relax, APPROXIMATE) with this strength; 0 = off (default)")
     p.add_argument("--seed", type=int, default=0, help="seed of x_T and of both samplers' noise (default 0)")
@@ -281,8 +303,8 @@ def _sync(dev: torch.device):
 
 # ------------------------------------------------------------------ samplers
 @torch.no_grad()
-def run_baseline(target, diffusion, noise, y, *, cfg_scale, guidance_channels, seed, progress):
-    """The official DiT sampling loop; returns (samples, wall seconds, target calls)."""
+def run_baseline(target, diffusion, noise, y, *, cfg_scale, guidance_channels, seed, progress, first=0):
+    """The official DiT sampling loop on samples first .. first+B-1; returns (samples, wall seconds, target calls)."""
     from ..diffusion import per_sample_generators
 
     dev = noise.device
@@ -302,7 +324,8 @@ def run_baseline(target, diffusion, noise, y, *, cfg_scale, guidance_channels, s
         return fwd(x, t, **kw)
 
     # row k: stream (seed, 1, k); the unconditional half of a doubled batch gets (seed, 2, k)
-    seeds = [_seed(seed, 1, k) for k in range(B)] + ([_seed(seed, 2, k) for k in range(B)] if cfg else [])
+    seeds = [_seed(seed, 1, first + k) for k in range(B)] + (
+        [_seed(seed, 2, first + k) for k in range(B)] if cfg else [])
     gens = per_sample_generators(seeds, device=dev)
     _sync(dev)
     t0 = time.perf_counter()
@@ -316,15 +339,10 @@ def run_baseline(target, diffusion, noise, y, *, cfg_scale, guidance_channels, s
 
 
 @torch.no_grad()
-def run_free(target, drafter, diffusion, noise, y, *, draft_length, relax, cfg_scale, guidance_channels, seed,
-             progress):
-    """One FREE run; returns (samples, wall seconds, FreeStats)."""
-    from ..sampler import FreeSampler
-
+def run_free(sampler, noise, y, *, cfg_scale, guidance_channels, seed, progress, first=0):
+    """One FREE call on samples first .. first+B-1; returns (samples, wall seconds, FreeStats)."""
     dev = noise.device
-    sampler = FreeSampler(target, drafter, diffusion, draft_length=draft_length, relax=relax or None,
-                          clip_denoised=False)
-    gen = torch.Generator(device=dev).manual_seed(_seed(seed, 3))
+    gen = torch.Generator(device=dev).manual_seed(_seed(seed, 3, first))
     _sync(dev)
     t0 = time.perf_counter()
     out, st = sampler.sample(noise, y, cfg_scale=cfg_scale, guidance_channels=guidance_channels, generator=gen,
@@ -334,7 +352,7 @@ def run_free(target, drafter, diffusion, noise, y, *, draft_length, relax, cfg_s
 
 
 @torch.no_grad()
-def warm_up(target, drafter, diffusion, noise, y, *, cfg_scale, guidance_channels, draft_length, variance):
+def warm_up(target, drafter, diffusion, noise, y, *, cfg_scale, guidance_channels, variance):
     """Untimed: one target forward (the baseline's batch shape) and one drafter call.
 
     On a GPU also a short FREE run (12 steps, 2 samples) so that kernels compiled
@@ -353,7 +371,7 @@ def warm_up(target, drafter, diffusion, noise, y, *, cfg_scale, guidance_channel
         from ..sampler import FreeSampler
 
         short = create_diffusion("12", learn_sigma=variance == "learned")
-        FreeSampler(target, drafter, short, draft_length=draft_length).sample(
+        FreeSampler(target, drafter, short, draft_length=2).sample(
             noise[:2], y[:2], cfg_scale=cfg_scale, guidance_channels=guidance_channels,
             generator=torch.Generator(device=noise.device).manual_seed(0))
     _sync(noise.device)
@@ -461,12 +479,12 @@ def _fmt(v, spec=".2f", none="-"):
 
 
 def format_table(methods: Dict[str, dict], with_quality: bool) -> str:
-    head = ["method", "wall s", "target calls", "target rows", "steps/call", "acc early", "acc mid", "acc late",
-            "speed-up"] + (["digit acc"] if with_quality else [])
+    head = ["method", "wall s", "s/image", "target calls", "target rows", "steps/call", "acc early", "acc mid",
+            "acc late", "speed-up"] + (["digit acc"] if with_quality else [])
     lines = []
     for m in methods.values():
         e, mi, la = m["acceptance_early_middle_late"]
-        row = [m["label"], _fmt(m["wall_s"]), str(m["target_calls"]), str(m["target_rows"]),
+        row = [m["label"], _fmt(m["wall_s"]), _fmt(m["latency_s"], ".3f"), str(m["target_calls"]), str(m["target_rows"]),
                _fmt(m["steps_per_target_call"]), _fmt(e), _fmt(mi), _fmt(la),
                "-" if m["speedup"] is None else f"{m['speedup']:.2f}x"]
         if with_quality:
@@ -480,6 +498,24 @@ def format_table(methods: Dict[str, dict], with_quality: bool) -> str:
     return "\n".join(out)
 
 
+def format_plan(m: dict) -> str:
+    """What the planner of an auto run chose in each third of the schedule, and why."""
+    plan = (m.get("stats") or {}).get("plan")
+    if not plan:
+        return ""
+    c = plan["costs_ms"]
+    v1 = c["verify_1_row_ms"]
+    rounds = [f"L={L}: {c[f'round_L{L}_ms']:.1f} ms" for L in range(len(m["stats"]["rounds_by_draft_length"]))
+              if f"round_L{L}_ms" in c]
+    thirds = ", ".join(f"{t['third']} L {_fmt(t['mean_L'], '.1f')} (predicted acceptance "
+                       f"{_fmt(t['predicted_acceptance'])})" for t in plan["thirds"])
+    return (f"planner ({m['label']}): chose {thirds}\n"
+            f"  measured costs ({plan['cost_source']}): target forward {v1:.2f} ms, draft step {c['draft_step_ms']:.2f} "
+            f"ms ({c['draft_step_ms'] / max(v1, 1e-9):.2f} of a forward), accept {c['accept_ms']:.2f} ms; round "
+            + ", ".join(rounds) + f"\n  acceptance prior: {plan['profile_source']}, updated from the run's own "
+            f"accept counts; L = 0 is a plain ancestral step")
+
+
 # ------------------------------------------------------------------ main
 def _resolve(args):
     """Validate the simple options (before anything is loaded)."""
@@ -488,8 +524,17 @@ def _resolve(args):
     labels = parse_labels(args.labels) if args.labels is not None else None
     if labels is not None and args.num_samples is not None and args.num_samples != len(labels):
         raise _UsageError(f"--num-samples {args.num_samples} does not match the {len(labels)} --labels given")
-    if args.draft_length < 1:
-        raise _UsageError(f"--draft-length must be >= 1, got {args.draft_length}")
+    from ..planner import check_draft_length
+
+    try:
+        args.draft_length = check_draft_length(args.draft_length if args.draft_length == "auto" else
+                                               _int_or(args.draft_length), "--draft-length")
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
+    if args.compare_length < 0:
+        raise _UsageError(f"--compare-length must be >= 0, got {args.compare_length}")
+    if args.batch_size < 1:
+        raise _UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not (args.relax >= 0) or args.relax == float("inf"):
         raise _UsageError(f"--relax must be a finite number >= 0, got {args.relax}")
     if args.threads < 0:
@@ -498,6 +543,13 @@ def _resolve(args):
         raise _UsageError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
     check_outputs(args)
     return labels
+
+
+def _int_or(text):
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return text
 
 
 def check_outputs(args) -> None:
@@ -560,7 +612,7 @@ def _run(args, argv) -> dict:
         drafter.requires_grad_(False)
 
     C, S, K = int(target.in_channels), int(target.input_size), int(target.num_classes)
-    n = len(labels) if labels is not None else (args.num_samples if args.num_samples is not None else 10)
+    n = len(labels) if labels is not None else (args.num_samples if args.num_samples is not None else 4)
     if labels is None:
         labels = [k % K for k in range(n)]
     bad = [v for v in labels if not 0 <= v < K]
@@ -587,9 +639,10 @@ def _run(args, argv) -> dict:
     except (ValueError, TypeError, AssertionError) as e:
         raise _UsageError(f"--steps {args.steps!r} is not a valid respacing: {e}") from None
     N = diffusion.num_timesteps
-    if args.draft_length > N:  # a round never drafts past the last step: longer drafts only cost time and memory
+    if args.draft_length != "auto" and args.draft_length > N:  # a round never drafts past the last step
         print(f"free-sample: --draft-length {args.draft_length} capped at the {N} sampling steps", file=info)
         args.draft_length = N
+    args.compare_length = min(args.compare_length, N)
     if extra.get("num_steps") is not None and int(extra["num_steps"]) != N:
         warn(f"the drafter was trained for {extra['num_steps']} sampling steps, sampling with {N}: "
              f"FREE stays exact but accepts fewer drafts")
@@ -603,7 +656,7 @@ def _run(args, argv) -> dict:
           f"{torch.get_num_threads()} thread(s)", file=info)
     print(f"free-sample: {n} samples, labels {labels}, {N} steps ({variance} variance), cfg {cfg_scale}"
           f"{f' (guidance channels {gc})' if cfg_scale != 1.0 else ''}, draft length {args.draft_length}, "
-          f"seed {args.seed}", file=info)
+          f"batch size {args.batch_size}, seed {args.seed}", file=info)
 
     measure_quality, quality_note = (None, None)
     if args.quality:
@@ -611,16 +664,17 @@ def _run(args, argv) -> dict:
         if measure_quality is None:
             warn(f"--quality skipped: {quality_note}")
 
-    warm_up(target, drafter, diffusion, noise, y, cfg_scale=cfg_scale, guidance_channels=gc,
-            draft_length=args.draft_length, variance=variance)
+    warm_up(target, drafter, diffusion, noise, y, cfg_scale=cfg_scale, guidance_channels=gc, variance=variance)
     common = dict(cfg_scale=cfg_scale, guidance_channels=gc, seed=args.seed, progress=progress)
     methods: Dict[str, dict] = {}
     samples: Dict[str, torch.Tensor] = {}
+    bs = min(args.batch_size, n)
+    chunks = [(a, min(a + bs, n)) for a in range(0, n, bs)]
 
     def entry(label, exact, wall, calls, rows, spc, acc, emf, stats):
-        return dict(label=label, exact=exact, wall_s=wall, target_calls=int(calls), target_rows=int(rows),
-                    steps_per_target_call=float(spc), acceptance=acc, acceptance_early_middle_late=emf,
-                    speedup=None, quality=None, quality_detail=None, stats=stats)
+        return dict(label=label, exact=exact, wall_s=wall, latency_s=wall / n, target_calls=int(calls),
+                    target_rows=int(rows), steps_per_target_call=float(spc), acceptance=acc,
+                    acceptance_early_middle_late=emf, speedup=None, quality=None, quality_detail=None, stats=stats)
 
     def announce(label):
         if progress:
@@ -629,18 +683,36 @@ def _run(args, argv) -> dict:
 
     if not args.no_baseline:
         announce("baseline (ancestral)")
-        x, wall, calls = run_baseline(target, diffusion, noise, y, **common)
-        samples["baseline"] = x
+        outs, wall, calls = [], 0.0, 0
+        for a, b in chunks:
+            x, w, c = run_baseline(target, diffusion, noise[a:b], y[a:b], first=a, **common)
+            outs.append(x)
+            wall += w
+            calls += c
+        samples["baseline"] = torch.cat(outs)
         methods["baseline"] = entry("baseline (ancestral)", True, wall, calls, n * N, 1.0, None,
                                     [None, None, None], None)
-    runs = [("free", "FREE (exact, lossless)", 0.0)]
+    L = args.draft_length
+    runs = [("free", f"FREE (exact, {'auto L' if L == 'auto' else f'L = {L}'})", 0.0, L)]
+    if args.compare_length and args.compare_length != L:
+        runs.append(("free_fixed", f"FREE (exact, L = {args.compare_length})", 0.0, args.compare_length))
     if args.relax > 0:
-        runs.append(("relax", f"FREE (relax {args.relax:g}, approximate)", args.relax))
-    for name, label, strength in runs:
+        runs.append(("relax", f"FREE (relax {args.relax:g}, approximate)", args.relax, L))
+    from ..sampler import FreeSampler, FreeStats
+
+    for name, label, strength, length in runs:
+        sampler = FreeSampler(target, drafter, diffusion, draft_length=length, relax=strength or None,
+                              clip_denoised=False)
+        sampler.prepare(bs, cfg_scale, device)  # the planner's one-off calibration, outside the timed run
         announce(label)
-        x, wall, st = run_free(target, drafter, diffusion, noise, y, draft_length=args.draft_length,
-                               relax=strength, **common)
-        samples[name] = x
+        outs, wall, parts = [], 0.0, []
+        for a, b in chunks:
+            x, w, st = run_free(sampler, noise[a:b], y[a:b], first=a, **common)
+            outs.append(x)
+            wall += w
+            parts.append(st)
+        samples[name] = torch.cat(outs)
+        st = FreeStats.merged(parts)
         d = st.as_dict()
         methods[name] = entry(label, strength == 0, wall, st.target_calls, st.target_rows, st.steps_per_target_call,
                               d["acceptance_rate"], d["acceptance_early_middle_late"], d)
@@ -668,9 +740,14 @@ def _run(args, argv) -> dict:
 
     print("", file=info)
     print(format_table(methods, measure_quality is not None), file=info)
-    print("steps/call: denoising steps per target forward, per sample; speed-up: baseline wall / wall; "
+    print(f"s/image: wall time per image at batch size {bs}; "
+          "steps/call: denoising steps per target forward, per sample; speed-up: baseline wall / wall; "
           "FREE's samples follow the baseline's distribution exactly (not pixel for pixel)"
           + ("; FREE (relax) is APPROXIMATE" if "relax" in methods else ""), file=info)
+    for m in methods.values():
+        plan = format_plan(m)
+        if plan:
+            print(plan, file=info)
     where = ", ".join(f"{methods[k]['label']}: row{'s' if len(v) > 1 else ''} "
                       f"{v[0] + 1}{'-' + str(v[-1] + 1) if len(v) > 1 else ''}" for k, v in grid_rows.items())
     print(f"wrote {args.out} ({columns} per row; {where})", file=info)
@@ -680,6 +757,7 @@ def _run(args, argv) -> dict:
         torch=torch.__version__, threads=torch.get_num_threads(), num_samples=n, labels=labels, steps=args.steps,
         num_steps=N, variance=variance, cfg_scale=cfg_scale, guidance_channels=gc,
         drafter_cfg_scale=None if d_cfg is None else float(d_cfg), draft_length=args.draft_length,
+        compare_length=args.compare_length, batch_size=bs,
         relax=args.relax, seed=args.seed, png=args.out, grid_columns=columns, grid_rows=grid_rows, methods=methods,
         speedup=methods["free"]["speedup"], speedup_relax=methods["relax"]["speedup"] if "relax" in methods else None,
         quality_note=quality_note, warnings=warnings,

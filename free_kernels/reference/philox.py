@@ -54,16 +54,25 @@ def philox4x32(c0, c1, c2, c3, k0, k1, rounds: int = 10):
     return c0, c1, c2, c3
 
 
-def _words(keys: torch.Tensor, streams: torch.Tensor, tag: int, blocks: int):
-    """Four (R, blocks) uint32-valued int64 word tensors for element blocks 0..blocks-1 of each row."""
+def _words(keys: torch.Tensor, streams: torch.Tensor, tag, blocks: int):
+    """Four (R, blocks) uint32-valued int64 word tensors for element blocks 0..blocks-1 of each row.
+
+    ``tag`` is an int, or a list of (tag, blocks) parts laid side by side
+    (each part's blocks numbered from 0): one Philox pass for several streams.
+    """
     keys = keys.to(torch.int64)
     streams = streams.to(torch.int64)
-    j = torch.arange(blocks, device=keys.device, dtype=torch.int64)[None, :]
+    dev = keys.device
+    if isinstance(tag, int):
+        j = torch.arange(blocks, device=dev, dtype=torch.int64)[None, :]
+        c1 = torch.full_like(j, int(tag) & _M32)
+    else:
+        j = torch.cat([torch.arange(b, device=dev, dtype=torch.int64) for _, b in tag])[None, :]
+        c1 = torch.cat([torch.full((b,), int(t) & _M32, device=dev, dtype=torch.int64) for t, b in tag])[None, :]
     k0 = (keys & _M32)[:, None]
     k1 = ((keys >> 32) & _M32)[:, None]
     s0 = (streams & _M32)[:, None]
     s1 = ((streams >> 32) & _M32)[:, None]
-    c1 = torch.full_like(j, int(tag) & _M32)
     return philox4x32(j, c1, s0, s1, k0, k1)
 
 
@@ -98,3 +107,30 @@ def keyed_normal(keys: torch.Tensor, streams: torch.Tensor, tag: int, n: int,
     theta = _TWO_PI * u2
     z = torch.stack([r * torch.cos(theta), r * torch.sin(theta)], dim=-1).reshape(keys.shape[0], 2 * blocks)
     return z[:, :n].to(dtype)
+
+
+def keyed_parts(keys: torch.Tensor, streams: torch.Tensor, parts, normal: bool,
+                dtype: torch.dtype = torch.float32):
+    """Several keyed draws in one Philox pass: ``parts`` = [(tag, n), ...] -> [(R, n) tensors].
+
+    Part (tag, n) equals ``keyed_normal(keys, streams, tag, n)`` (``normal``)
+    or ``keyed_uniform(...)``; parts with n = 0 give empty tensors.
+    """
+    R = keys.shape[0]
+    blocks = [((n + 1) // 2) for _, n in parts]
+    if sum(blocks) == 0:
+        return [torch.empty(R, 0, device=keys.device, dtype=dtype) for _ in parts]
+    w0, w1, w2, w3 = _words(keys, streams, [(t, b) for (t, _), b in zip(parts, blocks)], 0)
+    u1, u2 = _unit53(w0, w1), _unit53(w2, w3)
+    if normal:
+        r = torch.sqrt(-2.0 * torch.log(u1))
+        theta = _TWO_PI * u2
+        a, b = r * torch.cos(theta), r * torch.sin(theta)
+    else:
+        a, b = u1, u2
+    out, start = [], 0
+    for (_, n), nb in zip(parts, blocks):
+        seg = torch.stack([a[:, start:start + nb], b[:, start:start + nb]], dim=-1).reshape(R, 2 * nb)
+        out.append(seg[:, :n].to(dtype))
+        start += nb
+    return out

@@ -1,0 +1,365 @@
+"""Draft-length planning: draft only where it pays (``draft_length="auto"``).
+
+Per round the FREE sampler chooses how many steps to draft, L in 0..Lmax, to
+maximise the expected denoising steps per second of the whole batch:
+
+    E_b(L) = 1 + sum_{k=1..min(L, i_b)} prod_{j<k} a(i_b - j)     (steps sample b advances)
+    cost(L) = L * draft(B) + verify(G * B * (L + 1) rows) + accept  (seconds; L = 0: verify(G * B))
+    L* = argmax_L  sum_b E_b(L) / cost(L)
+
+* ``a(i)``, the chance that a draft at respaced index i is accepted, comes from
+  an :class:`AcceptanceProfile`: a prior (the profile stored with the drafter
+  by ``free-train-drafter``, else a flat 0.75) smoothed with the run's own
+  accept counts as they come in.
+* ``draft``, ``verify`` and ``accept`` come from a :class:`CostModel`: a short
+  timed calibration of this device, target, dtype, batch and guidance, cached
+  on disk (``$FREE_KERNELS_CACHE`` or ``~/.cache/free_kernels``) under a key of
+  those (``FREE_KERNELS_RECALIBRATE=1`` measures again, e.g. after a run on a
+  busy machine), or a rows-proportional model when calibration is skipped
+  (``calibrate=False`` or ``FREE_KERNELS_NO_CALIBRATION=1``).
+
+L = 0 is a plain ancestral step (one target row per sample, no drafting), so
+a plan never costs more than the baseline beyond the one-off calibration.
+
+Exactness: the plan of a round depends only on what is known before the round
+(indices, past accept counts, costs), never on that round's random numbers, so
+every emitted step keeps the target transition's law (tests/test_planner.py
+checks the distribution under an erratic planner too).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["AcceptanceProfile", "CostModel", "DraftPlanner", "PlanRecord", "check_draft_length"]
+
+
+def check_draft_length(value, name: str = "draft_length"):
+    """``"auto"`` or an int >= 1 (anything else: a ValueError naming ``name``)."""
+    if isinstance(value, str) and value == "auto":
+        return "auto"
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1:
+        return int(value)
+    raise ValueError(f"{name} must be 'auto' or an int >= 1, got {value!r}")
+
+DEFAULT_PRIOR = 0.75
+PRIOR_WEIGHT = 8.0   # pseudo-counts of the prior against the run's own counts
+
+
+class AcceptanceProfile:
+    """Per-respaced-index draft acceptance: prior + the run's counts (Beta smoothing)."""
+
+    def __init__(self, num_steps: int, prior: Optional[Sequence[float]] = None, weight: float = PRIOR_WEIGHT):
+        self.N = int(num_steps)
+        if prior is None:
+            p = np.full(self.N, DEFAULT_PRIOR)
+            self.source = f"flat prior {DEFAULT_PRIOR}"
+        else:
+            p = resample_profile(np.asarray(prior, dtype=np.float64), self.N)
+            self.source = "drafter's stored profile"
+        self.prior = np.clip(p, 0.0, 1.0)
+        self.weight = float(weight)
+        self.accepted = np.zeros(self.N)
+        self.proposed = np.zeros(self.N)
+        self._base_acc = np.zeros(self.N)   # counts of earlier runs of the same sampler
+        self._base_pro = np.zeros(self.N)
+
+    def update(self, accepted: np.ndarray, proposed: np.ndarray) -> None:
+        """This run's cumulative counts per index (as the sampler keeps them), added to earlier runs'."""
+        self.accepted = self._base_acc + np.asarray(accepted, dtype=np.float64)
+        self.proposed = self._base_pro + np.asarray(proposed, dtype=np.float64)
+
+    def finish_run(self) -> None:
+        """Keep this run's counts for the next run (a sampler called once per image learns across calls)."""
+        self._base_acc, self._base_pro = self.accepted.copy(), self.proposed.copy()
+
+    def rates(self) -> np.ndarray:
+        return (self.accepted + self.weight * self.prior) / (self.proposed + self.weight)
+
+
+def resample_profile(p: np.ndarray, n: int) -> np.ndarray:
+    """A profile over len(p) respaced indices -> n indices (by position in the schedule)."""
+    if len(p) == n:
+        return p
+    if len(p) == 0:
+        return np.full(n, DEFAULT_PRIOR)
+    src = np.linspace(0.0, 1.0, len(p))
+    dst = np.linspace(0.0, 1.0, n)
+    return np.interp(dst, src, p)
+
+
+def expected_steps(rates: np.ndarray, idx: np.ndarray, L: int) -> np.ndarray:
+    """E[steps advanced] per sample at respaced indices ``idx`` with L drafts (vectorised)."""
+    idx = np.asarray(idx, dtype=np.int64)
+    out = np.ones(idx.shape, dtype=np.float64)
+    run = np.ones(idx.shape, dtype=np.float64)
+    for k in range(1, L + 1):
+        j = idx - (k - 1)
+        ok = j >= 1  # a draft needs a following step (index >= 1 has one)
+        run = run * np.where(ok, rates[np.clip(j, 0, len(rates) - 1)], 0.0)
+        out += run
+    return out
+
+
+@dataclass
+class CostModel:
+    """Seconds of one round's parts on this device for one batch size and guidance setting."""
+
+    key: str
+    verify_s: List[float]            # verify_s[k]: target forward of G*B*(k+1) rows (k = 0..Lmax)
+    draft_s: float                   # one draft step of G*B rows (drafter + head + transition)
+    accept_s: float                  # the accept op (and round bookkeeping)
+    source: str = "calibrated"
+
+    def round_s(self, L: int) -> float:
+        if L == 0:
+            return self.verify_s[0] + self.accept_s
+        return L * self.draft_s + self.verify_s[min(L, len(self.verify_s) - 1)] + self.accept_s
+
+    @classmethod
+    def proportional(cls, Lmax: int, key: str = "rows-proportional") -> "CostModel":
+        """Cost in proportion to rows, a draft step a third of a target row (used when calibration is skipped)."""
+        return cls(key=key, verify_s=[float(k + 1) for k in range(Lmax + 1)], draft_s=1.0 / 3.0, accept_s=0.05,
+                   source="rows-proportional (not calibrated)")
+
+
+@dataclass
+class PlanRecord:
+    """What the planner chose, per third of the schedule, and why (``FreeStats.plan``)."""
+
+    cost_source: str = ""
+    profile_source: str = ""
+    costs_ms: Dict[str, float] = field(default_factory=dict)
+    # per third (early / middle / late): rounds, mean L, mean predicted acceptance
+    thirds: List[Dict[str, float]] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class DraftPlanner:
+    """Chooses the draft length of each round (see the module docstring)."""
+
+    def __init__(self, max_draft_length: int = 8, calibrate: bool = True, cache_dir: Optional[str] = None,
+                 progress: bool = True, cost_model: Optional[CostModel] = None):
+        if isinstance(max_draft_length, bool) or not isinstance(max_draft_length, (int, np.integer)) \
+                or max_draft_length < 0:
+            raise ValueError(f"max_draft_length must be an int >= 0, got {max_draft_length!r}")
+        self.max_draft_length = int(max_draft_length)
+        self.calibrate = bool(calibrate) and os.environ.get("FREE_KERNELS_NO_CALIBRATION", "0") != "1"
+        self.cache_dir = cache_dir
+        self.progress = progress
+        self.fixed_cost = cost_model
+        self._memory: Dict[str, CostModel] = {}
+        self._profiles: Dict[tuple, AcceptanceProfile] = {}
+        if os.environ.get("FREE_KERNELS_RECALIBRATE", "0") == "1":
+            self.recalibrate = True
+        else:
+            self.recalibrate = False
+
+    # ------------------------------------------------------------ per run
+    def start(self, sampler, B: int, G: int, dev: torch.device) -> "_RunPlan":
+        Lmax = min(self.max_draft_length, sampler.max_useful_draft_length)
+        cost = self.fixed_cost or self._cost_model(sampler, B, G, dev, Lmax)
+        prior = None
+        extra = getattr(sampler.drafter, "extra", None)
+        if isinstance(extra, dict):
+            prof = extra.get("acceptance_profile")
+            if isinstance(prof, dict) and prof:
+                # the profile measured closest to this schedule length
+                n = sampler.diffusion.num_timesteps
+                k = min(prof, key=lambda s: abs(int(s) - n))
+                prior = prof[k]
+            elif isinstance(prof, (list, tuple)) and prof:
+                prior = prof
+        N = sampler.diffusion.num_timesteps
+        key = (N, id(sampler.drafter))
+        profile = self._profiles.get(key)
+        if profile is None:
+            profile = self._profiles[key] = AcceptanceProfile(N, prior)
+        return _RunPlan(self, cost, profile, Lmax)
+
+    def _cost_model(self, sampler, B, G, dev, Lmax) -> CostModel:
+        key = cost_key(sampler, B, G, dev)
+        mem = self._memory.get(key)
+        if mem is not None and len(mem.verify_s) >= Lmax + 1:
+            return mem
+        cm = self._cost_model_uncached(sampler, B, G, dev, Lmax, key)
+        self._memory[key] = cm
+        return cm
+
+    def _cost_model_uncached(self, sampler, B, G, dev, Lmax, key) -> CostModel:
+        path = os.path.join(self.cache_dir or default_cache_dir(), "cost_models.json")
+        cached = None if self.recalibrate else _read_cache(path).get(key)
+        if cached is not None and len(cached.get("verify_s", [])) >= Lmax + 1:
+            return CostModel(**{**cached, "source": f"cached ({path})"})
+        if not self.calibrate:
+            return CostModel.proportional(Lmax)
+        cm = calibrate(sampler, B, G, dev, Lmax, key, progress=self.progress)
+        _write_cache(path, key, asdict(cm))
+        return cm
+
+
+class _RunPlan:
+    def __init__(self, planner: DraftPlanner, cost: CostModel, profile: AcceptanceProfile, Lmax: int):
+        self.planner, self.cost, self.profile, self.Lmax = planner, cost, profile, Lmax
+        self.round_cost = [cost.round_s(L) for L in range(Lmax + 1)]
+        N = profile.N
+        self._thirds = [dict(rounds=0, L_sum=0.0, acc_sum=0.0) for _ in range(3)]
+        self._N = N
+
+    def choose(self, idx: np.ndarray) -> int:
+        """Draft length for the next round of the live samples at respaced indices ``idx``."""
+        if idx.size == 0:
+            return 0
+        rates = self.profile.rates()
+        best, best_rate = 0, -1.0
+        for L in range(self.Lmax + 1):
+            rate = float(expected_steps(rates, idx, L).sum()) / self.round_cost[L]
+            if rate > best_rate * (1.0 + 1e-9):
+                best, best_rate = L, rate
+        third = min(2, int(3 * (1.0 - float(np.mean(idx)) / max(self._N, 1))))
+        t = self._thirds[third]
+        t["rounds"] += 1
+        t["L_sum"] += best
+        t["acc_sum"] += float(np.mean(rates[np.clip(idx, 0, self._N - 1)]))
+        return best
+
+    def finish(self) -> None:
+        self.profile.finish_run()
+
+    def record(self) -> PlanRecord:
+        c = self.cost
+        costs = {"verify_1_row_ms": 1e3 * c.verify_s[0], "draft_step_ms": 1e3 * c.draft_s, "accept_ms": 1e3 * c.accept_s}
+        costs.update({f"round_L{L}_ms": 1e3 * s for L, s in enumerate(self.round_cost)})
+        thirds = []
+        for name, t in zip(("early", "middle", "late"), self._thirds):
+            r = t["rounds"]
+            thirds.append(dict(third=name, rounds=r, mean_L=t["L_sum"] / r if r else None,
+                               predicted_acceptance=t["acc_sum"] / r if r else None))
+        return PlanRecord(cost_source=c.source, profile_source=self.profile.source, costs_ms=costs, thirds=thirds)
+
+
+# ------------------------------------------------------------ calibration
+def default_cache_dir() -> str:
+    return os.environ.get("FREE_KERNELS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "free_kernels")
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def cost_key(sampler, B: int, G: int, dev: torch.device) -> str:
+    """Device, target (signature, size, dtype), drafter type, batch, guidance, layout, torch version."""
+    t = sampler.target
+    params = [p for p in t.parameters()] if isinstance(t, torch.nn.Module) else []
+    sig = dict(cls=type(t).__name__, n_params=sum(p.numel() for p in params),
+               dtype=str(params[0].dtype) if params else "?",
+               shape=[int(getattr(t, a, 0)) for a in ("in_channels", "input_size", "patch_size", "hidden_size")],
+               drafter=type(sampler.drafter).__name__,
+               drafter_params=sum(p.numel() for p in sampler.drafter.parameters())
+               if isinstance(sampler.drafter, torch.nn.Module) else 0)
+    raw = json.dumps(dict(device=_device_name(dev), target=sig, B=B, G=G, layout=sampler.layout,
+                          torch=torch.__version__), sort_keys=True)
+    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+def _read_cache(path: str) -> dict:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(path: str, key: str, value: dict) -> None:
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        d = _read_cache(path)
+        d[key] = value
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(d, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # an unwritable cache only means calibrating again next time
+
+
+def _timeit(fn, dev: torch.device, reps: int = 5) -> float:
+    """Fastest of ``reps`` runs: the least disturbed by other work on the machine."""
+    fn()  # warm-up
+    ts = []
+    for _ in range(reps):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        ts.append(time.perf_counter() - t0)
+    return float(min(ts))
+
+
+@torch.no_grad()
+def calibrate(sampler, B: int, G: int, dev: torch.device, Lmax: int, key: str, progress: bool = True) -> CostModel:
+    """Time the round's parts on random inputs: target forwards of G*B*(k+1) rows, a draft step, the accept op."""
+    from . import ops
+
+    t = sampler.target
+    t0 = time.perf_counter()
+    if progress:
+        print(f"free_kernels: calibrating the draft planner's cost model ({_device_name(dev)}, batch {B}"
+              f"{', CFG' if G > 1 else ''}; cached afterwards) ...", end="", file=sys.stderr, flush=True)
+    C, S = int(t.in_channels), int(t.input_size)
+    mdt = next(t.parameters()).dtype if isinstance(t, torch.nn.Module) else torch.float32
+    T = int(sampler._tmap[-1])
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rows(n):
+        x = torch.randn(n, C, S, S, generator=g).to(dev, mdt)
+        return x, torch.full((n,), T, device=dev, dtype=torch.int64), torch.zeros(n, device=dev, dtype=torch.int64)
+
+    verify = []
+    for k in range(Lmax + 1):
+        x, tt, yy = rows(G * B * (k + 1))
+        verify.append(_timeit(lambda: t.forward_head(*t.forward_features(x, tt, yy)), dev))
+    verify = list(np.maximum.accumulate(verify))  # more rows never cost less (timing noise aside)
+    x, tt, yy = rows(G * B)
+    h, _ = t.forward_features(x, tt, yy)
+    idx = torch.full((B,), len(sampler._tmap) - 1, device=dev, dtype=torch.int64)
+    xs = torch.randn(B, C, S, S, generator=g).to(dev)
+    noise = torch.randn(B, C, S, S, generator=g).to(dev)
+
+    def draft():
+        c = t.embed_condition(tt, yy)
+        hn = ops.drafter_forward(sampler.drafter, h, x, tt, yy, t_next=tt, c=c)
+        ops.draft_transition(t, sampler.diffusion, hn, c, xs, idx, noise, cfg_scale=2.0 if G > 1 else 1.0)
+
+    draft_s = _timeit(draft, dev)
+    L = max(Lmax, 1)
+    D = C * S * S
+    mp = torch.randn(B, L + 1, D, generator=g).to(dev)
+    lv = torch.full((B, L + 1, D), -3.0, device=dev)
+    mq = torch.randn(B, L, D, generator=g).to(dev)
+    nq = torch.randn(B, L, D, generator=g).to(dev)
+    nd = torch.full((B,), L, device=dev, dtype=torch.int64)
+    det = torch.zeros(B, dtype=torch.bool, device=dev)
+    rs = torch.tensor([1, 0], dtype=torch.int64, device=dev)
+    accept_s = _timeit(lambda: ops.speculative_accept(mp, lv, mq, lv[:, :L], nq, nd, det,
+                                                      equal_variance=sampler.equal_variance, rng_state=rs), dev)
+    if progress:
+        print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return CostModel(key=key, verify_s=verify, draft_s=draft_s, accept_s=accept_s)

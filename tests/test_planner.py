@@ -1,0 +1,120 @@
+"""draft_length="auto": the planner's arithmetic, its cost-model cache, and exactness under any plan."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import free_kernels as fk
+from free_kernels.models import FeatureDrafter
+from free_kernels.planner import AcceptanceProfile, CostModel, DraftPlanner, _RunPlan, expected_steps
+
+from test_sampler import CLIP, STEPS, base_samples, inputs, same_distribution, targets  # noqa: F401
+
+
+def test_expected_steps():
+    rates = np.full(20, 0.5)
+    assert expected_steps(rates, np.array([10]), 0)[0] == 1.0
+    assert expected_steps(rates, np.array([10]), 3)[0] == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+    assert expected_steps(np.ones(20), np.array([10, 2, 1, 0]), 6).tolist() == [7.0, 3.0, 2.0, 1.0]
+    assert expected_steps(np.zeros(20), np.array([10]), 6)[0] == 1.0
+
+
+def _plan(cost: CostModel, rates, Lmax=8):
+    prof = AcceptanceProfile(len(rates), prior=rates, weight=1e9)
+    return _RunPlan(DraftPlanner(Lmax, calibrate=False), cost, prof, Lmax)
+
+
+def test_planner_drafts_only_where_it_pays():
+    flat_verify = CostModel("k", verify_s=[1.0] * 9, draft_s=0.01, accept_s=0.0)   # a latency-bound device
+    rows_verify = CostModel("k", verify_s=[float(k + 1) for k in range(9)], draft_s=0.3, accept_s=0.0)  # cost ~ rows
+    cpu_b1 = CostModel("k", verify_s=[1.0 + 0.25 * k for k in range(9)], draft_s=0.3, accept_s=0.0)  # fixed + rows
+    good, bad = np.full(100, 0.95), np.full(100, 0.05)
+    assert _plan(flat_verify, good).choose(np.array([50])) == 8
+    # 5% acceptance: one draft buys 0.05 steps; worth it only while a draft step costs under 5% of a round
+    assert _plan(flat_verify, bad).choose(np.array([50])) == 1
+    assert _plan(CostModel("k", verify_s=[1.0] * 9, draft_s=0.1, accept_s=0.0), bad).choose(np.array([50])) == 0
+    assert _plan(rows_verify, bad).choose(np.array([50])) == 0
+    # when a forward costs in proportion to its rows, verifying drafts never pays, however good they are
+    assert _plan(rows_verify, good).choose(np.array([50])) == 0
+    mid = _plan(cpu_b1, good).choose(np.array([50]))
+    assert 0 < mid < 8
+    # near the end of the schedule there is nothing to draft
+    assert _plan(flat_verify, good).choose(np.array([0])) == 0
+
+
+def test_profile_learns_from_counts():
+    p = AcceptanceProfile(10, prior=None, weight=8.0)
+    assert p.rates()[3] == pytest.approx(0.75)
+    acc = np.zeros(10)
+    pro = np.zeros(10)
+    acc[3], pro[3] = 0, 1000
+    p.update(acc, pro)
+    assert p.rates()[3] < 0.01 and p.rates()[4] == pytest.approx(0.75)
+
+
+def test_cost_model_is_calibrated_once_and_cached(targets, tmp_path, capsys):
+    t = targets[True]
+    d = fk.create_diffusion("20", learn_sigma=True)
+    dr = FeatureDrafter.for_target(t, init="random", generator=torch.Generator().manual_seed(2))
+    planner = DraftPlanner(4, cache_dir=str(tmp_path))
+    s = fk.FreeSampler(t, dr, d, planner=planner)
+    noise, y = inputs(t, n=2)
+    _, st = s.sample(noise, y, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
+    assert "calibrating" in capsys.readouterr().err
+    assert st.draft_length_mode == "auto" and st.plan["cost_source"] == "calibrated"
+    assert len(st.rounds_by_draft_length) == 5 and sum(st.rounds_by_draft_length) == st.rounds
+    assert [t3["third"] for t3 in st.plan["thirds"]] == ["early", "middle", "late"]
+    _, st2 = s.sample(noise, y, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
+    assert "calibrating" not in capsys.readouterr().err  # kept by the planner
+    fresh = fk.FreeSampler(t, dr, d, planner=DraftPlanner(4, cache_dir=str(tmp_path)))
+    _, st2 = fresh.sample(noise, y, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
+    assert st2.plan["cost_source"].startswith("cached")  # read from the disk cache
+    assert "calibrating" not in capsys.readouterr().err
+    # another batch size is another key
+    _, st3 = s.sample(torch.cat([noise, noise]), torch.cat([y, y]), cfg_scale=2.0)
+    assert st3.plan["cost_source"] == "calibrated"
+
+
+def test_calibration_can_be_skipped(targets, monkeypatch, tmp_path):
+    monkeypatch.setenv("FREE_KERNELS_NO_CALIBRATION", "1")
+    t = targets[True]
+    d = fk.create_diffusion("20", learn_sigma=True)
+    dr = FeatureDrafter.for_target(t, init="random", generator=torch.Generator().manual_seed(2))
+    s = fk.FreeSampler(t, dr, d, planner=DraftPlanner(4, cache_dir=str(tmp_path)))
+    noise, y = inputs(t, n=2)
+    _, st = s.sample(noise, y)
+    assert "not calibrated" in st.plan["cost_source"]
+
+
+class _ErraticPlan(_RunPlan):
+    """Any L in 0..Lmax at random: a plan that depends only on the past is still exact."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.rng = np.random.default_rng(123)
+
+    def choose(self, idx):
+        return int(self.rng.integers(0, self.Lmax + 1))
+
+
+class _ErraticPlanner(DraftPlanner):
+    def start(self, sampler, B, G, dev):
+        Lmax = min(self.max_draft_length, sampler.max_useful_draft_length)
+        return _ErraticPlan(self, CostModel.proportional(Lmax), AcceptanceProfile(sampler.diffusion.num_timesteps),
+                            Lmax)
+
+
+@pytest.mark.parametrize("kind", ["auto", "erratic"])
+def test_auto_matches_baseline_in_distribution(targets, kind, tmp_path):
+    t = targets[True]
+    d = fk.create_diffusion(STEPS, learn_sigma=True)
+    noise, y = inputs(t)
+    dr = FeatureDrafter.for_target(t, init="random", generator=torch.Generator().manual_seed(2))
+    flat = CostModel("test", verify_s=[1.0] * 5, draft_s=0.05, accept_s=0.0)  # drafting pays: auto drafts
+    planner = DraftPlanner(4, cost_model=flat) if kind == "auto" else _ErraticPlanner(4)
+    s = fk.FreeSampler(t, dr, d, planner=planner, clip_denoised=CLIP)
+    out, st = s.sample(noise, y, cfg_scale=4.0, generator=torch.Generator().manual_seed(11))
+    used = [L for L, n in enumerate(st.rounds_by_draft_length) if n]
+    assert len(used) >= (4 if kind == "erratic" else 2)  # the plan did vary
+    assert same_distribution(out, base_samples(targets, True, 4.0))
