@@ -84,7 +84,19 @@ class AcceptanceProfile:
         self._base_acc, self._base_pro = self.accepted.copy(), self.proposed.copy()
 
     def rates(self) -> np.ndarray:
-        return (self.accepted + self.weight * self.prior) / (self.proposed + self.weight)
+        """Acceptance per index: the run's counts pooled over a window of neighbouring indices (about 1/25
+        of the schedule: acceptance changes slowly along it, and one image judges each index about once),
+        shrunk towards the prior."""
+        w = max(1, self.N // 50)
+        acc, pro = _window_sum(self.accepted, w), _window_sum(self.proposed, w)
+        return (acc + self.weight * self.prior) / (pro + self.weight)
+
+
+def _window_sum(x: np.ndarray, w: int) -> np.ndarray:
+    """sum of x[i - w .. i + w] (clipped at the ends) for every i."""
+    c = np.concatenate([[0.0], np.cumsum(x)])
+    i = np.arange(len(x))
+    return c[np.minimum(i + w + 1, len(x))] - c[np.maximum(i - w, 0)]
 
 
 def resample_profile(p: np.ndarray, n: int) -> np.ndarray:
@@ -118,10 +130,13 @@ class CostModel:
     key: str
     verify_s: List[float]            # verify_s[k]: target forward of G*B*(k+1) rows (k = 0..Lmax)
     draft_s: float                   # one draft step of G*B rows (drafter + head + transition)
-    accept_s: float                  # the accept op (and round bookkeeping)
+    accept_s: float                  # the accept op
     source: str = "calibrated"
+    rounds_s: Optional[List[float]] = None  # measured whole rounds of the sampler, L = 0..Lmax (what is used)
 
     def round_s(self, L: int) -> float:
+        if self.rounds_s is not None and L < len(self.rounds_s):
+            return self.rounds_s[L]
         if L == 0:
             return self.verify_s[0] + self.accept_s
         return L * self.draft_s + self.verify_s[min(L, len(self.verify_s) - 1)] + self.accept_s
@@ -360,6 +375,38 @@ def calibrate(sampler, B: int, G: int, dev: torch.device, Lmax: int, key: str, p
     rs = torch.tensor([1, 0], dtype=torch.int64, device=dev)
     accept_s = _timeit(lambda: ops.speculative_accept(mp, lv, mq, lv[:, :L], nq, nd, det,
                                                       equal_variance=sampler.equal_variance, rng_state=rs), dev)
+    rounds = measure_rounds(sampler, B, G, dev, Lmax)
     if progress:
         print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    return CostModel(key=key, verify_s=verify, draft_s=draft_s, accept_s=accept_s)
+    return CostModel(key=key, verify_s=verify, draft_s=draft_s, accept_s=accept_s, rounds_s=rounds)
+
+
+def measure_rounds(sampler, B: int, G: int, dev: torch.device, Lmax: int, reps: int = 3) -> List[float]:
+    """Seconds of one whole sampler round with L = 0..Lmax drafts (everything the sampler does in a round:
+    drafting, verification, acceptance, randomness, bookkeeping), fastest of ``reps`` each."""
+    from .sampler import _Run
+
+    t = sampler.target
+    C, S = int(t.in_channels), int(t.input_size)
+    g = torch.Generator().manual_seed(0)
+    run = _Run(sampler, B, dev, torch.float32, 2.0 if G > 1 else 1.0, 3, overflow_seed=0, with_plan=False)
+    run.insert(list(range(B)), torch.randn(B, C, S, S, generator=g).to(dev),
+               torch.zeros(B, dtype=torch.int64, device=dev), torch.arange(B, dtype=torch.int64, device=dev) + 1)
+    run.timed = False
+    N = int(sampler.diffusion.num_timesteps)
+    start = np.full(B, N - 1)
+    out = []
+    for L in range(Lmax + 1):
+        ts = []
+        for r in range(reps + 1):  # the first is a warm-up
+            run.idx.fill_(N - 1)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            run.round_with(L, start)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            if r:
+                ts.append(time.perf_counter() - t0)
+        out.append(min(ts))
+    return out

@@ -452,7 +452,7 @@ class _Run:
     """One sampling run: the slot state on the device, round buffers, statistics accumulators."""
 
     def __init__(self, sampler: FreeSampler, B: int, dev: torch.device, out_dtype, cfg_scale: float, gc: int,
-                 overflow_seed: int):
+                 overflow_seed: int, with_plan: bool = True):
         s = sampler
         self.s, self.B, self.dev, self.out_dtype = s, B, dev, out_dtype
         self.cfg = cfg_scale != 1.0
@@ -502,7 +502,7 @@ class _Run:
         # rng_state; the static layout passes nothing else, so that it compiles and captures
         self.overflow_gen = None
         # host mirrors (written by the host only at insertions and checks)
-        self.plan = s.planner.start(s, B, self.G, dev) if s.planner is not None and B > 0 else None
+        self.plan = s.planner.start(s, B, self.G, dev) if with_plan and s.planner is not None and B > 0 else None
         self.rounds_by_L = [0] * (self.L + 1)
         self.live = np.zeros(B, dtype=bool)
         self.has_host = np.zeros(B, dtype=bool)
@@ -586,12 +586,29 @@ class _Run:
 
     def _choose(self, idx_host: Optional[np.ndarray]) -> int:
         """This round's draft length: fixed L, or the planner's choice for the live slots."""
+        if getattr(self, "_fixed_L", None) is not None:
+            return self._fixed_L
         if self.plan is None:
             return self.L
         if idx_host is None:
             return self.L
         live = np.nonzero(self.live)[0]
         return min(self.plan.choose(np.maximum(idx_host[live], 0)), self.L)
+
+    def round_with(self, L: int, idx_host: np.ndarray) -> None:
+        """One round drafting L steps for every live slot (slots at ``idx_host``), in this run's layout.
+        For timing (the planner's calibration); features are assumed valid after the first round."""
+        L = min(L, self.L)
+        if self.layout == "static":
+            self._round_static(L if self.any_features else 0)
+            self.any_features = True
+        else:
+            self._fixed_L = L
+            try:
+                self._round_compact(idx_host)
+            finally:
+                self._fixed_L = None
+            self.has_host[:] = True
 
     def _read(self, t: torch.Tensor) -> np.ndarray:
         """The sampler's only device -> host read."""
