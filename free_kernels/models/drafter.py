@@ -12,7 +12,14 @@ Drafter protocol (what :class:`free_kernels.FreeSampler` calls)::
 * returns ``h`` (B, N, H): predicted top-block features of x at t.
 
 The sampler then applies the target's frozen head to ``h``.  Any module or
-callable with this signature is a drafter.
+callable with this signature is a drafter.  Two optional keyword inputs are
+passed only to drafters that declare them (class attributes):
+
+* ``accepts_t_next = True``: ``t_next`` (B,), the original timestep of the
+  state the transition from x drafts (x is at ``t``; the respaced stride is
+  ``t - t_next``), so one drafter serves every respacing;
+* ``accepts_condition = True``: ``c`` (B, H) = ``embed_condition(t, y)``, which
+  the caller computes once per draft step for the drafter and the head.
 
 Target protocol (what a drafter and the sampler need of the target; our
 :class:`~free_kernels.models.DiT` and the diffusers adapter provide it):
@@ -35,6 +42,7 @@ import torch.nn as nn
 from .dit import DiTBlock
 
 DRAFTER_FORMAT = "free_kernels.FeatureDrafter/1"
+STRIDE_FREQ = 64  # sinusoid size of the stride embedding (see FeatureDrafter.stride_embedding)
 _MATCH_KEYS = ("hidden_size", "patch_size", "in_channels", "input_size", "num_classes")
 
 
@@ -83,7 +91,11 @@ class FeatureDrafter(nn.Module):
     """Feature-level autoregressive drafter (FREE).
 
     ``fuse``: Linear(2H -> H) on [h_prev, embed_tokens(x)], then ``depth`` adaLN
-    DiT blocks at the target's width conditioned on ``embed_condition(t, y)``.
+    DiT blocks at the target's width conditioned on ``embed_condition(t, y)``
+    plus, when the caller passes ``t_next``, a stride embedding
+    ``stride_proj(sinusoid(t - t_next))`` (zero-initialised: with it zero, or
+    without ``t_next``, the drafter is exactly the unconditioned one), so one
+    drafter serves every respacing.  ``c`` given by the caller is used as is.
     The target's embedders and head are reused frozen and are NOT part of this
     module's state (they are looked up on the target at call time).
 
@@ -105,6 +117,8 @@ class FeatureDrafter(nn.Module):
         self.signature = dict(signature or {})
         self.fuse = nn.Linear(2 * hidden_size, hidden_size, bias=True)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.stride_proj = nn.Linear(STRIDE_FREQ, hidden_size, bias=False)
+        nn.init.zeros_(self.stride_proj.weight)
         self._target = None  # not a registered submodule: never saved with the drafter
         self.extra = {}  # training record saved with the drafter (see save / load)
 
@@ -129,6 +143,7 @@ class FeatureDrafter(nn.Module):
                 self.fuse.weight.zero_()
                 self.fuse.weight[:, :H].copy_(torch.eye(H))
                 self.fuse.bias.zero_()
+                self.stride_proj.weight.zero_()
                 for blk in self.blocks:
                     for m in blk.modules():
                         if isinstance(m, nn.Linear):
@@ -140,7 +155,8 @@ class FeatureDrafter(nn.Module):
                 for m in self.modules():
                     if isinstance(m, nn.Linear):
                         nn.init.normal_(m.weight, std=(1.0 / m.in_features) ** 0.5, generator=generator)
-                        nn.init.normal_(m.bias, std=0.02, generator=generator)
+                        if m.bias is not None:
+                            nn.init.normal_(m.bias, std=0.02, generator=generator)
             else:
                 raise ValueError(f"init must be 'identity' or 'random', got {init!r}")
 
@@ -167,27 +183,129 @@ class FeatureDrafter(nn.Module):
         return self._target
 
     # ------------------------------------------------------------- forward
-    def forward(self, h_prev: torch.Tensor, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    accepts_t_next = True
+    accepts_condition = True
+
+    @staticmethod
+    def stride_sinusoid(stride: torch.Tensor) -> torch.Tensor:
+        """(B,) respaced strides in original timesteps -> (B, STRIDE_FREQ) sinusoid (periods 2 pi .. ~1e4 steps)."""
+        from .dit import timestep_embedding
+
+        return timestep_embedding(stride, STRIDE_FREQ, max_period=2000.0)
+
+    def stride_embedding(self, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+        """(B, H) added to c: ``stride_proj(sinusoid(t - t_next))``."""
+        return self.stride_proj(self.stride_sinusoid((t - t_next).to(torch.float32)).to(self.stride_proj.weight.dtype))
+
+    def forward(self, h_prev: torch.Tensor, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                t_next: Optional[torch.Tensor] = None, c: Optional[torch.Tensor] = None) -> torch.Tensor:
         target = self.target
         e = target.embed_tokens(x)
         if h_prev.shape != e.shape:
             raise ValueError(f"h_prev has shape {tuple(h_prev.shape)}, expected {tuple(e.shape)} for this x")
-        c = target.embed_condition(t, y)
+        if c is None:
+            c = target.embed_condition(t, y)
+        if self.fast_inference and not (torch.is_grad_enabled() and any(q.requires_grad for q in self.parameters())) \
+                and not torch.compiler.is_compiling():
+            plan = self._fast_plan(target, e)
+            if plan is not None:
+                return self._fast_forward(plan, h_prev, x, t, t_next, c)
+        if t_next is not None:
+            c = c + self.stride_embedding(t, t_next).to(c.dtype)
         h = self.fuse(torch.cat([h_prev.to(e.dtype), e], dim=-1))
         for blk in self.blocks:
             h = blk(h, c)
+        return h
+
+    # ----------------------------------------------------- inference path
+    # The draft step runs at tiny sizes (batch 1-2 x 16 tokens on the demo), where the cost is the number of
+    # ops and module calls, not FLOPs.  Without autograd the drafter runs a folded form of the same function:
+    # the patch embedding (a conv) and the position embedding are folded into the fusion Linear (one GEMM on
+    # [h_prev, raw patches] plus a per-token bias), the stride embedding is a table lookup, the adaLN "1 +
+    # scale" is folded into the modulation bias, and the block is written as plain torch calls.  It equals
+    # the module path up to float rounding (tests/test_drafter_respacing.py); training uses the module path.
+    fast_inference = True
+
+    def _fast_plan(self, target, e):
+        emb = getattr(target, "x_embedder", None)
+        conv = getattr(emb, "proj", None)
+        pos = getattr(target, "pos_embed", None)
+        if not (isinstance(conv, nn.Conv2d) and torch.is_tensor(pos) and conv.bias is not None
+                and conv.kernel_size == conv.stride and conv.padding == (0, 0) and conv.groups == 1):
+            return None  # not our DiT layout: the module path
+        wt = self.fuse.weight
+        if e.dtype != wt.dtype or conv.weight.dtype != wt.dtype:
+            return None
+        tensors = [*self.parameters(), conv.weight, conv.bias, pos]
+        key = (str(wt.device), wt.dtype, tuple((q.data_ptr(), q._version) for q in tensors))
+        cached = getattr(self, "_fast_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.inference_mode(False), torch.no_grad():
+            plan = self._build_fast_plan(conv, pos)
+        object.__setattr__(self, "_fast_cache", (key, plan))
+        return plan
+
+    def _build_fast_plan(self, conv, pos):
+        H = self.hidden_size
+        W1, W2 = self.fuse.weight[:, :H], self.fuse.weight[:, H:]
+        wconv = conv.weight.reshape(H, -1)                                   # (H, C p p)
+        wcat = torch.cat([W1, W2 @ wconv], dim=1).t().contiguous()           # (H + C p p, H)
+        bias_tok = ((pos.reshape(-1, H) + conv.bias) @ W2.t() + self.fuse.bias).contiguous()   # (N, H)
+        blocks = []
+        for blk in self.blocks:
+            ada = blk.adaLN_modulation[-1]
+            b = ada.bias.clone()
+            b[H:2 * H] += 1  # scale_msa -> 1 + scale_msa
+            b[4 * H:5 * H] += 1  # scale_mlp -> 1 + scale_mlp
+            blocks.append(dict(ada_w=ada.weight, ada_b=b, qkv_w=blk.attn.qkv.weight, qkv_b=blk.attn.qkv.bias,
+                               proj_w=blk.attn.proj.weight, proj_b=blk.attn.proj.bias,
+                               fc1_w=blk.mlp.fc1.weight, fc1_b=blk.mlp.fc1.bias,
+                               fc2_w=blk.mlp.fc2.weight, fc2_b=blk.mlp.fc2.bias, heads=blk.attn.num_heads))
+        w = self.stride_proj.weight
+        table = None
+        if bool(w.any()):  # strides 0 .. 1000 (original timesteps); zero weights: no stride term at all
+            s = torch.arange(1001, device=w.device, dtype=torch.float32)
+            table = (self.stride_sinusoid(s).to(w.dtype) @ w.t()).contiguous()
+        return dict(p=int(conv.kernel_size[0]), wcat=wcat, bias_tok=bias_tok, blocks=blocks, table=table)
+
+    @staticmethod
+    def _fast_block(b, h, c_act):
+        F = torch.nn.functional
+        B, N, H = h.shape
+        mod = torch.addmm(b["ada_b"], c_act, b["ada_w"].t()).unsqueeze(1)     # (B, 1, 6H)
+        sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)
+        a = torch.addcmul(sh1, F.layer_norm(h, (H,), eps=1e-6), sc1)
+        qkv = F.linear(a, b["qkv_w"], b["qkv_b"]).view(B, N, 3, b["heads"], H // b["heads"]).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(B, N, H)
+        h = torch.addcmul(h, g1, F.linear(o, b["proj_w"], b["proj_b"]))
+        a = torch.addcmul(sh2, F.layer_norm(h, (H,), eps=1e-6), sc2)
+        m = F.linear(F.gelu(F.linear(a, b["fc1_w"], b["fc1_b"]), approximate="tanh"), b["fc2_w"], b["fc2_b"])
+        return torch.addcmul(h, g2, m)
+
+    def _fast_forward(self, plan, h_prev, x, t, t_next, c):
+        B, C, S, _ = x.shape
+        p = plan["p"]
+        g = S // p
+        patches = x.reshape(B, C, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, C * p * p)
+        h = torch.matmul(torch.cat([h_prev.to(patches.dtype), patches], dim=-1), plan["wcat"]).add_(plan["bias_tok"])
+        if t_next is not None and plan["table"] is not None:
+            c = c + plan["table"][(t - t_next).clamp(0, 1000)].to(c.dtype)
+        c_act = torch.nn.functional.silu(c)
+        for b in plan["blocks"]:
+            h = self._fast_block(b, h, c_act)
         return h
 
     def flops_per_token(self) -> int:
         """Multiply-adds x2 of the drafter's linear layers per token (attention excluded)."""
         H = self.hidden_size
         per_block = 2 * (3 * H * H + H * H + 2 * int(self.mlp_ratio * H) * H)
-        return 2 * 2 * H * H + self.depth * per_block
+        return 2 * 2 * H * H + self.depth * per_block  # stride embedding: per sample, not per token
 
     # ------------------------------------------------------------ save/load
     def config(self) -> dict:
         return dict(format=DRAFTER_FORMAT, hidden_size=self.hidden_size, num_heads=self.num_heads,
-                    depth=self.depth, mlp_ratio=self.mlp_ratio, signature=self.signature)
+                    depth=self.depth, mlp_ratio=self.mlp_ratio, signature=self.signature, stride_conditioning=True)
 
     def save(self, path: str, extra: Optional[dict] = None) -> None:
         """Write ``path`` (.safetensors: weights + config) and ``path`` with .json (the same config, readable).
@@ -252,12 +370,17 @@ class FeatureDrafter(nn.Module):
         except (KeyError, TypeError) as e:
             raise ValueError(f"drafter {base + '.safetensors'!r}: incomplete config ({e})") from None
         state, _ = safe_load_safetensors(base + ".safetensors", "drafter", device=str(map_location))
+        stride_absent = "stride_proj.weight" not in state and not cfg.get("stride_conditioning")
+        if stride_absent:  # saved before the stride conditioning existed: it stays zero (the drafter ignores t_next)
+            state = dict(state, **{"stride_proj.weight": torch.zeros_like(d.stride_proj.weight)})
         try:
             d.load_state_dict(state, strict=True)
         except RuntimeError as e:
             first = str(e).strip().splitlines()[0]
             raise ValueError(f"drafter {base + '.safetensors'!r} does not match its config: {first}") from None
         d.extra = dict(cfg.get("extra") or {})
+        if stride_absent:
+            d.extra["stride_conditioning"] = "absent from the file: zero (the drafter ignores the drafted stride)"
         d.to(map_location)
         if target is not None:
             d.attach(target)
