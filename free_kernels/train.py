@@ -2,12 +2,19 @@
 
     free-train-drafter --out runs/drafter                 # the embedded demo DiT, 250 steps, cfg 1
     free-train-drafter --target ckpt.pt --model DiT-XL/2 --image-size 256 --steps 250 --cfg-scale 1.5 ...
+    free-train-drafter --respacings 50,100,250,1000 ...     # one drafter for every respacing
 
 1. Trajectories: the target's own ancestral sampler (the CFG setting the drafter
    will be used with) is run on ``--num-trajectories`` samples; every step
    records the state x_i, the exact top-block features (both CFG branches) and
    the guided transition p_i.  ``--cache FILE`` keeps them on disk (reused when
    the file exists).
+   With ``--respacings 50,100,250,1000`` trajectories are made for every
+   respacing (``--num-trajectories`` / ``--eval-trajectories`` split between
+   them in proportion to 1 / steps: each respacing gets about the same number of
+   recorded steps) and each training batch is a window of one respacing, drawn
+   at random; the drafter is conditioned on the drafted stride (``t_next``), so
+   the one drafter serves all of them.
 2. Training: random windows of ``--unroll`` consecutive steps; the drafter
    starts from the exact parent features and feeds its own predictions forward
    (errors that compound over a draft are trained against).  Losses:
@@ -21,7 +28,10 @@
 3. Checkpoints (``<out>/state.pt``, atomic) every ``--save-every`` steps; the same
    command resumes after an interruption.  Final drafter: ``<out>/drafter.safetensors``
    + ``.json``, and a report with the measured steps per target call of exact
-   FREE (and of the frozen drafter, the reference to beat).
+   FREE (and of the frozen drafter, the reference to beat), per respacing with
+   ``--respacings``; the measured acceptance per respaced index is stored with
+   the drafter (``extra["acceptance_profile"]``, {num_steps: [per index]}) for
+   the draft-length planner.
 
 Resume and cache rules: ``state.pt`` and the cache record the run's identity
 (the target's content hash and every setting that changes the result:
@@ -51,6 +61,7 @@ from ._checks import (
 from .diffusion import create_diffusion
 from .diffusion.gaussian_diffusion import GaussianDiffusion
 from .models.drafter import FeatureDrafter, FrozenFeatureDrafter
+from .ops.drafter_forward import drafter_extras
 from .reference.draft_transition import guided_transition
 
 LOSSES = ("kl", "whitened", "feature", "kl+feature")
@@ -155,8 +166,9 @@ def draft_window(drafter, target, diffusion, traj, b, k0, unroll, *, cfg_scale, 
         t = tmap[idx]
         x_in = x.repeat(G, 1, 1, 1)
         t_in = t.repeat(G)
-        h = drafter(h_prev, x_in, t_in, y_in)
-        c = target.embed_condition(t_in, y_in)
+        t_nx = tmap[idx - 1].repeat(G)  # the step being drafted (i >= 1: index 0 is never drafted)
+        c = target.embed_condition(t_in, y_in)  # shared by the drafter and the head, as in the sampler
+        h = drafter(h_prev, x_in, t_in, y_in, **drafter_extras(drafter, t_nx, c))
         out = target.forward_head(h, c)
         tr = guided_transition(diffusion, out, x, idx, cfg=cfg, cfg_scale=cfg_scale,
                                guidance_channels=guidance_channels, in_channels=C, clip_denoised=clip_denoised)
@@ -281,9 +293,11 @@ def target_identity(args) -> dict:
 
 
 # settings that change what is trained on or how: a resume / cache must match them
-RUN_KEYS = ("steps", "variance", "cfg_scale", "guidance_channels", "num_trajectories", "eval_trajectories", "seed",
-            "depth", "loss", "feature_weight", "unroll", "batch_size", "lr")
-CACHE_KEYS = ("steps", "variance", "cfg_scale", "guidance_channels", "num_trajectories", "eval_trajectories", "seed")
+# (respacings: None for a one-respacing run, so runs and caches made before it existed keep their identity)
+RUN_KEYS = ("steps", "respacings", "init_sha256", "variance", "cfg_scale", "guidance_channels", "num_trajectories",
+            "eval_trajectories", "seed", "depth", "loss", "feature_weight", "unroll", "batch_size", "lr")
+CACHE_KEYS = ("steps", "respacings", "variance", "cfg_scale", "guidance_channels", "num_trajectories",
+              "eval_trajectories", "seed")
 # settings that may change on resume (recorded in settings_history)
 FREE_KEYS = ("train_steps", "save_every", "draft_length", "eval_samples", "device", "threads", "no_progress",
              "cache", "out")
@@ -303,6 +317,15 @@ def _differences(old: dict, new: dict) -> list:
     return out
 
 
+def _respacing_list(text: str):
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("expected comma-separated respacings, e.g. 50,100,250,1000")
+    if len(set(parts)) != len(parts):
+        raise argparse.ArgumentTypeError(f"repeated respacing in {text!r}")
+    return parts
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="free-train-drafter", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -312,13 +335,20 @@ def parse_args(argv=None):
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--in-channels", type=int, default=4)
     p.add_argument("--out", default="runs/drafter")
-    p.add_argument("--steps", default="250", help="sampler respacing the drafter is trained for")
+    p.add_argument("--steps", default=None, help="sampler respacing the drafter is trained for (with "
+                   "--respacings: the one whose numbers head the report; must be one of them)")
+    p.add_argument("--respacings", default=None, type=_respacing_list,
+                   help="comma-separated respacings to train one drafter on, e.g. 50,100,250,1000 (trajectories "
+                        "split in proportion to 1 / steps; each batch uses one)")
     p.add_argument("--variance", choices=("learned", "fixed"), default="learned")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--guidance-channels", type=int, default=3, choices=(3, 4))
     p.add_argument("--num-trajectories", type=int, default=256)
     p.add_argument("--eval-trajectories", type=int, default=32)
     p.add_argument("--cache", default=None, help="trajectory cache file (created if missing)")
+    p.add_argument("--init", default=None, help="a drafter file (.safetensors) to start from instead of the frozen "
+                   "drafter, e.g. a one-respacing drafter fine-tuned on --respacings (its content hash joins the run "
+                   "identity; --depth must match it)")
     p.add_argument("--depth", type=int, default=1)
     p.add_argument("--loss", choices=LOSSES, default="kl+feature")
     p.add_argument("--feature-weight", type=float, default=1.0)
@@ -333,7 +363,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.steps is None:  # 250, or with --respacings the first of them when 250 is not one
+        args.steps = "250" if not args.respacings or "250" in args.respacings else args.respacings[0]
+    return args
 
 
 def validate_args(args) -> None:
@@ -368,6 +401,15 @@ def validate_args(args) -> None:
         raise TrainError(f"--device {args.device!r}: only cpu and cuda are supported")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise TrainError(f"--out {args.out!r} exists and is not a directory")
+    if args.respacings is not None and args.steps not in args.respacings:
+        raise TrainError(f"--steps {args.steps!r} must be one of --respacings {','.join(args.respacings)} "
+                         f"(it names the respacing that heads the report)")
+    if args.init is not None:
+        base = args.init[: -len(".safetensors")] if args.init.endswith(".safetensors") else args.init
+        need(os.path.isfile(base + ".safetensors"), f"--init {args.init!r} not found")
+        args.init_sha256 = file_sha256(base + ".safetensors")
+    else:
+        args.init_sha256 = None  # runs made before --init existed have no such key: None matches them
     if args.cache and os.path.isdir(args.cache):
         raise TrainError(f"--cache {args.cache!r} is a directory, expected a file path")
 
@@ -385,17 +427,48 @@ def load_cache(path: str, expect: dict, target, N: int) -> dict:
     if diff:
         raise TrainError(f"--cache {path!r} was made for other settings ({'; '.join(diff)}): use another --cache "
                          f"or the settings it was made with")
+    G = 2 if expect["cfg_scale"] != 1.0 else 1
+    if isinstance(N, dict):  # --respacings: {respacing: (num_steps, trajectories)}
+        per = traj.get("per")
+        if not isinstance(per, dict) or set(per) != set(N):
+            raise TrainError(f"--cache {path!r}: respacings {sorted(per) if isinstance(per, dict) else per!r}, "
+                             f"expected {sorted(N)} (damaged?)")
+        for r, (n_r, count) in N.items():
+            _check_traj_shapes(path, per[r], target, n_r, count, G)
+        return per
+    _check_traj_shapes(path, traj, target, N, expect["num_trajectories"] + expect["eval_trajectories"], G)
+    return traj
+
+
+def _check_traj_shapes(path, traj, target, N, n, G):
     C, S, H = int(target.in_channels), int(target.input_size), int(target.hidden_size)
     T = (S // int(target.patch_size)) ** 2
-    n = expect["num_trajectories"] + expect["eval_trajectories"]
-    G = 2 if expect["cfg_scale"] != 1.0 else 1
     want = dict(x=(n, N, C, S, S), h=(n, N, G, T, H), mean=(n, N, C * S * S), logvar=(n, N, C * S * S), y=(n,))
     for k, shape in want.items():
-        v = traj.get(k)
+        v = traj.get(k) if isinstance(traj, dict) else None
         if not torch.is_tensor(v) or tuple(v.shape) != shape:
             got = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
             raise TrainError(f"--cache {path!r}: {k!r} is {got}, expected {shape} for this target (damaged?)")
-    return traj
+
+
+def _split(total: int, lengths: list) -> list:
+    """``total`` trajectories split between respacings of ``lengths`` steps in proportion to 1 / length (every
+    respacing gets about the same number of recorded steps, i.e. the same data and generation time), at least 1."""
+    w = [1.0 / n for n in lengths]
+    exact = [total * v / sum(w) for v in w]
+    out = [max(1, int(e)) for e in exact]
+    for i in sorted(range(len(w)), key=lambda i: int(exact[i]) - exact[i])[: max(0, total - sum(out))]:
+        out[i] += 1  # largest remainders first
+    return out
+
+
+def _filled(profile) -> list:
+    """Per-index acceptance with the never-drafted indices (None) filled from their nearest measured neighbour."""
+    vals = list(profile)
+    known = [i for i, v in enumerate(vals) if v is not None]
+    if not known:
+        return []
+    return [round(float(vals[min(known, key=lambda k: abs(k - i))]), 4) for i in range(len(vals))]
 
 
 def load_state(path: str, expect: dict, device) -> dict:
@@ -421,16 +494,21 @@ def run(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     device = args.device
     progress = not args.no_progress
-    try:
-        diffusion = create_diffusion(args.steps, learn_sigma=args.variance == "learned")
-    except (ValueError, TypeError) as e:
-        raise TrainError(f"--steps {args.steps!r} is not a valid respacing: {e}") from None
-    N = diffusion.num_timesteps
-    if N < args.unroll + 2:
-        raise TrainError(f"--steps {args.steps} gives {N} steps: too few for --unroll {args.unroll}")
-    if args.draft_length > N:
-        print(f"note: --draft-length {args.draft_length} capped at the {N} sampling steps")
-        args.draft_length = N
+    respacings = list(args.respacings or [args.steps])
+    diffusions, Ns = {}, {}
+    for r in respacings:
+        opt_name = "--steps" if args.respacings is None else "--respacings"
+        try:
+            diffusions[r] = create_diffusion(r, learn_sigma=args.variance == "learned")
+        except (ValueError, TypeError) as e:
+            raise TrainError(f"{opt_name} {r!r} is not a valid respacing: {e}") from None
+        Ns[r] = diffusions[r].num_timesteps
+        if Ns[r] < args.unroll + 2:
+            raise TrainError(f"{opt_name} {r} gives {Ns[r]} steps: too few for --unroll {args.unroll}")
+    N = Ns[args.steps]
+    if args.draft_length > min(Ns.values()):
+        print(f"note: --draft-length {args.draft_length} capped at the {min(Ns.values())} sampling steps")
+        args.draft_length = min(Ns.values())
     try:
         check_writable_dir("--out", args.out)
         if args.cache:
@@ -454,28 +532,53 @@ def run(argv=None) -> dict:
     # ---------------------------------------------------------------- trajectories
     t0 = time.perf_counter()
     kw = dict(cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels, device=device, progress=progress)
+    n_trains = dict(zip(respacings, _split(args.num_trajectories, [Ns[r] for r in respacings])))
+    n_evals = dict(zip(respacings, _split(args.eval_trajectories, [Ns[r] for r in respacings])))
+    if min(n_trains.values()) < 1 or min(n_evals.values()) < 1:
+        raise TrainError(f"--num-trajectories {args.num_trajectories} / --eval-trajectories {args.eval_trajectories}: "
+                         f"need at least one of each per respacing ({len(respacings)} respacings)")
+    multi = args.respacings is not None
     if args.cache and os.path.isfile(args.cache):
-        traj = load_cache(args.cache, cache_identity, target, N)
-        print(f"loaded {traj['x'].shape[0]} trajectories from {args.cache}")
+        shapes = {r: (Ns[r], n_trains[r] + n_evals[r]) for r in respacings} if multi else N
+        loaded = load_cache(args.cache, cache_identity, target, shapes)
+        trajs = loaded if multi else {args.steps: loaded}
+        print(f"loaded {sum(t['x'].shape[0] for t in trajs.values())} trajectories from {args.cache}")
     else:
-        traj = generate_trajectories(target, diffusion, args.num_trajectories + args.eval_trajectories,
-                                     seed=args.seed, **kw)
+        trajs = {}
+        for ri, r in enumerate(respacings):  # seed + 7919 * position: the one-respacing run keeps its trajectories
+            trajs[r] = generate_trajectories(target, diffusions[r], n_trains[r] + n_evals[r],
+                                             seed=args.seed + 7919 * ri, **kw)
         if args.cache:
-            atomic_torch_save(dict(traj, format=CACHE_FORMAT, identity=cache_identity), args.cache)
+            body = dict(per=trajs) if multi else dict(trajs[args.steps])
+            atomic_torch_save(dict(body, format=CACHE_FORMAT, identity=cache_identity), args.cache)
     t_traj = time.perf_counter() - t0
-    n_train = args.num_trajectories
-    held = {k: (v[n_train:] if torch.is_tensor(v) else v) for k, v in traj.items()}
+    helds = {r: {k: (v[n_trains[r]:] if torch.is_tensor(v) else v) for k, v in trajs[r].items()} for r in respacings}
 
     # ---------------------------------------------------------------- drafter + resume
     drafter = FeatureDrafter.for_target(target, depth=args.depth, init="identity")
-    opt = torch.optim.AdamW(drafter.parameters(), lr=args.lr, weight_decay=0.0)
+    if args.init is not None:
+        try:
+            start = FeatureDrafter.load(args.init, target=target, map_location=device)
+        except (ValueError, TypeError, FileProblem, FileNotFoundError) as e:
+            raise TrainError(f"--init: {e}") from None
+        if start.depth != args.depth or start.mlp_ratio != drafter.mlp_ratio:
+            raise TrainError(f"--init {args.init!r} has depth {start.depth}, mlp ratio {start.mlp_ratio}: "
+                             f"pass --depth {start.depth}")
+        drafter.load_state_dict(start.state_dict())
+    # the stride conditioning is trained only on a mix of respacings; a one-respacing drafter keeps it at zero
+    # (it would only see one stride) and its optimizer state is the one of runs made before it existed
+    drafter.stride_proj.requires_grad_(multi)
+    opt = torch.optim.AdamW([p for p in drafter.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     step, history, t_train = 0, [], 0.0
     settings = {k: getattr(args, k) for k in FREE_KEYS}
     settings_history = [dict(step=0, **settings)]
     gen = torch.Generator().manual_seed(args.seed + 17)
     if st is not None:
         try:
-            drafter.load_state_dict(st["drafter"])
+            sd = dict(st["drafter"])
+            if not multi and "stride_proj.weight" not in sd:  # a checkpoint from before the stride conditioning
+                sd["stride_proj.weight"] = torch.zeros_like(drafter.stride_proj.weight)
+            drafter.load_state_dict(sd)
             opt.load_state_dict(st["opt"])
             gen.set_state(st["gen"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
@@ -503,20 +606,22 @@ def run(argv=None) -> dict:
 
         bar = tqdm(total=args.train_steps, initial=step, desc=f"train drafter ({args.loss}, unroll {args.unroll})",
                    unit="step")
-    kmax = N - 1 - args.unroll  # last window start so that index 0 is never drafted
     while step < args.train_steps:
         t1 = time.perf_counter()
-        b = torch.randint(0, n_train, (args.batch_size,), generator=gen)
+        # one respacing per batch (drawn only with --respacings: a one-respacing run keeps its random stream)
+        r = respacings[int(torch.randint(0, len(respacings), (1,), generator=gen))] if multi else args.steps
+        kmax = Ns[r] - 1 - args.unroll  # last window start so that index 0 is never drafted
+        b = torch.randint(0, n_trains[r], (args.batch_size,), generator=gen)
         k0 = int(torch.randint(1, kmax + 1, (1,), generator=gen))
         lr = args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.train_steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        terms = draft_window(drafter, target, diffusion, traj, b, k0, args.unroll, cfg_scale=args.cfg_scale,
+        terms = draft_window(drafter, target, diffusions[r], trajs[r], b, k0, args.unroll, cfg_scale=args.cfg_scale,
                              guidance_channels=args.guidance_channels, device=device)
         loss = combine_loss(args.loss, terms, args.feature_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in drafter.parameters() if p.requires_grad], 1.0)
         opt.step()
         step += 1
         t_train += time.perf_counter() - t1
@@ -533,21 +638,39 @@ def run(argv=None) -> dict:
 
     # ---------------------------------------------------------------- report
     drafter.eval()
-    kl_learned, d2_learned = evaluate_acceptance(drafter, target, diffusion, held, cfg_scale=args.cfg_scale,
-                                                 guidance_channels=args.guidance_channels, device=device)
     frozen = FrozenFeatureDrafter(target)
-    kl_frozen, d2_frozen = evaluate_acceptance(frozen, target, diffusion, held, cfg_scale=args.cfg_scale,
-                                               guidance_channels=args.guidance_channels, device=device)
     mcfg = dict(n=args.eval_samples, draft_length=args.draft_length, cfg_scale=args.cfg_scale,
                 guidance_channels=args.guidance_channels, seed=args.seed + 1000, device=device)
-    st_l = measure_free(target, drafter, diffusion, **mcfg)
-    st_f = measure_free(target, frozen, diffusion, **mcfg)
+    per, profile = {}, {}
+    for r in respacings:
+        ekw = dict(cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels, device=device)
+        kl_l, d2_l = evaluate_acceptance(drafter, target, diffusions[r], helds[r], **ekw)
+        kl_f, d2_f = evaluate_acceptance(frozen, target, diffusions[r], helds[r], **ekw)
+        st_l = measure_free(target, drafter, diffusions[r], **mcfg)
+        st_f = measure_free(target, frozen, diffusions[r], **mcfg)
+        n_r = Ns[r]
+        per[r] = dict(num_steps=n_r, heldout_mean_kl=float(kl_l[1:n_r - 1].mean()),
+                      heldout_mean_kl_frozen=float(kl_f[1:n_r - 1].mean()),
+                      heldout_mean_d2=float(d2_l[1:n_r - 1].mean()), heldout_mean_d2_frozen=float(d2_f[1:n_r - 1].mean()),
+                      steps_per_target_call=st_l.steps_per_target_call, acceptance=st_l.acceptance_rate,
+                      steps_per_target_call_frozen=st_f.steps_per_target_call, acceptance_frozen=st_f.acceptance_rate,
+                      acceptance_early_middle_late=st_l.as_dict()["acceptance_early_middle_late"])
+        profile[str(n_r)] = _filled(st_l.acceptance_by_index)
+        if r == args.steps:
+            kl_learned, kl_frozen, d2_learned, d2_frozen, main_l, main_f = kl_l, kl_f, d2_l, d2_f, st_l, st_f
+        if multi:
+            print(f"{r} steps: steps per target call {st_l.steps_per_target_call:.2f} (frozen drafter "
+                  f"{st_f.steps_per_target_call:.2f}), acceptance early/middle/late "
+                  f"{' / '.join(f'{a:.3f}' for a in per[r]['acceptance_early_middle_late'] if a is not None)}")
+    st_l, st_f = main_l, main_f
     report = dict(
         target=args.target, target_sha256=target_id["sha256"], steps=args.steps, num_steps=N,
+        respacings=args.respacings,
         variance=args.variance, cfg_scale=args.cfg_scale,
         guidance_channels=args.guidance_channels, depth=args.depth, loss=args.loss,
         feature_weight=args.feature_weight, unroll=args.unroll, train_steps=step, batch_size=args.batch_size,
-        lr=args.lr, num_trajectories=n_train, eval_trajectories=args.eval_trajectories, seed=args.seed,
+        init=args.init, init_sha256=args.init_sha256,
+        lr=args.lr, num_trajectories=args.num_trajectories, eval_trajectories=args.eval_trajectories, seed=args.seed,
         trajectory_time_s=round(t_traj, 1), train_time_s=round(t_train, 1), device=str(device),
         settings_history=settings_history,
         heldout_mean_kl=float(kl_learned[1:N - 1].mean()), heldout_mean_kl_frozen=float(kl_frozen[1:N - 1].mean()),
@@ -557,7 +680,10 @@ def run(argv=None) -> dict:
         steps_per_target_call_frozen=st_f.steps_per_target_call, acceptance_frozen=st_f.acceptance_rate,
         acceptance_early_middle_late=st_l.as_dict()["acceptance_early_middle_late"],
         loss_curve=[round(float(np.mean([h[0] for h in history[i:i + 100]])), 5) for i in range(0, len(history), 100)],
+        acceptance_profile=profile,
     )
+    if multi:
+        report["per_respacing"] = per
     drafter.save(os.path.join(args.out, "drafter"), extra=report)
     atomic_write_json(os.path.join(args.out, "report.json"), report)
     print(f"drafter written to {os.path.join(args.out, 'drafter.safetensors')}")

@@ -80,3 +80,45 @@ def test_losses_are_zero_at_equality_and_positive_otherwise():
     kl3, d23 = train.transition_losses(mp + 0.1, lvp, mp, lvp)
     assert torch.allclose(kl3, 0.5 * d23, rtol=1e-5)
     assert abs(train.expected_steps(0.0, 6) - 1.0) < 1e-9 and abs(train.expected_steps(1.0, 6) - 7.0) < 1e-9
+
+
+def test_train_on_a_mix_of_respacings(tmp_path):
+    """--respacings: one stride-conditioned drafter, a report per respacing, the respacings in the run identity."""
+    target = str(tmp_path / "dit")
+    _tiny_target(target)
+    cache = str(tmp_path / "traj.pt")
+    args = _args(tmp_path, target, ["--train-steps", "6", "--save-every", "3", "--respacings", "12,20", "--cache", cache])
+    rep = train.run(args)
+    assert rep["respacings"] == ["12", "20"] and rep["steps"] == "12"  # --steps 12 heads the report
+    assert set(rep["per_respacing"]) == {"12", "20"}
+    for r, n in (("12", 12), ("20", 20)):
+        per = rep["per_respacing"][r]
+        assert per["num_steps"] == n and per["steps_per_target_call"] >= 1
+        assert len(rep["acceptance_profile"][str(n)]) == n
+        assert all(0 <= a <= 1 for a in rep["acceptance_profile"][str(n)])
+    st = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    assert st["identity"]["respacings"] == ["12", "20"]
+    d = FeatureDrafter.load(str(tmp_path / "run" / "drafter"))
+    assert d.stride_proj.weight.abs().sum() > 0  # the stride conditioning was trained
+    assert d.extra["per_respacing"]["20"]["num_steps"] == 20
+    # the cache holds both respacings and is reused; the respacings are part of the run identity
+    rep2 = train.run(args)
+    assert rep2["train_steps"] == 6
+    with pytest.raises(SystemExit, match="other settings"):
+        train.run(_args(tmp_path, target, ["--train-steps", "6", "--respacings", "12,16", "--cache", cache]))
+    with pytest.raises(SystemExit, match="must be one of"):
+        train.run(_args(tmp_path, target, ["--respacings", "16,20"]))
+
+
+def test_one_respacing_run_keeps_the_stride_conditioning_at_zero_and_init_from_a_drafter(tmp_path):
+    target = str(tmp_path / "dit")
+    _tiny_target(target)
+    train.run(_args(tmp_path, target, ["--train-steps", "3"]))
+    first = FeatureDrafter.load(str(tmp_path / "run" / "drafter"))
+    assert first.stride_proj.weight.abs().sum() == 0 and "per_respacing" not in first.extra
+    # --init: start a mixed run from that drafter (its hash joins the identity)
+    args = _args(tmp_path, target, ["--train-steps", "2", "--respacings", "12,20",
+                                    "--init", str(tmp_path / "run" / "drafter.safetensors")])
+    args[args.index("--out") + 1] = str(tmp_path / "run2")
+    rep = train.run(args)
+    assert rep["init_sha256"] and rep["train_steps"] == 2
