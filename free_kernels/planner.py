@@ -393,13 +393,15 @@ def measure_rounds(sampler, B: int, G: int, dev: torch.device, Lmax: int, reps: 
     run.insert(list(range(B)), torch.randn(B, C, S, S, generator=g).to(dev),
                torch.zeros(B, dtype=torch.int64, device=dev), torch.arange(B, dtype=torch.int64, device=dev) + 1)
     run.timed = False
+    x0 = run.x.clone()
     N = int(sampler.diffusion.num_timesteps)
     start = np.full(B, N - 1)
     out = []
     for L in range(Lmax + 1):
         ts = []
         for r in range(reps + 1):  # the first is a warm-up
-            run.idx.fill_(N - 1)
+            run.idx.fill_(N - 1)  # every timed round starts from x_T (repeated rounds must not drift)
+            run.x.copy_(x0)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             t0 = time.perf_counter()

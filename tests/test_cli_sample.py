@@ -94,7 +94,9 @@ def test_baseline_free_relax_png_and_json(tmp_path, tiny):
         assert m["steps_per_target_call"] >= 1.0
         assert 1 <= m["target_calls"] <= base["target_calls"]
         assert m["wall_s"] > 0 and m["speedup"] > 0
-        assert 0.0 <= m["acceptance"] <= 1.0 and len(m["acceptance_early_middle_late"]) == 3
+        drafted = sum(m["stats"]["rounds_by_draft_length"][1:]) > 0  # auto may find drafting never pays here
+        assert (0.0 <= m["acceptance"] <= 1.0) if drafted else m["acceptance"] is None
+        assert len(m["acceptance_early_middle_late"]) == 3
         assert sum(m["stats"]["steps_per_sample"]) == 3 * 10
     assert free["exact"] and "approximate" not in free["label"] and free["stats"]["mode"] == "exact"
     assert not relax["exact"] and "approximate" in relax["label"] and relax["stats"]["mode"] == "relax"
