@@ -264,18 +264,23 @@ def check_output_path(opt: str, path: str, *, suffixes=(), protected=()) -> str:
         raise FileProblem(f"{opt} {path!r}: directory {probe!r} is not writable")
     # a real write in the nearest existing directory (catches read-only mounts, and a full device
     # for these 4 KiB; permission bits alone say nothing for root)
-    tmp = os.path.join(probe, f".{os.path.basename(ap)}.{os.getpid()}.probe{TMP_SUFFIX}")
+    try:
+        _write_probe(os.path.join(probe, f".{os.path.basename(ap)}.{os.getpid()}.probe{TMP_SUFFIX}"))
+    except OSError as e:
+        raise FileProblem(f"{opt} {path!r}: cannot write in {probe!r} ({e.strerror or e})") from None
+    return ap
+
+
+def _write_probe(tmp: str) -> None:
+    """Write, fsync and delete 4 KiB at ``tmp`` (raises OSError where the directory takes no writes)."""
     try:
         with open(tmp, "wb") as f:
             f.write(b"\0" * 4096)
             f.flush()
             os.fsync(f.fileno())
-    except OSError as e:
-        raise FileProblem(f"{opt} {path!r}: cannot write in {probe!r} ({e.strerror or e})") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return ap
 
 
 def check_writable_dir(opt: str, directory: str) -> None:
@@ -284,14 +289,6 @@ def check_writable_dir(opt: str, directory: str) -> None:
         raise FileProblem(f"{opt} {directory!r} exists and is not a directory")
     try:
         os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, f".write-probe.{os.getpid()}{TMP_SUFFIX}")
-        try:
-            with open(probe, "wb") as f:
-                f.write(b"\0" * 4096)
-                f.flush()
-                os.fsync(f.fileno())
-        finally:
-            if os.path.exists(probe):
-                os.remove(probe)
+        _write_probe(os.path.join(directory, f".write-probe.{os.getpid()}{TMP_SUFFIX}"))
     except OSError as e:
         raise FileProblem(f"{opt} {directory!r}: cannot write there ({e.strerror or e})") from None

@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,3 +84,14 @@ def tmp_files(root: str) -> list:
     for d, _, files in os.walk(root):
         out += [os.path.join(d, f) for f in files if f.endswith(".tmp")]
     return out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: intra-op threads only wait on each other (and on other work) on a 2-core machine.
+
+    Autouse in every test module that imports it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
