@@ -688,20 +688,21 @@ class _Run:
         act = None if act_np.size == self.B else torch.as_tensor(act_np, device=self.dev)
         self._round_body(act, None if full else torch.as_tensor(vrows, device=self.dev), Lr,
                          None if full else torch.as_tensor(valid, device=self.dev),
-                         None if act is None else act_np.tolist())
+                         None if act is None else act_np.tolist(), nd)
         self.has_host[act_np] = True
-        self._count(act_np.size, Lr, int(vrows.size))
+        self._count(act_np.size, Lr, int(vrows.size), drafter_rows=int(np.minimum(nd, Lr).sum()))
 
-    def _count(self, rows_d: int, Lr: int, rows_v: int) -> None:
+    def _count(self, rows_d: int, Lr: int, rows_v: int, drafter_rows: Optional[int] = None) -> None:
         self.n_rounds += 1
         self.rounds_by_L[Lr] += 1
         self.target_rows += rows_v
         if Lr > 0:
             self.drafter_calls += Lr
-            self.drafter_rows += rows_d * Lr
+            self.drafter_rows += rows_d * Lr if drafter_rows is None else drafter_rows
 
     def _round_body(self, act: Optional[torch.Tensor], vrows: Optional[torch.Tensor], Lr: int,
-                    valid: Optional[torch.Tensor], act_host: Optional[List[int]] = None) -> None:
+                    valid: Optional[torch.Tensor], act_host: Optional[List[int]] = None,
+                    nd_host: Optional[np.ndarray] = None) -> None:
         """One round on the slots ``act`` (None: all B), drafting ``Lr`` positions.
 
         ``vrows``: flat (slot, position) rows of the (Ba, Lr + 1) layout that the
@@ -723,32 +724,51 @@ class _Run:
         noise_q, bonus, resid_z, uni, resid_u = self._draw(act, act_host, Lr)
         self.draws[act if act is not None else slice(None)] += active.to(torch.int64)
         bufs = self._buf(("round", Ba, Lr), lambda: dict(
-            P=torch.empty(Ba, Lr + 1, C, S, S, device=dev), MQ=torch.empty(Ba, Lr, D, device=dev),
-            LVQ=torch.empty(Ba, Lr, D, device=dev), MP=torch.zeros(Ba, Lr + 1, D, device=dev),
+            # zeros: positions a round does not draft keep finite values (the CPU accept checks every input)
+            P=torch.zeros(Ba, Lr + 1, C, S, S, device=dev), MQ=torch.zeros(Ba, Lr, D, device=dev),
+            LVQ=torch.zeros(Ba, Lr, D, device=dev), MP=torch.zeros(Ba, Lr + 1, D, device=dev),
             LVP=torch.zeros(Ba, Lr + 1, D, device=dev), out=torch.empty(Ba, D, device=dev),
             n_acc=torch.empty(Ba, dtype=torch.int32, device=dev),
             log_ratio=torch.empty(Ba, Lr, dtype=torch.float32, device=dev),
             rc=torch.empty(Ba, dtype=torch.int32, device=dev), fb=torch.empty(Ba, dtype=torch.bool, device=dev)))
         P, MQ, LVQ, MP, LVP = bufs["P"], bufs["MQ"], bufs["LVQ"], bufs["MP"], bufs["LVP"]
-        yG = torch.cat([y, torch.full_like(y, self.null)]) if self.cfg else y
         P[:, 0] = x
 
         # ------------------------------------------------ draft
         nvtx_phase("draft")
         if Lr > 0:
             hp = self.hp if act is None else self.hp[:, act]
-            h = hp.reshape(G * Ba, *hp.shape[2:])
+            h = hp                                          # (G, rows drafting, Ntok, H)
+            rows, rows_np = None, np.arange(Ba)             # rows None: every row of the round drafts
             for j in range(Lr):
-                xj = P[:, j]
+                if nd_host is not None:                     # compact: only rows with more than j drafts
+                    keep = np.nonzero(nd_host > j)[0]       # a subset of rows_np (nd > j implies nd > j - 1)
+                    if keep.size < rows_np.size:
+                        h = h[:, torch.as_tensor(np.searchsorted(rows_np, keep), device=dev)]
+                        rows_np, rows = keep, torch.as_tensor(keep, device=dev)
+                R = Ba if rows is None else rows.numel()
+                pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+                xj, Tj, Tn, Ij, yj = pick(P[:, j]), pick(T[:, j]), pick(T[:, j + 1]), pick(I[:, j]), pick(y)
+                yG = torch.cat([yj, torch.full_like(yj, self.null)]) if self.cfg else yj
                 x_in = xj.repeat(G, 1, 1, 1) if G > 1 else xj
-                t_in = T[:, j].repeat(G) if G > 1 else T[:, j]
-                t_nx = T[:, j + 1].repeat(G) if G > 1 else T[:, j + 1]   # the step being drafted
+                t_in = Tj.repeat(G) if G > 1 else Tj
+                t_nx = Tn.repeat(G) if G > 1 else Tn                      # the step being drafted
                 c = target.embed_condition(t_in, yG)                      # once: drafter and head share it
-                h = ops.drafter_forward(drafter, h, x_in.to(self.mdt), t_in, yG, t_next=t_nx, c=c)
-                ops.draft_transition(target, diffusion, h, c, xj, I[:, j], noise_q[:, j].reshape(Ba, C, S, S),
-                                     cfg_scale=self.cfg_scale, guidance_channels=self.gc,
-                                     clip_denoised=s.clip_denoised,
-                                     out=(P[:, j + 1], MQ[:, j].view(Ba, C, S, S), LVQ[:, j].view(Ba, C, S, S)))
+                h = ops.drafter_forward(drafter, h.reshape(G * R, *h.shape[2:]), x_in.to(self.mdt), t_in, yG,
+                                        t_next=t_nx, c=c).view(G, R, *h.shape[2:])
+                zj = pick(noise_q[:, j]).reshape(R, C, S, S)
+                if rows is None:
+                    ops.draft_transition(target, diffusion, h.reshape(G * R, *h.shape[2:]), c, xj, Ij, zj,
+                                         cfg_scale=self.cfg_scale, guidance_channels=self.gc,
+                                         clip_denoised=s.clip_denoised,
+                                         out=(P[:, j + 1], MQ[:, j].view(Ba, C, S, S), LVQ[:, j].view(Ba, C, S, S)))
+                else:
+                    xn, mq, lvq = ops.draft_transition(target, diffusion, h.reshape(G * R, *h.shape[2:]), c, xj, Ij,
+                                                       zj, cfg_scale=self.cfg_scale, guidance_channels=self.gc,
+                                                       clip_denoised=s.clip_denoised)
+                    P[:, j + 1].index_copy_(0, rows, xn)
+                    MQ[:, j].index_copy_(0, rows, mq.reshape(R, D))
+                    LVQ[:, j].index_copy_(0, rows, lvq.reshape(R, D))
         t1 = self._tick(timed)
 
         # ------------------------------------------------ verify (one batched target call)
