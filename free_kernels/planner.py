@@ -65,7 +65,13 @@ class AcceptanceProfile:
             p = np.full(self.N, DEFAULT_PRIOR)
             self.source = f"flat prior {DEFAULT_PRIOR}"
         else:
-            p = resample_profile(np.asarray(prior, dtype=np.float64), self.N)
+            raw = np.array([np.nan if v is None else float(v) for v in prior], dtype=np.float64)
+            known = np.isfinite(raw)
+            if known.any():  # indices never judged when the profile was measured: the nearest measured ones
+                raw = np.interp(np.arange(len(raw)), np.nonzero(known)[0], raw[known])
+            else:
+                raw = np.full(len(raw), DEFAULT_PRIOR)
+            p = resample_profile(raw, self.N)
             self.source = "drafter's stored profile"
         self.prior = np.clip(p, 0.0, 1.0)
         self.weight = float(weight)

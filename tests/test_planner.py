@@ -119,3 +119,11 @@ def test_auto_matches_baseline_in_distribution(targets, kind, tmp_path):
     used = [L for L, n in enumerate(st.rounds_by_draft_length) if n]
     assert len(used) >= (4 if kind == "erratic" else 2)  # the plan did vary
     assert same_distribution(out, base_samples(targets, True, 4.0))
+
+
+def test_stored_profile_with_gaps_and_other_schedule_length():
+    """A drafter's stored profile ({steps: [per index]}, None where nothing was judged) seeds the prior."""
+    p = AcceptanceProfile(10, prior=[None, 0.5, None, 0.9, None])
+    assert p.source == "drafter's stored profile"
+    assert np.all(np.isfinite(p.prior)) and p.prior[0] == pytest.approx(0.5) and p.prior[-1] == pytest.approx(0.9)
+    assert np.all(np.diff(p.prior) >= 0)
