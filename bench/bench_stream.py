@@ -1,6 +1,6 @@
 """Continuous vs fixed batching: samples per second for N demo samples at batch B (one run, one device).
 
-    python bench/bench_stream.py                          # 256 samples, batch 16, 250 steps, CFG 2, L = 6
+    python bench/bench_stream.py --steps 50                # 256 samples, batch 16, 50 steps, CFG 2, L = 6
     python bench/bench_stream.py --samples 64 --steps 50 --device cuda --json runs/stream.json
 
 Fixed batching: ``FreeSampler.sample`` on consecutive batches of B requests
@@ -32,8 +32,12 @@ def main(argv=None):
     ap.add_argument("--draft-length", type=int, default=6)
     ap.add_argument("--cfg-scale", type=float, default=2.0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: the demo's matrices are too small for more to pay)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     target = load_target(device=dev)
     drafter = FeatureDrafter.load(DRAFTER_FILE, target=target).to(dev)
@@ -53,7 +57,7 @@ def main(argv=None):
     # fixed batching: consecutive batches, each sample's x_T from its seed as in the stream
     sync()
     t0 = time.perf_counter()
-    calls = rounds = sample_rounds = 0
+    calls = rounds = sample_rounds = rows = drows = 0
     for k in range(0, len(reqs), args.batch):
         part = reqs[k:k + args.batch]
         noise = torch.stack([torch.randn((C, S, S), generator=torch.Generator().manual_seed(sd))
@@ -62,12 +66,14 @@ def main(argv=None):
         _, st = s.sample(noise, y, cfg_scale=args.cfg_scale,
                          generator=torch.Generator(device=dev).manual_seed(k))
         calls += st.target_calls
+        rows += st.target_rows
+        drows += st.drafter_rows
         rounds += st.rounds
         sample_rounds += sum(st.sample_rounds)
     sync()
     fixed_s = time.perf_counter() - t0
-    fixed = dict(seconds=fixed_s, samples_per_s=len(reqs) / fixed_s, target_calls=calls,
-                 occupancy=sample_rounds / (args.batch * rounds))
+    fixed = dict(seconds=fixed_s, samples_per_s=len(reqs) / fixed_s, target_calls=calls, target_rows=rows,
+                 drafter_rows=drows, occupancy=sample_rounds / (args.batch * rounds))
 
     sync()
     t0 = time.perf_counter()
@@ -76,12 +82,13 @@ def main(argv=None):
     stream_s = time.perf_counter() - t0
     st = s.last_stats
     stream = dict(seconds=stream_s, samples_per_s=n / stream_s, target_calls=st.target_calls,
+                  target_rows=st.target_rows, drafter_rows=st.drafter_rows,
                   occupancy=sum(st.sample_rounds) / (args.batch * st.rounds))
-    print("| batching | seconds | samples/s | target calls | slot occupancy |")
-    print("|---|---|---|---|---|")
+    print("| batching | seconds | samples/s | target calls | target rows | drafter rows | slot occupancy |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in (("fixed", fixed), ("continuous", stream)):
-        print(f"| {name} | {r['seconds']:.1f} | {r['samples_per_s']:.2f} | {r['target_calls']} | "
-              f"{100 * r['occupancy']:.0f}% |")
+        print(f"| {name} | {r['seconds']:.1f} | {r['samples_per_s']:.2f} | {r['target_calls']} | {r['target_rows']} | "
+              f"{r['drafter_rows']} | {100 * r['occupancy']:.0f}% |")
     print(f"continuous / fixed: {stream['samples_per_s'] / fixed['samples_per_s']:.2f}x samples per second")
     if args.json:
         with open(args.json, "w") as f:
