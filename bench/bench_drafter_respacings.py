@@ -133,6 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", choices=("table", "cost"), default=None)
     p.add_argument("--drafter", default=DRAFTER_FILE, help="the multi-respacing drafter (default: the shipped one)")
     p.add_argument("--old-rev", default=OLD_REV)
+    p.add_argument("--rows", default="new,old,frozen", help="drafters in the table: new, old, frozen")
     p.add_argument("--steps", default="50,100,250,1000")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--samples-1000", type=int, default=8)
@@ -149,8 +150,14 @@ def main(argv=None) -> int:
     out = dict(command=" ".join(sys.argv), torch=torch.__version__, device="cpu", cpus=os.cpu_count())
     if a.only in (None, "table"):
         torch.set_num_threads(a.threads)
-        drafters = {"multi-respacing (shipped)": new, "250-step only (previous)": old_drafter(a.old_rev, target),
-                    "frozen": fk.FrozenFeatureDrafter(target)}
+        rows = a.rows.split(",")
+        drafters = {}
+        if "new" in rows:
+            drafters["multi-respacing (shipped)"] = new
+        if "old" in rows:
+            drafters["250-step only (previous)"] = old_drafter(a.old_rev, target)
+        if "frozen" in rows:
+            drafters["frozen"] = fk.FrozenFeatureDrafter(target)
         print(f"exact FREE, L = {a.draft_length}, CFG {a.cfg_scale}, {a.threads} thread(s)")
         print("| steps | drafter | samples | steps / target call | acceptance | early / middle / late |")
         print("|---|---|---|---|---|---|")
