@@ -130,10 +130,7 @@ def cuda_call(ext, stream: int, mean_p, logvar_p, mean_q, logvar_q, noise_q, num
     rn, ru = _f32(residual_noise), _f32(residual_uniforms)
     uf, tf, bf = _f32(uniforms), _f32(tau), _f32(bonus_noise)
     ws = torch.empty(ext.speculative_accept_workspace_bytes(B, L, D), dtype=torch.uint8, device=dev)
-    strides = [*mean_p.stride()]
-    for t in big:
-        strides += [*t.stride()]
-    strides += [*out.stride()]
+    strides = _abi.strides(mean_p, *big, out)
     ext.speculative_accept(
         mean_p.data_ptr(), big[0].data_ptr(), big[1].data_ptr(), big[2].data_ptr(), big[3].data_ptr(), strides,
         nd.data_ptr(), det.data_ptr(), _ptr(uf), _ptr(tf), _ptr(bf), _ptr(rn), _ptr(ru),
