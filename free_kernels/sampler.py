@@ -45,7 +45,7 @@ import torch
 from . import ops
 from ._checks import check_finite, check_tensor
 from .diffusion.gaussian_diffusion import GaussianDiffusion, ModelMeanType, ModelVarType
-from .models.dit import guide_output
+from .diffusion.guidance import guide_output
 from .models.drafter import FeatureDrafter
 from .nvtx import nvtx_phase
 from .ops.drafter_forward import schedule_tables_on

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from .. import ops
+from ..diffusion.guidance import guide_output  # noqa: F401  (also public as free_kernels.models.dit.guide_output)
 from .._checks import check_finite
 
 __all__ = [
@@ -350,25 +351,6 @@ def _cfg_double(x):
         raise ValueError(f"forward_with_cfg expects a doubled batch (even size), got batch {x.shape[0]}")
     half = x[: x.shape[0] // 2]
     return (torch.cat([half, half], dim=0),)
-
-
-def guide_output(out: torch.Tensor, cfg_scale: float, guidance_channels: int, in_channels: int) -> torch.Tensor:
-    """Apply classifier-free guidance to a doubled-batch model output.
-
-    ``out`` is (2B, C_out, S, S): rows [cond; uncond].  Returns the same shape
-    with channels ``[:guidance_channels]`` replaced by uncond + s * (cond - uncond)
-    in both halves (the official layout).  For models with fewer than
-    ``guidance_channels`` noise channels (e.g. single-channel pixel models)
-    both rules guide every noise channel and never the variance channels.
-    """
-    if guidance_channels not in (3, 4) and not (1 <= guidance_channels <= in_channels):
-        raise ValueError(f"guidance_channels must be 3 (official) or 4 (diffusers), got {guidance_channels}")
-    guidance_channels = min(guidance_channels, in_channels)
-    eps, rest = out[:, :guidance_channels], out[:, guidance_channels:]
-    cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
-    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-    eps = torch.cat([half_eps, half_eps], dim=0)
-    return torch.cat([eps, rest], dim=1)
 
 
 # ----------------------------------------------------------- position embedding

@@ -30,6 +30,7 @@ import torch
 
 from .._checks import check_finite, check_tensor
 from ..reference.speculative_accept import AcceptResult
+from ..reference.philox import make_rng_state  # noqa: F401  (public here too)
 from . import _abi, _library
 from ._dispatch import Backend, dtype_reason, extension_reason, first_reason, get_op, size_class, triton_reason
 
@@ -57,19 +58,6 @@ def _kernel_reason(ctx: dict) -> Optional[str]:
     if B is not None and B > MAX_SAMPLES:
         return f"batch {B} > {MAX_SAMPLES} samples per call"
     return None
-
-
-def make_rng_state(device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """A fresh ``[seed, 0]`` int64 tensor on ``device``, the seed drawn from ``generator``.
-
-    The draw stays on the device when the generator lives there (no host sync).
-    """
-    device = torch.device(device)
-    gdev = generator.device if generator is not None else device
-    seed = torch.randint(0, 2 ** 62, (1,), generator=generator, device=gdev, dtype=torch.int64)
-    if seed.device != device:
-        seed = seed.to(device)
-    return torch.cat([seed, torch.zeros(1, dtype=torch.int64, device=device)])
 
 
 # ---------------------------------------------------------------- triton

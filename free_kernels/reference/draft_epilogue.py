@@ -135,7 +135,7 @@ def draft_epilogue(h, shift, scale, weight, bias, x, tables, index, noise=None, 
     ``out``: optional (x_next, mean, logvar) buffers; ``noise_out`` receives the
     noise that was used.
     """
-    from ..models.dit import guide_output
+    from ..diffusion.guidance import guide_output
 
     R, C = x.shape[:2]
     y = modulated_layernorm(h, shift, scale, eps=eps)

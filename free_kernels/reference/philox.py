@@ -19,10 +19,14 @@ uniforms (|z| is bounded only by ~8.6, a tail mass below 1e-17).
 
 All ops are elementwise on device tensors: no host synchronisation, safe in
 CUDA-graph capture and traceable by ``torch.compile``.
+
+``make_rng_state`` makes the kernels' own counter-based state, an int64
+``[seed, offset]`` tensor (``ops.speculative_accept``, ``ops.draft_epilogue``).
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -134,3 +138,16 @@ def keyed_parts(keys: torch.Tensor, streams: torch.Tensor, parts, normal: bool,
         out.append(seg[:, :n].to(dtype))
         start += nb
     return out
+
+
+def make_rng_state(device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """A fresh ``[seed, 0]`` int64 tensor on ``device``, the seed drawn from ``generator``.
+
+    The draw stays on the device when the generator lives there (no host sync).
+    """
+    device = torch.device(device)
+    gdev = generator.device if generator is not None else device
+    seed = torch.randint(0, 2 ** 62, (1,), generator=generator, device=gdev, dtype=torch.int64)
+    if seed.device != device:
+        seed = seed.to(device)
+    return torch.cat([seed, torch.zeros(1, dtype=torch.int64, device=device)])

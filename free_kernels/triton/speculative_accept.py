@@ -470,7 +470,7 @@ def speculative_accept(
     if B >= 2 ** 30:
         raise ValueError("at most 2**30 samples per call (random stream layout)")
     if rng_state is None:
-        from ..ops.speculative_accept import make_rng_state
+        from ..reference.philox import make_rng_state
 
         rng_state = make_rng_state(dev, generator)
     if out is None:
