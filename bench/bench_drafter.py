@@ -46,7 +46,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ROOT, environment, event_ms, graphed, needs_cuda, print_header, write_json  # noqa: E402,F401
+from _common import event_ms, graphed, needs_cuda, print_header, write_json  # noqa: E402
 
 from free_kernels import ops  # noqa: E402
 from free_kernels.diffusion import create_diffusion  # noqa: E402

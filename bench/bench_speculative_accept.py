@@ -40,7 +40,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ROOT, do_bench_ms, environment, fmt, needs_cuda, print_header, write_json  # noqa: E402,F401
+from _common import do_bench_ms, fmt, needs_cuda, print_header, write_json  # noqa: E402
 from _common import graph_us as _graph_us  # noqa: E402
 
 from free_kernels.ops.speculative_accept import OP, bytes_moved, speculative_accept  # noqa: E402

@@ -34,7 +34,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ROOT, do_bench_ms, environment, needs_cuda, print_header, write_json  # noqa: E402,F401
+from _common import do_bench_ms, needs_cuda, print_header, write_json  # noqa: E402
 
 from free_kernels.ops.verify_attention import OP, flops, verify_attention  # noqa: E402
 from free_kernels.reference.verify_attention import verify_attention as reference  # noqa: E402

@@ -85,7 +85,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn as nn

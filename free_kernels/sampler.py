@@ -497,10 +497,9 @@ class _Run:
         self.host_reads = 0
         self.graph_note = "off"
         self.elapsed = 0.0
+        # the accept op's own draws (a residual draw past the per-sample candidates) come from rng_state
+        # (no torch.Generator: the round must compile and capture)
         self.rng_state = torch.tensor([overflow_seed, 0], dtype=torch.int64, device=dev)
-        # the accept op's own draws (a residual draw past the per-sample candidates) come from
-        # rng_state; the static layout passes nothing else, so that it compiles and captures
-        self.overflow_gen = None
         # host mirrors (written by the host only at insertions and checks)
         self.plan = s.planner.start(s, B, self.G, dev) if with_plan and s.planner is not None and B > 0 else None
         self.rounds_by_L = [0] * (self.L + 1)
@@ -532,8 +531,7 @@ class _Run:
     def drive(self, progress: bool, refill):
         """Run rounds until every slot is finished; yield (slot, sample, steps, rounds) as slots finish.
 
-        One host read per check: the (3, B) snapshot [index, rounds, steps] of
-        every slot.  ``refill(free_slots) -> started_slots`` may start new
+        One host read per check (``_snapshot``).  ``refill(free_slots) -> started_slots`` may start new
         samples in finished slots (continuous batching).
         """
         bar = None
@@ -586,11 +584,7 @@ class _Run:
 
     def _choose(self, idx_host: Optional[np.ndarray]) -> int:
         """This round's draft length: fixed L, or the planner's choice for the live slots."""
-        if getattr(self, "_fixed_L", None) is not None:
-            return self._fixed_L
-        if self.plan is None:
-            return self.L
-        if idx_host is None:
+        if self.plan is None or idx_host is None:
             return self.L
         live = np.nonzero(self.live)[0]
         return min(self.plan.choose(np.maximum(idx_host[live], 0)), self.L)
@@ -603,11 +597,7 @@ class _Run:
             self._round_static(L if self.any_features else 0)
             self.any_features = True
         else:
-            self._fixed_L = L
-            try:
-                self._round_compact(idx_host)
-            finally:
-                self._fixed_L = None
+            self._round_compact(idx_host, L)
             self.has_host[:] = True
 
     def _read(self, t: torch.Tensor) -> np.ndarray:
@@ -677,9 +667,9 @@ class _Run:
         g = self.s.graphs
         return self.dev.type == "cuda" and (g is True or g == "auto") and not self.s.profile
 
-    def _round_compact(self, idx_host: np.ndarray) -> None:
+    def _round_compact(self, idx_host: np.ndarray, L: Optional[int] = None) -> None:
         act_np = np.nonzero(self.live)[0]
-        L = self._choose(idx_host)
+        L = self._choose(idx_host) if L is None else L
         nd = np.where(self.has_host[act_np], np.minimum(idx_host[act_np], L), 0)
         Lr = int(nd.max()) if nd.size else 0
         valid = np.arange(Lr + 1)[None, :] <= nd[:, None]          # (Ba, Lr + 1) rows the target verifies
@@ -708,7 +698,7 @@ class _Run:
         ``vrows``: flat (slot, position) rows of the (Ba, Lr + 1) layout that the
         target verifies (None: all).  Writes the slot state in place.
         """
-        s, dev, G, C, S, D, L = self.s, self.dev, self.G, self.C, self.S, self.D, self.L
+        s, dev, G, C, S, D = self.s, self.dev, self.G, self.C, self.S, self.D
         target, drafter, diffusion = s.target, s.drafter, s.diffusion
         timed = self.timed
         t0 = time.perf_counter() if timed else 0.0
@@ -806,7 +796,7 @@ class _Run:
         res = ops.speculative_accept(
             MP, LVP, MQ, LVQ, noise_q, nd, det_last,
             equal_variance=s.equal_variance, uniforms=uni, bonus_noise=bonus, residual_noise=resid_z,
-            residual_uniforms=resid_u, tau=tau, generator=self.overflow_gen, rng_state=self.rng_state,
+            residual_uniforms=resid_u, tau=tau, rng_state=self.rng_state,
             backend=s.accept_backend, candidates_per_iter=s.residual_candidates_per_iter,
             max_candidates=s.residual_max_candidates,
             out=bufs["out"], num_accepted=bufs["n_acc"], log_ratio=bufs["log_ratio"],

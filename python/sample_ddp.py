@@ -301,11 +301,11 @@ def sample_iteration(model, diffusion, vae, args, device, rank_seed: int, it: in
     return images, stats_dict(diffusion, n, seconds)
 
 
-def stream_iterations(model, diffusion, vae, args, device, rank_seed: int, its, n: int):
+def stream_iterations(model, diffusion, vae, args, device, rank_seed: int, its, n: int, run_stats: dict):
     """FREE with continuous batching over the iterations ``its``: yield (it, images, stats) as each completes.
 
     All pending samples of the rank go through one ``sample_stream`` with n
-    slots; ``diffusion.last_run_stats`` holds the run's batch-level statistics
+    slots; ``run_stats`` receives the run's batch-level statistics
     when the generator is exhausted.
     """
     sampler = diffusion.free_sampler(model, device)
@@ -331,7 +331,7 @@ def stream_iterations(model, diffusion, vae, args, device, rank_seed: int, its, 
     for k in ("steps_per_sample", "sample_rounds"):
         run.pop(k, None)
     run["time_total_s"] = time.perf_counter() - t0
-    diffusion.last_run_stats = run
+    run_stats.update(run)
 
 
 def write_iteration(run, sample_folder, it, rank, indices, paths, present, redo, st_path, images, st):
@@ -463,10 +463,11 @@ def _main(args, use_cuda):
         write_iteration(run, sample_folder, it, rank, indices, paths, present, redo, st_path, images, st)
     if pending:
         its = sorted(pending)
-        for it, images, st in stream_iterations(model, diffusion, vae, args, device, seed, its, n):
+        run_stats: dict = {}
+        for it, images, st in stream_iterations(model, diffusion, vae, args, device, seed, its, n, run_stats):
             write_iteration(run, sample_folder, it, rank, *pending[it], images, st)
         try:
-            atomic_json(run_stats_path(stats_dir, rank), dict(diffusion.last_run_stats, rank=rank,
+            atomic_json(run_stats_path(stats_dir, rank), dict(run_stats, rank=rank,
                                                               iterations=its))
         except OSError as e:
             fail(f"cannot write in {stats_dir} ({e.strerror or e}); free space and rerun the same command")

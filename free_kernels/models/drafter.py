@@ -205,8 +205,8 @@ class FeatureDrafter(nn.Module):
             raise ValueError(f"h_prev has shape {tuple(h_prev.shape)}, expected {tuple(e.shape)} for this x")
         if c is None:
             c = target.embed_condition(t, y)
-        if self.fast_inference and not (torch.is_grad_enabled() and any(q.requires_grad for q in self.parameters())) \
-                and not torch.compiler.is_compiling():
+        if self.fast_inference and x.device.type == "cpu" and not torch.compiler.is_compiling() \
+                and not (torch.is_grad_enabled() and any(q.requires_grad for q in self.parameters())):
             plan = self._fast_plan(target, e)
             if plan is not None:
                 return self._fast_forward(plan, h_prev, x, t, t_next, c)
@@ -224,6 +224,9 @@ class FeatureDrafter(nn.Module):
     # [h_prev, raw patches] plus a per-token bias), the stride embedding is a table lookup, the adaLN "1 +
     # scale" is folded into the modulation bias, and the block is written as plain torch calls.  It equals
     # the module path up to float rounding (tests/test_drafter_respacing.py); training uses the module path.
+    # CPU tensors only: there the block ops resolve to their torch references anyway, while on a GPU the
+    # module path is the one that reaches the fused kernels (modulated_layernorm, gated_residual,
+    # bias_gelu, verify_attention).
     fast_inference = True
 
     def _fast_plan(self, target, e):
