@@ -4,15 +4,16 @@ Per round the FREE sampler chooses how many steps to draft, L in 0..Lmax, to
 maximise the expected denoising steps per second of the whole batch:
 
     E_b(L) = 1 + sum_{k=1..min(L, i_b)} prod_{j<k} a(i_b - j)     (steps sample b advances)
-    cost(L) = L * draft(B) + verify(G * B * (L + 1) rows) + accept  (seconds; L = 0: verify(G * B))
+    cost(L) = seconds of one sampler round drafting L (L drafts, a target forward of G*B*(L+1) rows,
+              acceptance, randomness, bookkeeping; L = 0: a forward of G*B rows)
     L* = argmax_L  sum_b E_b(L) / cost(L)
 
 * ``a(i)``, the chance that a draft at respaced index i is accepted, comes from
   an :class:`AcceptanceProfile`: a prior (the profile stored with the drafter
   by ``free-train-drafter``, else a flat 0.75) smoothed with the run's own
-  accept counts as they come in.
-* ``draft``, ``verify`` and ``accept`` come from a :class:`CostModel`: a short
-  timed calibration of this device, target, dtype, batch and guidance, cached
+  accept counts as they come in (pooled over neighbouring indices).
+* ``cost(L)`` comes from a :class:`CostModel`: whole sampler rounds timed for
+  every L on this device, target, dtype, batch and guidance, cached
   on disk (``$FREE_KERNELS_CACHE`` or ``~/.cache/free_kernels``) under a key of
   those (``FREE_KERNELS_RECALIBRATE=1`` measures again, e.g. after a run on a
   busy machine), or a rows-proportional model when calibration is skipped
@@ -133,11 +134,15 @@ class CostModel:
     """Seconds of one round's parts on this device for one batch size and guidance setting."""
 
     key: str
-    verify_s: List[float]            # verify_s[k]: target forward of G*B*(k+1) rows (k = 0..Lmax)
+    verify_s: List[float]            # verify_s[k]: target forward of G*B*(k+1) rows (calibration: k = 0 only)
     draft_s: float                   # one draft step of G*B rows (drafter + head + transition)
     accept_s: float                  # the accept op
     source: str = "calibrated"
     rounds_s: Optional[List[float]] = None  # measured whole rounds of the sampler, L = 0..Lmax (what is used)
+
+    def covers(self, Lmax: int) -> bool:
+        """Does this model price every L in 0..Lmax?"""
+        return len(self.rounds_s if self.rounds_s is not None else self.verify_s) >= Lmax + 1
 
     def round_s(self, L: int) -> float:
         if self.rounds_s is not None and L < len(self.rounds_s):
@@ -212,7 +217,7 @@ class DraftPlanner:
     def _cost_model(self, sampler, B, G, dev, Lmax) -> CostModel:
         key = cost_key(sampler, B, G, dev)
         mem = self._memory.get(key)
-        if mem is not None and len(mem.verify_s) >= Lmax + 1:
+        if mem is not None and mem.covers(Lmax):
             return mem
         cm = self._cost_model_uncached(sampler, B, G, dev, Lmax, key)
         self._memory[key] = cm
@@ -221,8 +226,10 @@ class DraftPlanner:
     def _cost_model_uncached(self, sampler, B, G, dev, Lmax, key) -> CostModel:
         path = os.path.join(self.cache_dir or default_cache_dir(), "cost_models.json")
         cached = None if self.recalibrate else _read_cache(path).get(key)
-        if cached is not None and len(cached.get("verify_s", [])) >= Lmax + 1:
-            return CostModel(**{**cached, "source": f"cached ({path})"})
+        if cached is not None:
+            cm = CostModel(**{**cached, "source": f"cached ({path})"})
+            if cm.covers(Lmax):
+                return cm
         if not self.calibrate:
             return CostModel.proportional(Lmax)
         cm = calibrate(sampler, B, G, dev, Lmax, key, progress=self.progress)
@@ -335,7 +342,7 @@ def _timeit(fn, dev: torch.device, reps: int = 5) -> float:
 
 @torch.no_grad()
 def calibrate(sampler, B: int, G: int, dev: torch.device, Lmax: int, key: str, progress: bool = True) -> CostModel:
-    """Time the round's parts on random inputs: target forwards of G*B*(k+1) rows, a draft step, the accept op."""
+    """Time whole sampler rounds for L = 0..Lmax, and the parts (a target forward, a draft step, the accept op)."""
     from . import ops
 
     t = sampler.target
@@ -352,12 +359,9 @@ def calibrate(sampler, B: int, G: int, dev: torch.device, Lmax: int, key: str, p
         x = torch.randn(n, C, S, S, generator=g).to(dev, mdt)
         return x, torch.full((n,), T, device=dev, dtype=torch.int64), torch.zeros(n, device=dev, dtype=torch.int64)
 
-    verify = []
-    for k in range(Lmax + 1):
-        x, tt, yy = rows(G * B * (k + 1))
-        verify.append(_timeit(lambda: t.forward_head(*t.forward_features(x, tt, yy)), dev))
-    verify = list(np.maximum.accumulate(verify))  # more rows never cost less (timing noise aside)
+    # the parts, for the explanation the planner prints; the plan itself uses the measured rounds below
     x, tt, yy = rows(G * B)
+    verify = [_timeit(lambda: t.forward_head(*t.forward_features(x, tt, yy)), dev)]
     h, _ = t.forward_features(x, tt, yy)
     idx = torch.full((B,), len(sampler._tmap) - 1, device=dev, dtype=torch.int64)
     xs = torch.randn(B, C, S, S, generator=g).to(dev)
