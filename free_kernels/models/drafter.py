@@ -21,14 +21,8 @@ passed only to drafters that declare them (class attributes):
 * ``accepts_condition = True``: ``c`` (B, H) = ``embed_condition(t, y)``, which
   the caller computes once per draft step for the drafter and the head.
 
-Target protocol (what a drafter and the sampler need of the target; our
-:class:`~free_kernels.models.DiT` and the diffusers adapter provide it):
-
-* attributes ``hidden_size``, ``patch_size``, ``in_channels``, ``out_channels``,
-  ``input_size``, ``num_classes``, ``num_heads``, ``learn_sigma``;
-* ``forward_features(x, t, y) -> (h, c)`` and ``forward_head(h, c) -> out``;
-* ``embed_tokens(x) -> (B, N, H)`` (patch + position embedding) and
-  ``embed_condition(t, y) -> (B, H)`` (the adaLN conditioning vector).
+The target protocol (what a drafter and the sampler need of the target) is
+described in :mod:`free_kernels.models.protocol`.
 """
 from __future__ import annotations
 
@@ -40,36 +34,11 @@ import torch
 import torch.nn as nn
 
 from .dit import DiTBlock
+from .protocol import MATCH_KEYS as _MATCH_KEYS
+from .protocol import as_target, target_signature  # noqa: F401  (public here too)
 
 DRAFTER_FORMAT = "free_kernels.FeatureDrafter/1"
 STRIDE_FREQ = 64  # sinusoid size of the stride embedding (see FeatureDrafter.stride_embedding)
-_MATCH_KEYS = ("hidden_size", "patch_size", "in_channels", "input_size", "num_classes")
-
-
-def target_signature(target) -> dict:
-    """The target attributes a drafter must agree with."""
-    missing = [k for k in _MATCH_KEYS + ("num_heads",) if not hasattr(target, k)]
-    if missing:
-        raise TypeError(
-            f"target {type(target).__name__} does not follow the target protocol: missing attributes {missing} "
-            f"(see free_kernels.models.drafter)"
-        )
-    return {k: int(getattr(target, k)) for k in _MATCH_KEYS}
-
-
-def as_target(model):
-    """``model`` if it follows the target protocol, else a module with the official DiT attribute layout
-    (the official repository's own ``DiT``) wrapped as :class:`free_kernels.dit.OfficialDiTTarget`
-    (no copy), as the drop-in does.  Anything else is returned unchanged (and fails the protocol check)."""
-    if all(hasattr(model, k) for k in _MATCH_KEYS + ("num_heads",)) and callable(
-            getattr(model, "forward_features", None)):
-        return model
-    if isinstance(model, nn.Module):
-        from ..dit import OfficialDiTTarget, _official_layout_problems
-
-        if not _official_layout_problems(model):
-            return OfficialDiTTarget(model)
-    return model
 
 
 class FrozenFeatureDrafter(nn.Module):
