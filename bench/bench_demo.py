@@ -13,6 +13,11 @@ Sections (all on the embedded demo DiT and its shipped drafter unless named):
 5. quality (digit classifier): accuracy and Frechet distance for baseline (two independent runs
    give the sampling noise), exact FREE and FREE (relax).
 Prints markdown tables; ``--out`` also stores the raw numbers as JSON.
+
+Models, seeds and the baseline are free-sample's (:mod:`free_kernels.cli.common`): the demo
+target and drafter through the one loader, x_T and the baseline's step noise from one stream
+per sample (a sample does not depend on its batch), and the official sampling call with
+guidance above scale 1.
 """
 from __future__ import annotations
 
@@ -24,16 +29,16 @@ import time
 import torch
 
 import free_kernels as fk
-from free_kernels.demo import DRAFTER_FILE, load_target
-from free_kernels.diffusion import per_sample_generators
+from free_kernels.cli.common import (
+    FREE_STREAM, UsageError, baseline_generators, check_cfg_scale, derive_seed, initial_noise, load_drafter,
+    load_target, sample_baseline,
+)
 from free_kernels.models import FeatureDrafter, FrozenFeatureDrafter
 
 
 def _inputs(n, seed, C, S, num_classes=10):
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(n, C, S, S, generator=g)
-    y = torch.arange(n) % num_classes
-    return noise, y
+    """x_T (free-sample's per-sample streams) and labels 0, 1, ... (mod classes)."""
+    return initial_noise(seed, n, (C, S, S)), torch.arange(n) % num_classes
 
 
 def run_free(target, drafter, steps, L, n, seed, *, learned=True, cfg=1.0, relax=None):
@@ -41,29 +46,18 @@ def run_free(target, drafter, steps, L, n, seed, *, learned=True, cfg=1.0, relax
     s = fk.FreeSampler(target, drafter, d, draft_length=L, relax=relax)
     noise, y = _inputs(n, seed, target.in_channels, target.input_size)
     t0 = time.perf_counter()
-    out, st = s.sample(noise, y, cfg_scale=cfg, generator=torch.Generator().manual_seed(seed + 1))
+    out, st = s.sample(noise, y, cfg_scale=cfg,
+                       generator=torch.Generator().manual_seed(derive_seed(seed, FREE_STREAM, 0)))
     return out, st, time.perf_counter() - t0
 
 
-def baseline_sample(target, diffusion, noise, y, cfg, generators):
-    """The official way: forward_with_cfg on the doubled batch (first half kept), per-sample generators."""
-    with torch.no_grad():
-        if cfg == 1.0:
-            return diffusion.p_sample_loop(target.forward, noise.shape, noise, clip_denoised=False,
-                                           model_kwargs=dict(y=y), generator=generators)
-        z = torch.cat([noise, noise])
-        yy = torch.cat([y, torch.full_like(y, target.num_classes)])
-        return diffusion.p_sample_loop(target.forward_with_cfg, z.shape, z, clip_denoised=False,
-                                       model_kwargs=dict(y=yy, cfg_scale=cfg),
-                                       generator=generators + generators)[: noise.shape[0]]
-
-
 def run_baseline(target, steps, n, seed, *, learned=True, cfg=1.0):
+    """The official sampling loop (cli.common.sample_baseline) on n samples with free-sample's streams."""
     d = fk.create_diffusion(steps, learn_sigma=learned)
     noise, y = _inputs(n, seed, target.in_channels, target.input_size)
-    gens = per_sample_generators([seed * 100_003 + i for i in range(n)])
+    cond, uncond = baseline_generators(seed, n, cfg_scale=cfg)
     t0 = time.perf_counter()
-    out = baseline_sample(target, d, noise, y, cfg, gens)
+    out = sample_baseline(target, d, noise, y, cfg_scale=cfg, generator=cond, uncond_generator=uncond)
     return out, time.perf_counter() - t0
 
 
@@ -85,12 +79,12 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     sections = {int(s) for s in args.sections.split(",")}
-    target = load_target()
-    shipped = FeatureDrafter.load(DRAFTER_FILE, target=target)
-    cfg = args.cfg_scale
-    if cfg is None:
-        with open(DRAFTER_FILE[: -len(".safetensors")] + ".json") as f:
-            cfg = float(json.load(f).get("extra", {}).get("cfg_scale", 1.0))
+    try:
+        target, _ = load_target(None)  # the embedded demo DiT
+        shipped, _, extra = load_drafter(None, target, demo_target=True)
+        cfg = check_cfg_scale(args.cfg_scale if args.cfg_scale is not None else extra.get("cfg_scale", 1.0))
+    except UsageError as e:
+        p.error(str(e))
     n = 4 if args.quick else args.n
     qn = 20 if args.quick else args.quality_n
     res = dict(device=platform.processor() or platform.machine(), threads=torch.get_num_threads(),

@@ -36,7 +36,8 @@ if ROOT not in sys.path:
 
 import free_kernels as fk  # noqa: E402
 from free_kernels import ops  # noqa: E402
-from free_kernels.demo import DRAFTER_FILE, load_target  # noqa: E402
+from free_kernels.cli.common import load_drafter, load_target  # noqa: E402
+from free_kernels.demo import DRAFTER_FILE  # noqa: E402
 
 OLD_REV = "e1bee339e9108533e7f5b3335500283f059894e4"  # the 250-step demo drafter (3.92 steps per call at 250)
 ASSET = "free_kernels/demo/assets/demo_drafter"
@@ -145,8 +146,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    target = load_target().eval()
-    new = fk.FeatureDrafter.load(a.drafter, target=target).eval()
+    target, _ = load_target(None)  # the embedded demo DiT
+    new, _, _ = load_drafter(a.drafter, target)
     out = dict(command=" ".join(sys.argv), torch=torch.__version__, device="cpu", cpus=os.cpu_count())
     if a.only in (None, "table"):
         torch.set_num_threads(a.threads)

@@ -44,7 +44,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import free_kernels as fk  # noqa: E402
 from _common import event_ms, fmt, markdown_table, print_header, write_json  # noqa: E402
-from bench_demo import baseline_sample  # noqa: E402
+from free_kernels.cli.common import (  # noqa: E402
+    load_drafter, load_target, per_sample_generators, sample_baseline,
+)
 
 
 def _sync():
@@ -60,12 +62,8 @@ def _sampler(target, drafter, d, relax=None, profile=False):
 
 
 def part1(batches, device, cfg, n_rep, relax):
-    from free_kernels.demo import DRAFTER_FILE, load_target
-    from free_kernels.diffusion import per_sample_generators
-    from free_kernels.models import FeatureDrafter
-
-    target = load_target(device=device)
-    drafter = FeatureDrafter.load(DRAFTER_FILE, target=target, map_location=device)
+    target, _ = load_target(None, device)  # the embedded demo DiT and its drafter
+    drafter, _, _ = load_drafter(None, target, device, demo_target=True)
     d = fk.create_diffusion("250")
     rows, phases = [], []
     print("## demo model: measured wall clock (250 steps, L = 6)\n")
@@ -90,7 +88,7 @@ def part1(batches, device, cfg, n_rep, relax):
                 with torch.no_grad():
                     if name == "baseline":
                         gens = per_sample_generators(range(r * 1000, r * 1000 + B), device=device)
-                        baseline_sample(target, d, noise, y, cfg, gens)
+                        sample_baseline(target, d, noise, y, cfg_scale=cfg, generator=gens)
                         calls, spc = d.num_timesteps, 1.0
                     else:
                         s = _sampler(target, drafter, d, relax=None if name == "FREE (exact)" else relax)
@@ -135,7 +133,7 @@ def part1(batches, device, cfg, n_rep, relax):
 
 def part2(acceptance, batches, draft_lengths, dtype, reps):
     from bench_drafter import Setup  # noqa: E402  (bench/ is on sys.path)
-    from free_kernels.train import expected_steps
+    from free_kernels.cli.train_drafter import expected_steps
 
     dev = "cuda"
     tokens = 256  # 256 px: latent 32, patch 2

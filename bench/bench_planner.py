@@ -20,8 +20,7 @@ import time
 import torch
 
 import free_kernels as fk
-from free_kernels.demo import DRAFTER_FILE, load_target
-from free_kernels.models import FeatureDrafter
+from free_kernels.cli.common import UsageError, check_cfg_scale, load_drafter, load_target, sample_baseline
 
 
 def main(argv=None):
@@ -34,11 +33,14 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    try:
+        cfg = check_cfg_scale(args.cfg_scale)  # guidance above 1, in the baseline and in FREE alike
+    except UsageError as e:
+        ap.error(str(e))
     torch.set_num_threads(args.threads)
-    target = load_target()
-    drafter = FeatureDrafter.load(DRAFTER_FILE, target=target)
+    target, _ = load_target(None)  # the embedded demo DiT and its drafter
+    drafter, _, _ = load_drafter(None, target, demo_target=True)
     d = fk.create_diffusion(args.steps)
-    cfg = args.cfg_scale
     print(f"device cpu ({platform.machine()}), torch {torch.__version__}, threads {args.threads}; demo, "
           f"{args.steps} steps, CFG {cfg}")
     results = {}
@@ -56,10 +58,8 @@ def main(argv=None):
         wall = {k: 0.0 for k in ["baseline", *samplers]}
         for a in range(0, n, B):
             z, yy = noise[a:a + B], y[a:a + B]
-            zz, y2 = torch.cat([z, z]), torch.cat([yy, torch.full_like(yy, 10)])
             t0 = time.perf_counter()
-            d.p_sample_loop(target.forward_with_cfg, zz.shape, zz, clip_denoised=False,
-                            model_kwargs=dict(y=y2, cfg_scale=cfg))
+            sample_baseline(target, d, z, yy, cfg_scale=cfg)
             wall["baseline"] += time.perf_counter() - t0
             for k, s in samplers.items():
                 t0 = time.perf_counter()

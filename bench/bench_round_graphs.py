@@ -21,8 +21,7 @@ import time
 import torch
 
 import free_kernels as fk
-from free_kernels.demo import DRAFTER_FILE, load_target
-from free_kernels.models import FeatureDrafter
+from free_kernels.cli.common import load_drafter, load_target
 
 
 def run(target, drafter, d, noise, y, *, layout, graphs, L, cfg, seed=3):
@@ -47,8 +46,8 @@ def main(argv=None):
         print("bench_round_graphs: needs a CUDA device")
         return 2
     dev = torch.device("cuda")
-    target = load_target(device=dev)
-    drafter = FeatureDrafter.load(DRAFTER_FILE, target=target).to(dev)
+    target, _ = load_target(None, dev)  # the embedded demo DiT and its drafter
+    drafter, _, _ = load_drafter(None, target, dev, demo_target=True)
     d = fk.create_diffusion(args.steps, learn_sigma=True)
     print(f"device {torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
     rows, ok = [], True

@@ -26,8 +26,7 @@ import torch
 
 import free_kernels as fk
 from free_kernels import ops
-from free_kernels.demo import DRAFTER_FILE, load_target
-from free_kernels.models import FeatureDrafter
+from free_kernels.cli.common import load_drafter, load_target
 
 
 class _Clock:
@@ -77,8 +76,8 @@ def sampler_of_revision(rev: str):
 
 
 def measure(batch: int, steps: str, L: int, cfg: float, device: str, seed: int = 0, sampler_cls=None) -> dict:
-    target = load_target(device=device)
-    drafter = FeatureDrafter.load(DRAFTER_FILE, target=target).to(device)
+    target, _ = load_target(None, device)  # the embedded demo DiT and its drafter
+    drafter, _, _ = load_drafter(None, target, device, demo_target=True)
     d = fk.create_diffusion(steps, learn_sigma=True)
     sampler = (sampler_cls or fk.FreeSampler)(target, drafter, d, draft_length=L)
     g = torch.Generator().manual_seed(seed)

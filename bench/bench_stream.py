@@ -20,8 +20,7 @@ import time
 import torch
 
 import free_kernels as fk
-from free_kernels.demo import DRAFTER_FILE, load_target
-from free_kernels.models import FeatureDrafter
+from free_kernels.cli.common import load_drafter, load_target
 
 
 def main(argv=None):
@@ -39,8 +38,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    target = load_target(device=dev)
-    drafter = FeatureDrafter.load(DRAFTER_FILE, target=target).to(dev)
+    target, _ = load_target(None, dev)  # the embedded demo DiT and its drafter
+    drafter, _, _ = load_drafter(None, target, dev, demo_target=True)
     d = fk.create_diffusion(args.steps, learn_sigma=True)
     s = fk.FreeSampler(target, drafter, d, draft_length=args.draft_length)
     reqs = [(1000 + i, i % 10) for i in range(args.samples)]

@@ -114,10 +114,7 @@ def sample(args) -> int:
     from scipy.stats import ks_2samp
 
     import free_kernels as fk
-    from bench_demo import baseline_sample
-    from free_kernels.demo import DRAFTER_FILE, load_target
-    from free_kernels.diffusion import per_sample_generators
-    from free_kernels.models import FeatureDrafter
+    from free_kernels.cli.common import load_drafter, load_target, per_sample_generators, sample_baseline
 
     dev = args.device
     forced = args.backend or os.environ.get("FREE_KERNELS_BACKEND") or "auto"
@@ -128,9 +125,9 @@ def sample(args) -> int:
         for name, op in fk.ops.OPS.items():
             if forced in op.backends:
                 os.environ[f"FREE_KERNELS_BACKEND_{name.upper()}"] = forced
-    target = load_target(device=dev)
-    drafter = FeatureDrafter.load(DRAFTER_FILE, target=target, map_location=dev)
-    cfg = float(drafter.extra.get("cfg_scale", 1.0)) if args.cfg_scale is None else args.cfg_scale
+    target, _ = load_target(None, dev)  # the embedded demo DiT and its drafter
+    drafter, _, extra = load_drafter(None, target, dev, demo_target=True)
+    cfg = float(extra.get("cfg_scale", 1.0)) if args.cfg_scale is None else args.cfg_scale
     d = fk.create_diffusion(str(args.steps))
     n, C, S = args.n, target.in_channels, target.input_size
     g = torch.Generator().manual_seed(args.seed)
@@ -150,8 +147,8 @@ def sample(args) -> int:
     _sync(dev)
     t_free = time.perf_counter() - t0
     t0 = time.perf_counter()
-    xb = baseline_sample(target, d, noise_b, y, cfg,
-                         per_sample_generators(range(10_000, 10_000 + n), device=dev))
+    xb = sample_baseline(target, d, noise_b, y, cfg_scale=cfg,
+                         generator=per_sample_generators(range(10_000, 10_000 + n), device=dev))
     _sync(dev)
     t_base = time.perf_counter() - t0
 

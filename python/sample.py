@@ -21,7 +21,11 @@ Examples::
     python python/sample.py --model DiT-XL/2 --ckpt DiT-XL-2-256x256.pt --vae /models/sd-vae-ft-mse \\
         --drafter drafter.safetensors
 
-The helpers here are shared with ``sample_ddp.py``.
+The helpers here are shared with ``sample_ddp.py``; loading, argument checks and
+the baseline sampling call are those of every command-line tool of the package
+(:mod:`free_kernels.cli.common`).  The seed policy is the official script's:
+``torch.manual_seed(--seed)``, x_T and the sampler's noise from torch's global
+generator.
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ import time
 
 import numpy as np
 import torch
+
+from free_kernels.cli import common
 
 OFFICIAL_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]
 LATENT_SCALE = 0.18215  # the sd-vae-ft-* latent scaling the official scripts divide by (fallback)
@@ -67,75 +73,49 @@ def fail(msg: str) -> None:
     raise SystemExit(2)
 
 
+def checked(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``; a :class:`free_kernels.cli.common.UsageError` exits through :func:`fail`."""
+    try:
+        return fn(*args, **kwargs)
+    except common.UsageError as e:
+        fail(str(e))
+
+
+def check_args(args) -> None:
+    """The options both scripts share, checked before anything is loaded (one line naming the option)."""
+    checked(_check_args, args)
+
+
+def _check_args(args) -> None:
+    common.check_cfg_scale(args.cfg_scale)  # the baseline guides above 1 (the official sample_ddp.py rule)
+    common.check_positive(args.num_sampling_steps, "--num-sampling-steps")
+    args.draft_length = common.check_draft_length(args.draft_length, allow_auto=False)
+    if args.relax is not None:
+        common.check_finite(args.relax, "--relax", minimum=0)
+
+
 # --------------------------------------------------------------------------- model, VAE, diffusion
 def load_model(args, device):
-    """(model in eval mode, image size in pixels, latent: bool)."""
-    from free_kernels.dit import DiT_models, find_model
-    from free_kernels.models.dit import load_state_dict_strict
+    """(model in eval mode, image size in pixels, latent: bool).
 
+    ``--target``: this package's format; ``--ckpt``: an official-layout checkpoint built as
+    ``--model`` with the geometry read from the weights and ``--num-classes`` checked
+    (both: :mod:`free_kernels.cli.common`).
+    """
     if args.target and args.ckpt:
         fail("pass --target or --ckpt, not both")
     if args.target:
-        model = _load_target_file(args.target)
+        model = checked(common.load_target_file, args.target, device, option="--target")
     elif args.ckpt:
-        if not os.path.isfile(args.ckpt):
-            fail(f"--ckpt {args.ckpt!r} not found (official weights cannot be downloaded from here)")
-        try:
-            sd = find_model(args.ckpt)
-        except (ValueError, RuntimeError, OSError) as e:
-            fail(f"--ckpt {args.ckpt!r}: {e}")
-        try:
-            hidden, in_ch, p, _ = sd["x_embedder.proj.weight"].shape
-            n_tok = sd["pos_embed"].shape[1]
-            out_rows = sd["final_layer.linear.weight"].shape[0]
-            rows = sd["y_embedder.embedding_table.weight"].shape[0]
-        except KeyError as e:
-            fail(f"{args.ckpt} is not an official-layout DiT checkpoint (missing {e})")
-        num_classes = rows - 1
-        if num_classes != args.num_classes:
-            fail(f"--num-classes {args.num_classes} but the checkpoint has {num_classes} classes (+ the null row)")
-        input_size = int(round(n_tok ** 0.5)) * p
-        model = DiT_models[args.model](input_size=input_size, in_channels=in_ch, num_classes=num_classes,
-                                       learn_sigma=out_rows == 2 * in_ch * p * p)
-        try:
-            load_state_dict_strict(model, sd)
-        except ValueError as e:
-            fail(f"--ckpt {args.ckpt!r} does not fit --model {args.model}: {e}")
+        model = checked(common.load_official_checkpoint, args.ckpt, device, model=args.model,
+                        num_classes=args.num_classes, option="--ckpt")
     else:
-        fail("no model: pass --ckpt PATH (official DiT weights cannot be downloaded from here) or --target PATH")
-    model = model.to(device).eval()
+        fail("no model: pass --ckpt PATH (official weights cannot be downloaded from here) or --target PATH")
     latent = not args.no_vae
     if not latent and model.in_channels not in (1, 3):
         fail(f"--no-vae needs a pixel-space model with 1 or 3 channels, this one has {model.in_channels}")
     image_size = model.input_size * (8 if latent else 1)
     return model, image_size, latent
-
-
-def _load_target_file(path: str):
-    """A DiT in this package's format (.safetensors + .json config), with errors that name the file."""
-    from free_kernels._checks import FileProblem, read_json_file, safe_load_safetensors
-    from free_kernels.demo import DEMO_CONFIG
-    from free_kernels.models.dit import DiT, load_state_dict_strict
-
-    if not os.path.isfile(path):
-        fail(f"--target {path!r} not found")
-    cfg_path = path[: -len(".safetensors")] + ".json" if path.endswith(".safetensors") else path + ".json"
-    cfg = dict(DEMO_CONFIG)
-    try:
-        if os.path.isfile(cfg_path):
-            doc = read_json_file(cfg_path, "target config")
-            if not isinstance(doc, dict) or not isinstance(doc.get("config", {}), dict):
-                raise FileProblem(f"target config {cfg_path!r} has no {{\"config\": {{...}}}} object")
-            cfg.update(doc.get("config", {}))
-        state, _ = safe_load_safetensors(path, "--target")
-    except FileProblem as e:
-        fail(str(e))
-    try:
-        model = DiT(**cfg)
-        load_state_dict_strict(model, state)
-    except (TypeError, ValueError) as e:
-        fail(f"--target {path!r} does not match its config {cfg_path!r}: {e}")
-    return model
 
 
 def load_vae(args, device):
@@ -168,18 +148,13 @@ def make_diffusion(args, model=None):
     """The drop-in diffusion (FREE with --drafter); with ``model``, a saved drafter is checked against it."""
     from free_kernels.dit import create_diffusion
 
-    if args.draft_length < 1:
-        fail("--draft-length must be >= 1")
-    if args.num_sampling_steps < 1:
-        fail(f"--num-sampling-steps must be >= 1, got {args.num_sampling_steps}")
-    if args.relax is not None and not (0 <= args.relax < float("inf")):
-        fail(f"--relax must be a finite number >= 0, got {args.relax}")
+    check_args(args)
     # a round never drafts past the last step: longer drafts only cost memory and time
-    args.draft_length = min(args.draft_length, args.num_sampling_steps)
-    if args.drafter not in (None, "frozen"):
-        base = args.drafter[: -len(".safetensors")] if args.drafter.endswith(".safetensors") else args.drafter
-        if not os.path.isfile(base + ".safetensors"):
-            fail(f"--drafter {args.drafter!r}: {base + '.safetensors'!r} not found")
+    args.draft_length = common.cap_draft_length(args.draft_length, args.num_sampling_steps)
+    if args.drafter is not None:
+        path = common.drafter_file(args.drafter)
+        if path is not None and not os.path.isfile(path):
+            fail(f"--drafter {args.drafter!r}: {path!r} not found")
     try:
         diffusion = create_diffusion(str(args.num_sampling_steps), drafter=args.drafter,
                                      draft_length=args.draft_length, relax=args.relax)
@@ -192,11 +167,11 @@ def make_diffusion(args, model=None):
 
 # --------------------------------------------------------------------------- provenance
 def _file_identity(path: str, *, also_json: bool = False) -> dict:
-    from free_kernels._checks import file_sha256
+    from free_kernels.cli.common import file_sha256
 
     out = dict(path=os.path.abspath(path), sha256=file_sha256(path))
     if also_json:
-        cfg = path[: -len(".safetensors")] + ".json" if path.endswith(".safetensors") else path + ".json"
+        cfg = common.json_beside(path)
         out["config_sha256"] = file_sha256(cfg) if os.path.isfile(cfg) else None
     return out
 
@@ -204,7 +179,7 @@ def _file_identity(path: str, *, also_json: bool = False) -> dict:
 def _dir_identity(path: str) -> dict:
     import hashlib
 
-    from free_kernels._checks import file_sha256
+    from free_kernels.cli.common import file_sha256
 
     h = hashlib.sha256()
     for root, dirs, files in sorted(os.walk(path)):
@@ -231,8 +206,8 @@ def run_identity(args, model, diffusion, image_size: int) -> dict:
     elif args.drafter == "frozen":
         drafter = dict(name="frozen")
     else:
-        base = args.drafter[: -len(".safetensors")] if args.drafter.endswith(".safetensors") else args.drafter
-        drafter = dict(name=os.path.basename(base), **_file_identity(base + ".safetensors", also_json=True))
+        path = common.drafter_file(args.drafter)
+        drafter = dict(name=os.path.basename(path)[: -len(".safetensors")], **_file_identity(path, also_json=True))
     if args.no_vae:
         vae = dict(name="none")
     elif os.path.isdir(args.vae):
@@ -252,19 +227,14 @@ def run_identity(args, model, diffusion, image_size: int) -> dict:
 # --------------------------------------------------------------------------- sampling, decoding
 def sample_batch(model, diffusion, z, y, cfg_scale, *, guidance_channels=3, clip_denoised=False, generator=None,
                  progress=False):
-    """The official sampling call on B latents; returns the B samples (FREE when the diffusion has a drafter)."""
-    n = z.shape[0]
-    if cfg_scale > 1.0:
-        z = torch.cat([z, z], 0)
-        y = torch.cat([y, torch.full_like(y, model.num_classes)], 0)  # null class (1000 for ImageNet)
-        model_kwargs = dict(y=y, cfg_scale=cfg_scale, guidance_channels=guidance_channels)
-        fn = model.forward_with_cfg
-    else:
-        model_kwargs = dict(y=y)
-        fn = model.forward
-    samples = diffusion.p_sample_loop(fn, z.shape, z, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-                                      progress=progress, device=z.device, generator=generator)
-    return samples[:n]
+    """The official sampling call on B latents; returns the B samples (FREE when the diffusion has a drafter).
+
+    :func:`free_kernels.cli.common.sample_baseline`: guidance above scale 1 on the doubled batch;
+    ``generator`` None (the global generator), one generator, or B per-sample generators (with
+    guidance the unconditional rows draw from the same ones after the conditional rows).
+    """
+    return common.sample_baseline(model, diffusion, z, y, cfg_scale=cfg_scale, guidance_channels=guidance_channels,
+                                  clip_denoised=clip_denoised, generator=generator, progress=progress)
 
 
 def decode(vae, samples):
@@ -300,7 +270,7 @@ def save_grid(images: torch.Tensor, path: str, nrow: int = 4, padding: int = 2) 
         r, c = divmod(k, ncol)
         top, left = padding + r * (H + padding), padding + c * (W + padding)
         grid[:, top:top + H, left:left + W] = x[k]
-    from free_kernels._checks import atomic_write
+    from free_kernels.cli.common import atomic_write
 
     fmt = "JPEG" if path.lower().endswith((".jpg", ".jpeg")) else "PNG"
     atomic_write(path, lambda f: to_pil(grid.permute(1, 2, 0).numpy()).save(f, format=fmt))
@@ -318,13 +288,13 @@ def stats_dict(diffusion, batch_size: int, seconds: float) -> dict:
 
 def check_outputs(args) -> None:
     """--out / --stats checked before any model loads: extension, not an input file, writable directory."""
-    from free_kernels._checks import FileProblem, check_output_path, remove_stale_tmp
+    from free_kernels.cli.common import FileProblem, check_output_path, remove_stale_tmp
 
     inputs = [x for x in (args.target, args.ckpt) if x]
-    inputs += [x[: -len(".safetensors")] + ".json" for x in inputs if x.endswith(".safetensors")]
-    if args.drafter not in (None, "frozen"):
-        base = args.drafter[: -len(".safetensors")] if args.drafter.endswith(".safetensors") else args.drafter
-        inputs += [base + ".safetensors", base + ".json"]
+    inputs += [common.json_beside(x) for x in inputs if x.endswith(".safetensors")]
+    dp = common.drafter_file(args.drafter) if args.drafter is not None else None
+    if dp:
+        inputs += [dp, common.json_beside(dp)]
     try:
         for opt, path, suffixes in (("--out", args.out, (".png", ".jpg", ".jpeg")), ("--stats", args.stats, (".json",))):
             if path:
@@ -344,6 +314,7 @@ def main(argv=None):
     p.add_argument("--out", type=str, default="sample.png")
     p.add_argument("--stats", type=str, default=None, help="write the FREE statistics as JSON here")
     args = p.parse_args(argv)
+    check_args(args)
     check_outputs(args)
 
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -358,8 +329,7 @@ def main(argv=None):
     labels = args.class_labels
     if labels is None:
         labels = OFFICIAL_LABELS if model.num_classes == 1000 else [i % model.num_classes for i in range(8)]
-    if any(not 0 <= c < model.num_classes for c in labels):
-        fail(f"--class-labels must lie in [0, {model.num_classes})")
+    checked(common.check_labels, labels, model.num_classes, "--class-labels")
     n = len(labels)
     z = torch.randn(n, model.in_channels, model.input_size, model.input_size, device=device)
     y = torch.tensor(labels, device=device)
@@ -375,7 +345,7 @@ def main(argv=None):
           f"{st['target_calls']} target calls" + (f", {st.get('steps_per_target_call', 1.0):.2f} steps per "
                                                    f"target call" if st["mode"] != "baseline" else "") + ")")
     if args.stats:
-        from free_kernels._checks import atomic_write_json
+        from free_kernels.cli.common import atomic_write_json
 
         atomic_write_json(args.stats, st)
 

@@ -77,11 +77,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sample import (  # noqa: E402  (shared helpers of the single-process script)
-    add_model_args, decode, fail, load_model, load_vae, make_diffusion, run_identity, sample_batch, stats_dict,
+    add_model_args, check_args, decode, fail, load_model, load_vae, make_diffusion, run_identity, stats_dict,
     to_pil, to_uint8, vae_name,
 )
 
-from free_kernels._checks import (  # noqa: E402
+from free_kernels.cli import common  # noqa: E402
+from free_kernels.cli.common import (  # noqa: E402
     FileProblem, atomic_write, atomic_write_json, check_writable_dir, read_json_file, remove_stale_tmp,
 )
 
@@ -127,6 +128,8 @@ def read_png(path: str) -> np.ndarray:
 
 
 def _seed_of(*words: int) -> int:
+    """The seed of ``SEED_POLICY`` (v2) for a tuple of integers; kept as it is so that a resumed run
+    re-creates the same samples (``free-sample`` derives its seeds with ``cli.common.derive_seed``)."""
     lo, hi = np.random.SeedSequence(list(words)).generate_state(2, dtype=np.uint32).tolist()
     return (hi << 32 | lo) & ((1 << 63) - 1)
 
@@ -139,11 +142,6 @@ def iteration_requests(rank_seed: int, iteration: int, n: int, num_classes: int)
         label = int(np.random.default_rng(_seed_of(rank_seed, iteration, i, 1)).integers(num_classes))
         out.append((seed, label))
     return out
-
-
-def initial_noise(seed: int, shape) -> torch.Tensor:
-    """x_T of a sample: the same tensor ``FreeSampler.sample_stream`` makes from the seed."""
-    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
 
 
 def aggregate(stats: list, runs: list = ()) -> dict:
@@ -191,12 +189,12 @@ def parse_args(argv=None):
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                    help="TF32 matmuls on Ampere+ GPUs (fast, slightly different numerics)")
     args = p.parse_args(argv)
-    if not math.isfinite(args.cfg_scale) or args.cfg_scale < 1.0:
-        fail(f"--cfg-scale must be a finite number >= 1.0, got {args.cfg_scale}")
-    if args.per_proc_batch_size < 1 or args.num_fid_samples < 1:
-        fail("--per-proc-batch-size and --num-fid-samples must be >= 1")
-    if args.num_sampling_steps < 1:
-        fail(f"--num-sampling-steps must be >= 1, got {args.num_sampling_steps}")
+    check_args(args)  # --cfg-scale >= 1 (the official assert), steps, draft length, relax
+    for opt in ("per_proc_batch_size", "num_fid_samples"):
+        try:
+            common.check_positive(getattr(args, opt), f"--{opt.replace('_', '-')}")
+        except common.UsageError as e:
+            fail(str(e))
     return args
 
 
@@ -286,16 +284,16 @@ def run_stats_path(stats_dir: str, rank: int) -> str:
 
 def sample_iteration(model, diffusion, vae, args, device, rank_seed: int, it: int, n: int):
     """Baseline: rank's iteration ``it`` as one batch: (uint8 NHWC images, statistics dict)."""
-    from free_kernels.diffusion import per_sample_generators
-
     reqs = iteration_requests(rank_seed, it, n, model.num_classes)
     shape = (model.in_channels, model.input_size, model.input_size)
-    z = torch.stack([initial_noise(seed, shape) for seed, _ in reqs]).to(device)
+    z = common.noise_from_seeds([seed for seed, _ in reqs], shape).to(device)
     y = torch.tensor([label for _, label in reqs], device=device)
-    gens = per_sample_generators([_seed_of(rank_seed, it, i, 2) for i in range(n)], device=device)
+    # step noise of sample i from its own generator; with guidance the unconditional row draws from it too
+    gens = common.per_sample_generators([_seed_of(rank_seed, it, i, 2) for i in range(n)], device=device)
     t0 = time.perf_counter()
-    samples = sample_batch(model, diffusion, z, y, args.cfg_scale, guidance_channels=args.guidance_channels,
-                           clip_denoised=args.clip_denoised, generator=gens + gens if args.cfg_scale > 1.0 else gens)
+    samples = common.sample_baseline(model, diffusion, z, y, cfg_scale=args.cfg_scale,
+                                     guidance_channels=args.guidance_channels, clip_denoised=args.clip_denoised,
+                                     generator=gens)
     seconds = time.perf_counter() - t0
     images = to_uint8(decode(vae, samples))
     return images, stats_dict(diffusion, n, seconds)
@@ -310,7 +308,7 @@ def stream_iterations(model, diffusion, vae, args, device, rank_seed: int, its, 
     """
     sampler = diffusion.free_sampler(model, device)
     requests = [req for it in its for req in iteration_requests(rank_seed, it, n, model.num_classes)]
-    cfg = args.cfg_scale if args.cfg_scale > 1.0 else 1.0  # the official scripts guide only above 1
+    cfg = args.cfg_scale if common.uses_cfg(args.cfg_scale) else 1.0  # the official scripts guide only above 1
     done = {}
     t0 = time.perf_counter()
     for r in sampler.sample_stream(requests, batch_size=n, cfg_scale=cfg, guidance_channels=args.guidance_channels,

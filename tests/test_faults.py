@@ -37,7 +37,7 @@ from _reliability_utils import (  # noqa: F401  (one_thread: autouse fixture)
 )
 
 import free_kernels._checks as checks
-from free_kernels import train
+from free_kernels.cli import train_drafter as train
 from free_kernels.cli import sample as cli
 
 RESULTS = {}

@@ -22,7 +22,7 @@ from _reliability_utils import (  # noqa: F401  (one_thread: autouse fixture)
 )
 
 import free_kernels as fk
-from free_kernels import train
+from free_kernels.cli import train_drafter as train
 from free_kernels._checks import FileProblem, safe_torch_load
 from free_kernels.cli import sample as cli
 from free_kernels.models import FeatureDrafter
@@ -71,7 +71,7 @@ def tiny_sample(tmp_path_factory):
 
 # ------------------------------------------------------------------ 1. trainer exit status
 def test_1_train_console_entry_exits_0_without_printing_the_report(tmp_path, tiny_train):
-    code = ("import sys; from free_kernels.train import main; sys.exit(main())")  # what the console script runs
+    code = ("import sys; from free_kernels.cli.train_drafter import main; sys.exit(main())")  # the console script
     r = subprocess.run([sys.executable, "-c", code, *train_argv(tiny_train, str(tmp_path / "run"))],
                        capture_output=True, text=True, env=_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

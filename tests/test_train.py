@@ -1,4 +1,5 @@
-"""Drafter distillation: runs end to end, resumes after interruption, and learns (beats its start)."""
+"""Drafter distillation (free-train-drafter, free_kernels.cli.train_drafter): runs end to end, resumes after
+interruption, and learns (beats its start)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import free_kernels as fk
-from free_kernels import train
+from free_kernels.cli import train_drafter as train
 from free_kernels.models import DiT, FeatureDrafter
 
 

@@ -12,8 +12,9 @@ and the same guidance, in calls of ``--batch-size`` samples (default 1: per-imag
 latency, where a GPU is latency-bound and FREE pays).  The baseline is the target's own ancestral sampler
 exactly as the official DiT scripts run it (``p_sample_loop`` over
 ``forward_with_cfg`` on the doubled batch [x; x] with labels [y; null] when
-``--cfg-scale`` != 1), with one random stream per sample so its result does
-not depend on which other samples share the batch.  FREE drafts
+``--cfg-scale`` > 1, the official rule; scales below 1 are refused), with one
+random stream per sample so its result does not depend on which other samples
+share the batch.  FREE drafts
 ``--draft-length`` steps per round and verifies them in one batched target
 call; its samples have exactly the baseline's distribution (not the same
 pixels: the two samplers draw different random numbers).  With
@@ -66,7 +67,7 @@ table then going to stderr).  Fields:
 * ``num_samples``; ``labels``: the class label of each sample.
 * ``steps``: the respacing string; ``num_steps``: denoising steps it gives.
 * ``variance``: "learned" or "fixed" (the diffusion's variance).
-* ``cfg_scale``; ``guidance_channels``: channels guided when cfg_scale != 1
+* ``cfg_scale``; ``guidance_channels``: channels guided when cfg_scale > 1
   (3 official, 4 diffusers).
 * ``drafter_cfg_scale``: the CFG scale the drafter was trained for (null if unknown).
 * ``draft_length`` ("auto" or L), ``compare_length`` (0 = off), ``batch_size``,
@@ -104,15 +105,19 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .common import (
+    FREE_STREAM, UsageError, baseline_generators, check_cfg_scale, check_draft_length, check_finite,
+    check_labels, check_nonnegative, check_positive, derive_seed, drafter_file, initial_noise,
+    is_demo, json_beside, parse_labels, resolve_device, sample_baseline, target_file, uses_cfg,
+)
+from .common import load_drafter as common_load_drafter
+from .common import load_target as common_load_target
+
 JSON_FORMAT = "free-sample/1"
 _DOC_EPILOG = __doc__[__doc__.index("Printed table"):]
 
 
 _SMALL_TARGET_PARAMS = 20_000_000
-
-
-class _UsageError(Exception):
-    """An option problem reported through argparse (exit status 2, message on stderr)."""
 
 
 # ------------------------------------------------------------------ parsing
@@ -127,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help='comma-separated class labels, e.g. "3,1,4"')
     p.add_argument("--steps", default="250", help='timestep respacing, e.g. "250", "100" (default 250)')
     p.add_argument("--cfg-scale", type=float, default=None,
-                   help="classifier-free guidance scale (default: the drafter's training setting, else 1.0)")
+                   help="classifier-free guidance scale, >= 1; guidance is on above 1, as in the official scripts "
+                        "(default: the drafter's training setting, else 1.0)")
     p.add_argument("--guidance-channels", type=int, choices=(3, 4), default=None,
                    help="channels CFG guides: 3 (official DiT) or 4 (diffusers); default: the drafter's setting, "
                         "else 3")
@@ -149,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--target", default=None,
                    help="target DiT: our .safetensors (+ .json config beside it) or an official .pt/.safetensors "
-                        "with --model and --image-size (default: the embedded demo DiT)")
+                        "with --model and --image-size (default, or 'demo': the embedded demo DiT)")
     p.add_argument("--model", default=None, help="DiT config name for official checkpoints, e.g. DiT-XL/2")
     p.add_argument("--image-size", type=int, default=256,
                    help="image size of an official checkpoint (latent = size / 8; default 256)")
@@ -171,129 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_labels(text: str) -> List[int]:
-    parts = [s.strip() for s in text.split(",")]
-    if not text.strip() or any(s == "" for s in parts):
-        raise _UsageError(f"--labels must be comma-separated integers, got {text!r}")
-    try:
-        return [int(s) for s in parts]
-    except ValueError:
-        raise _UsageError(f"--labels must be comma-separated integers, got {text!r}") from None
-
-
-def resolve_device(name: Optional[str]) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise _UsageError(f"unknown device {name!r} (use cpu, cuda or cuda:N)") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda":
-        raise _UsageError(f"unsupported device {name!r} (use cpu, cuda or cuda:N)")
-    if not torch.cuda.is_available():
-        raise _UsageError(f"device {name!r} requested but CUDA is not available to this torch "
-                          f"({torch.__version__}); use --device cpu")
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise _UsageError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) present")
-    return dev
-
-
-# ------------------------------------------------------------------ loading
-def _json_beside(path: str) -> str:
-    return path[: -len(".safetensors")] + ".json" if path.endswith(".safetensors") else path + ".json"
-
-
-def _problem(e: BaseException) -> str:
-    s = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return s
-
-
 def target_path(args) -> str:
-    from ..demo import TARGET_FILE
-
-    return args.target or TARGET_FILE
+    """The target's file (the embedded demo DiT's without --target)."""
+    return target_file(args.target)
 
 
 def drafter_path(args):
-    """The drafter's .safetensors path, or None for the frozen drafter."""
-    from ..demo import DRAFTER_FILE
-
-    spec = args.drafter if args.drafter is not None else (DRAFTER_FILE if args.target is None else "frozen")
-    if spec == "frozen":
-        return None
-    return spec if spec.endswith(".safetensors") else spec + ".safetensors"
+    """The drafter's .safetensors path, or None for the frozen drafter (default: the demo drafter with the demo target)."""
+    return drafter_file(args.drafter, demo_target=is_demo(args.target))
 
 
 def load_target(args, device):
-    from ..demo import load_target as load_json_target
-
-    path = target_path(args)
-    if not os.path.isfile(path):
-        hint = (" (the embedded demo assets are missing: train them or pass --target/--drafter)"
-                if args.target is None else "")
-        raise _UsageError(f"target checkpoint {path!r} not found{hint}")
-    if path.endswith(".safetensors") and (os.path.isfile(_json_beside(path)) or args.model is None):
-        from .._checks import FileProblem, read_json_file, safe_load_safetensors
-
-        try:
-            safe_load_safetensors(path, "target")  # a damaged file is named before the model is built
-            if os.path.isfile(_json_beside(path)):
-                read_json_file(_json_beside(path), "target config")
-            return load_json_target(path, device=device), path
-        except FileProblem as e:
-            raise _UsageError(str(e)) from None
-        except Exception as e:  # noqa: BLE001 - any failure: one line naming the file
-            raise _UsageError(f"cannot load target {path!r}: {_problem(e)}") from None
-    from ..models.dit import DiT_models, find_model, load_state_dict_strict
-
-    if args.model is None:
-        raise _UsageError(f"--target {path!r} is not in our .safetensors + .json format: pass --model "
-                          f"(one of {sorted(DiT_models)}) and --image-size for an official checkpoint")
-    if args.model not in DiT_models:
-        raise _UsageError(f"--model must be one of {sorted(DiT_models)}, got {args.model!r}")
-    if args.image_size < 8 or args.image_size % 8:
-        raise _UsageError(f"--image-size must be a positive multiple of 8, got {args.image_size}")
-    try:
-        model = DiT_models[args.model](input_size=args.image_size // 8, num_classes=args.num_classes, in_channels=4)
-        load_state_dict_strict(model, find_model(path))
-    except Exception as e:  # noqa: BLE001 - any failure: one line naming the file
-        raise _UsageError(f"cannot load target {path!r} as {args.model}: {_problem(e)}") from None
-    return model.to(device).eval(), path
+    """(target, its file): :func:`free_kernels.cli.common.load_target` with this tool's options."""
+    return common_load_target(args.target, device, model=args.model, image_size=args.image_size,
+                              num_classes=args.num_classes)
 
 
 def load_drafter(args, target, device, default_demo: bool):
     """(drafter, its path or 'frozen', the 'extra' training record saved with it or {})."""
-    from ..models.drafter import FeatureDrafter, FrozenFeatureDrafter
-
-    path = drafter_path(args)
-    if path is None:
-        return FrozenFeatureDrafter(target), "frozen", {}
-    if not os.path.isfile(path):
-        hint = (" (the embedded demo drafter is missing: train it or pass --drafter PATH / frozen)"
-                if args.drafter is None else "")
-        raise _UsageError(f"drafter file {path!r} not found{hint}")
-    try:
-        drafter = FeatureDrafter.load(path, target=target, map_location=device)
-    except Exception as e:  # noqa: BLE001 - any failure: one line naming the file
-        msg = _problem(e)
-        raise _UsageError(msg if path in msg or path[: -len(".safetensors")] in msg
-                          else f"cannot use drafter {path!r}: {msg}") from None
-    return drafter.eval(), path, dict(drafter.extra)
-
-
-# ------------------------------------------------------------------ seeding
-def _seed(*words: int) -> int:
-    """An independent 63-bit seed per (seed, stream, index) tuple."""
-    s = np.random.SeedSequence([int(w) & 0xFFFFFFFF for w in words]).generate_state(2, dtype=np.uint32)
-    return int(s[0]) << 31 ^ int(s[1])
-
-
-def initial_noise(seed: int, n: int, shape) -> torch.Tensor:
-    """x_T, one CPU stream per sample (sample k is the same whatever n is)."""
-    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(_seed(seed, 0, k)))
-                        for k in range(n)])
+    return common_load_drafter(args.drafter, target, device, demo_target=default_demo)
 
 
 def _sync(dev: torch.device):
@@ -304,45 +206,34 @@ def _sync(dev: torch.device):
 # ------------------------------------------------------------------ samplers
 @torch.no_grad()
 def run_baseline(target, diffusion, noise, y, *, cfg_scale, guidance_channels, seed, progress, first=0):
-    """The official DiT sampling loop on samples first .. first+B-1; returns (samples, wall seconds, target calls)."""
-    from ..diffusion import per_sample_generators
+    """The official DiT sampling loop on samples first .. first+B-1; returns (samples, wall seconds, target calls).
 
+    :func:`free_kernels.cli.common.sample_baseline` with this tool's per-sample streams (row k: (seed, 1, k);
+    the unconditional half of a doubled batch: (seed, 2, k)).
+    """
     dev = noise.device
-    B = noise.shape[0]
     calls = [0]
-    cfg = cfg_scale != 1.0
-    if cfg:
-        z = torch.cat([noise, noise])
-        yy = torch.cat([y, torch.full_like(y, int(target.num_classes))])
-        kwargs = dict(y=yy, cfg_scale=cfg_scale, guidance_channels=guidance_channels)
-        fwd = target.forward_with_cfg
-    else:
-        z, kwargs, fwd = noise, dict(y=y), target.forward
 
-    def model(x, t, **kw):
-        calls[0] += 1
-        return fwd(x, t, **kw)
+    def counted(fwd):
+        def model(x, t, **kw):
+            calls[0] += 1
+            return fwd(x, t, **kw)
+        return model
 
-    # row k: stream (seed, 1, k); the unconditional half of a doubled batch gets (seed, 2, k)
-    seeds = [_seed(seed, 1, first + k) for k in range(B)] + (
-        [_seed(seed, 2, first + k) for k in range(B)] if cfg else [])
-    gens = per_sample_generators(seeds, device=dev)
+    cond, uncond = baseline_generators(seed, noise.shape[0], first=first, device=dev, cfg_scale=cfg_scale)
     _sync(dev)
     t0 = time.perf_counter()
-    out = diffusion.p_sample_loop(model, z.shape, noise=z, clip_denoised=False, model_kwargs=kwargs,
-                                  device=dev, progress=progress, generator=gens)
+    out = sample_baseline(target, diffusion, noise, y, cfg_scale=cfg_scale, guidance_channels=guidance_channels,
+                          generator=cond, uncond_generator=uncond, progress=progress, wrap=counted)
     _sync(dev)
-    wall = time.perf_counter() - t0
-    if cfg:
-        out, _ = out.chunk(2, dim=0)
-    return out, wall, calls[0]
+    return out, time.perf_counter() - t0, calls[0]
 
 
 @torch.no_grad()
 def run_free(sampler, noise, y, *, cfg_scale, guidance_channels, seed, progress, first=0):
     """One FREE call on samples first .. first+B-1; returns (samples, wall seconds, FreeStats)."""
     dev = noise.device
-    gen = torch.Generator(device=dev).manual_seed(_seed(seed, 3, first))
+    gen = torch.Generator(device=dev).manual_seed(derive_seed(seed, FREE_STREAM, first))
     _sync(dev)
     t0 = time.perf_counter()
     out, st = sampler.sample(noise, y, cfg_scale=cfg_scale, guidance_channels=guidance_channels, generator=gen,
@@ -361,7 +252,7 @@ def warm_up(target, drafter, diffusion, noise, y, *, cfg_scale, guidance_channel
     t = torch.full((noise.shape[0],), int(np.asarray(getattr(diffusion, "timestep_map", [0]))[-1]),
                    device=noise.device, dtype=torch.long)
     x, yy = noise, y
-    if cfg_scale != 1.0:
+    if uses_cfg(cfg_scale):
         x, yy, t = torch.cat([x, x]), torch.cat([y, torch.full_like(y, int(target.num_classes))]), torch.cat([t, t])
     h, c = target.forward_features(x, t, yy)
     target.forward_head(h, c)
@@ -518,48 +409,31 @@ def format_plan(m: dict) -> str:
 
 # ------------------------------------------------------------------ main
 def _resolve(args):
-    """Validate the simple options (before anything is loaded)."""
-    if args.num_samples is not None and args.num_samples < 1:
-        raise _UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
+    """Validate the simple options (before anything is loaded; the checks of :mod:`free_kernels.cli.common`)."""
+    if args.num_samples is not None:
+        check_positive(args.num_samples, "--num-samples")
     labels = parse_labels(args.labels) if args.labels is not None else None
     if labels is not None and args.num_samples is not None and args.num_samples != len(labels):
-        raise _UsageError(f"--num-samples {args.num_samples} does not match the {len(labels)} --labels given")
-    from ..planner import check_draft_length
-
-    try:
-        args.draft_length = check_draft_length(args.draft_length if args.draft_length == "auto" else
-                                               _int_or(args.draft_length), "--draft-length")
-    except ValueError as e:
-        raise _UsageError(str(e)) from None
-    if args.compare_length < 0:
-        raise _UsageError(f"--compare-length must be >= 0, got {args.compare_length}")
-    if args.batch_size < 1:
-        raise _UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not (args.relax >= 0) or args.relax == float("inf"):
-        raise _UsageError(f"--relax must be a finite number >= 0, got {args.relax}")
-    if args.threads < 0:
-        raise _UsageError(f"--threads must be >= 0, got {args.threads}")
-    if args.cfg_scale is not None and not np.isfinite(args.cfg_scale):
-        raise _UsageError(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
+        raise UsageError(f"--num-samples {args.num_samples} does not match the {len(labels)} --labels given")
+    args.draft_length = check_draft_length(args.draft_length, "--draft-length")
+    check_nonnegative(args.compare_length, "--compare-length")
+    check_positive(args.batch_size, "--batch-size")
+    check_finite(args.relax, "--relax", minimum=0)
+    check_nonnegative(args.threads, "--threads")
+    if args.cfg_scale is not None:
+        check_cfg_scale(args.cfg_scale)
     check_outputs(args)
     return labels
-
-
-def _int_or(text):
-    try:
-        return int(text)
-    except (TypeError, ValueError):
-        return text
 
 
 def check_outputs(args) -> None:
     """Output paths checked before anything is loaded: extension, not a model file, writable directory."""
     from .._checks import FileProblem, check_output_path, remove_stale_tmp
 
-    inputs = [target_path(args), _json_beside(target_path(args))]
+    inputs = [target_path(args), json_beside(target_path(args))]
     dp = drafter_path(args)
     if dp:
-        inputs += [dp, _json_beside(dp)]
+        inputs += [dp, json_beside(dp)]
     outs = [("--out", args.out, (".png",))]
     if args.json not in (None, "-"):
         outs.append(("--json", args.json, (".json",)))
@@ -568,9 +442,9 @@ def check_outputs(args) -> None:
             check_output_path(opt, path, suffixes=suffixes, protected=inputs)
             remove_stale_tmp(os.path.dirname(os.path.abspath(path)), [os.path.basename(path)])
     except FileProblem as e:
-        raise _UsageError(str(e)) from None
+        raise UsageError(str(e)) from None
     if len(outs) == 2 and os.path.abspath(args.out) == os.path.abspath(args.json):
-        raise _UsageError("--out and --json name the same file")
+        raise UsageError("--out and --json name the same file")
 
 
 def run(argv: Optional[Sequence[str]] = None) -> dict:
@@ -581,7 +455,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     threads = torch.get_num_threads()
     try:
         return _run(args, argv)
-    except _UsageError as e:
+    except UsageError as e:
         parser.error(str(e))
     finally:
         torch.set_num_threads(threads)  # run() may be called in-process (tests, notebooks)
@@ -606,7 +480,7 @@ def _run(args, argv) -> dict:
     target.requires_grad_(False)
     if not args.threads and device.type == "cpu" and sum(p.numel() for p in target.parameters()) < _SMALL_TARGET_PARAMS:
         torch.set_num_threads(1)
-    default_demo = args.target is None
+    default_demo = is_demo(args.target)
     drafter, drafter_path, extra = load_drafter(args, target, device, default_demo)
     if isinstance(drafter, torch.nn.Module):
         drafter.requires_grad_(False)
@@ -615,9 +489,7 @@ def _run(args, argv) -> dict:
     n = len(labels) if labels is not None else (args.num_samples if args.num_samples is not None else 4)
     if labels is None:
         labels = [k % K for k in range(n)]
-    bad = [v for v in labels if not 0 <= v < K]
-    if bad:
-        raise _UsageError(f"labels {bad} are out of range: this target has {K} classes (0 .. {K - 1})")
+    check_labels(labels, K)
 
     # the drafter is trained for one sampler setting: default to it, warn when the user leaves it
     d_cfg = extra.get("cfg_scale")
@@ -627,17 +499,17 @@ def _run(args, argv) -> dict:
              f"but accepts fewer drafts")
     d_gc = extra.get("guidance_channels")
     gc = args.guidance_channels or int(d_gc or 3)
-    if d_gc and cfg_scale != 1.0 and int(d_gc) != gc:
+    if d_gc and uses_cfg(cfg_scale) and int(d_gc) != gc:
         warn(f"the drafter was trained with --guidance-channels {d_gc}, sampling with {gc}")
     variance = args.variance or extra.get("variance")
     if variance not in ("learned", "fixed"):
         variance = "learned" if getattr(target, "learn_sigma", True) else "fixed"
     if variance == "learned" and not getattr(target, "learn_sigma", True):
-        raise _UsageError("--variance learned needs a target that predicts its variance (learn_sigma=True)")
+        raise UsageError("--variance learned needs a target that predicts its variance (learn_sigma=True)")
     try:
         diffusion = create_diffusion(args.steps, learn_sigma=variance == "learned")
     except (ValueError, TypeError, AssertionError) as e:
-        raise _UsageError(f"--steps {args.steps!r} is not a valid respacing: {e}") from None
+        raise UsageError(f"--steps {args.steps!r} is not a valid respacing: {e}") from None
     N = diffusion.num_timesteps
     if args.draft_length != "auto" and args.draft_length > N:  # a round never drafts past the last step
         print(f"free-sample: --draft-length {args.draft_length} capped at the {N} sampling steps", file=info)
@@ -655,7 +527,7 @@ def _run(args, argv) -> dict:
     print(f"free-sample: target {target_path} ({C}x{S}x{S}, {K} classes), drafter {drafter_path}, device {device}, "
           f"{torch.get_num_threads()} thread(s)", file=info)
     print(f"free-sample: {n} samples, labels {labels}, {N} steps ({variance} variance), cfg {cfg_scale}"
-          f"{f' (guidance channels {gc})' if cfg_scale != 1.0 else ''}, draft length {args.draft_length}, "
+          f"{f' (guidance channels {gc})' if uses_cfg(cfg_scale) else ''}, draft length {args.draft_length}, "
           f"batch size {args.batch_size}, seed {args.seed}", file=info)
 
     measure_quality, quality_note = (None, None)
@@ -734,7 +606,7 @@ def _run(args, argv) -> dict:
     try:
         grid_rows = write_grid(samples, args.out, columns)
     except OSError as e:
-        raise _UsageError(f"cannot write --out {args.out!r}: {e.strerror or e}") from None
+        raise UsageError(f"cannot write --out {args.out!r}: {e.strerror or e}") from None
     if C not in (1, 3):
         warn(f"the PNG shows the first {min(C, 3)} latent channel(s), min-max scaled (no VAE decoding)")
 
@@ -772,7 +644,7 @@ def _run(args, argv) -> dict:
         try:
             atomic_write_text(args.json, text + "\n")
         except OSError as e:
-            raise _UsageError(f"cannot write --json {args.json!r}: {e.strerror or e}") from None
+            raise UsageError(f"cannot write --json {args.json!r}: {e.strerror or e}") from None
         print(f"wrote {args.json}", file=info)
     return record
 
