@@ -169,10 +169,11 @@ def test_draft_length_goes_through_the_planner(monkeypatch):
     assert common.check_draft_length("auto") == "auto" and common.check_draft_length("3") == 3
     assert common.check_draft_length(5, allow_auto=False) == 5
     assert seen == ["auto", 3, 5]
-    with pytest.raises(UsageError, match=re.escape("--draft-length must be 'auto' or an int >= 1, got 0")):
-        common.check_draft_length("0")
-    with pytest.raises(UsageError, match="--draft-length must be 'auto' or an int >= 1, got 'x'"):
-        common.check_draft_length("x")
+    for text, value in (("0", 0), ("x", "x")):  # the planner's own message, naming the option
+        with pytest.raises(ValueError) as ref:
+            real(value, "--draft-length")
+        with pytest.raises(UsageError, match=re.escape(str(ref.value))):
+            common.check_draft_length(text)
     for bad in ("auto", 0):
         with pytest.raises(UsageError, match="keeps a fixed draft length"):
             common.check_draft_length(bad, allow_auto=False)
