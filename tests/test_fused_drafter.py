@@ -94,7 +94,7 @@ def rnd(shape, dtype, seed, scale=1.0, offset=0.0, device=DEV):
 
 # ============================================================ CUDA host emulation ("cuda-emu")
 _EMU_EXTRA = r"""
-// Extra stand-ins for the CUDA pieces adaln.cu / draft_epilogue.cu use beyond fk_cuda_emu.h.
+// Extra stand-ins for the CUDA pieces modulated_layernorm.cu / draft_epilogue.cu use beyond fk_cuda_emu.h.
 #pragma once
 #include <cstring>
 #define __align__(n) alignas(n)
@@ -161,8 +161,8 @@ static int fk_emu_fail(const std::exception& e, char* err, int n, int code) {
 
 # C ABI around each .cu built under the host emulation (one translation unit per .cu, as in the real build)
 _EMU_WRAPPERS = {
-    "adaln": _EMU_COMMON + r"""
-#include "adaln_emu.cu.inc"
+    "modulated_layernorm": _EMU_COMMON + r"""
+#include "modulated_layernorm_emu.cu.inc"
 namespace fk { void check_cuda_available() {} }
 extern "C" {
 int emu_modulated_layernorm(uint64_t x, uint64_t sh, uint64_t sc, uint64_t out, int64_t B, int64_t N, int64_t H,
@@ -258,7 +258,7 @@ def _emulated_extension():
         _EMU["why"] = f"host emulation headers not found in {EMU_DIR}"
     else:
         d = Path(tempfile.mkdtemp(prefix="fk_adaln_emu_"))
-        for name in ("adaln", "draft_epilogue"):
+        for name in ("modulated_layernorm", "draft_epilogue"):
             src = (ROOT / "csrc" / "kernels" / f"{name}.cu").read_text()
             src, n = re.subn(r"([A-Za-z_]\w*(?:<[^<>;()]*>)?)<<<([^>]*)>>>\(", r"fk_emu::launch(\1, \2, ", src)
             assert n >= 2, f"kernel launches not found in {name}.cu"
@@ -828,7 +828,7 @@ def test_adaln_math_header_host_tests(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("name", ["adaln", "draft_epilogue"])
+@pytest.mark.parametrize("name", ["modulated_layernorm", "draft_epilogue"])
 def test_cuda_kernels_compile_for_sm80_sm90_without_spills(name, tmp_path):
     """nvcc -Xptxas -v on the .cu for sm_80 and sm_90: every instance compiles with 0 spill bytes.
 
@@ -855,7 +855,7 @@ _COMPILE_SNIPPET = textwrap.dedent("""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     import free_kernels.triton.draft_epilogue as de
-    import free_kernels.triton.adaln as ad
+    import free_kernels.triton.modulated_layernorm as ad
     cc, which, dt = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     dtype, ptr = dict(fp16=(torch.float16, "*fp16"), bf16=(torch.bfloat16, "*bf16"), fp32=(torch.float32, "*fp32"))[dt]
     if which == "draft_epilogue":

@@ -5,7 +5,7 @@
 place (fused backends: each element is read before it is written by the same
 thread; the torch reference computes the result, then copies).
 
-Backends: ``cuda`` (csrc/kernels/adaln.cu) -> ``triton`` (free_kernels/triton/adaln.py)
+Backends: ``cuda`` (csrc/kernels/modulated_layernorm.cu) -> ``triton`` (free_kernels/triton/modulated_layernorm.py)
 -> ``torch`` (the reference: exactly the official block's ``x + gate * y``).
 Fused backends compute in fp32 (one fma) and round once; forward-only.
 
@@ -35,7 +35,7 @@ def _load_torch():
 
 
 def _load_triton():
-    from ..triton.adaln import gated_residual as f
+    from ..triton.modulated_layernorm import gated_residual as f
 
     return f
 

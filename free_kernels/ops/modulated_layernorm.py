@@ -4,8 +4,8 @@
 x (B, N, H), shift / scale (B, H) -> LayerNorm(x) * (1 + scale) + shift,
 statistics in fp32, one rounding to x's dtype.
 
-Backends: ``cuda`` (csrc/kernels/adaln.cu: one warp per token row, the row held
-in registers, 16-byte loads when aligned) -> ``triton`` (free_kernels/triton/adaln.py:
+Backends: ``cuda`` (csrc/kernels/modulated_layernorm.cu: one warp per token row, the row held
+in registers, 16-byte loads when aligned) -> ``triton`` (free_kernels/triton/modulated_layernorm.py:
 one program per row) -> ``torch`` (the reference: F.layer_norm, then the
 modulate in the dtype).  Fused backends are forward-only (see ``_fused``).
 
@@ -46,7 +46,7 @@ def _h_reason(ctx: dict, limit: int) -> Optional[str]:
 
 
 def _load_triton():
-    from ..triton.adaln import modulated_layernorm as f
+    from ..triton.modulated_layernorm import modulated_layernorm as f
 
     return f
 

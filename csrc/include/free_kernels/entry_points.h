@@ -74,7 +74,7 @@ void speculative_accept(uintptr_t mean_p, uintptr_t logvar_p, uintptr_t mean_q, 
                         uintptr_t fallbacks, int64_t B, int64_t L, int64_t D, int dtype, bool equal_variance,
                         int64_t max_candidates, uintptr_t stream);
 
-// ---- adaln.cu --------------------------------------------------------------
+// ---- modulated_layernorm.cu ------------------------------------------------
 // adaLN block kernels; every tensor of a call has dtype_code 0 = float32,
 // 1 = float16, 2 = bfloat16; strides in elements (any; out may alias x).
 // modulated_layernorm: out = LayerNorm(x) * (1 + scale[b]) + shift[b], x / out
