@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .._checks import check_finite
+from ..reference.draft_epilogue import TABLE_ROWS
 
 GeneratorLike = Union[None, torch.Generator, Sequence[torch.Generator]]
 
@@ -185,6 +186,41 @@ class GaussianDiffusion:
     @property
     def learned_variance(self) -> bool:
         return self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE)
+
+    @property
+    def predicts_xstart(self) -> bool:
+        """True when the model predicts x0 (``START_X``), False when it predicts the noise."""
+        return self.model_mean_type == ModelMeanType.START_X
+
+    # ----------------------------------------------- what the ops are given
+    def schedule_tables(self) -> torch.Tensor:
+        """(6, T) float32 CPU tensor: the per-index constants of :meth:`transition_from_output`.
+
+        Rows in the order of ``free_kernels.reference.draft_epilogue.TABLE_ROWS`` (the kernels'
+        ABI): sqrt(1/abar), sqrt(1/abar - 1), the two posterior-mean coefficients, and the
+        log-variance bounds (learned variance: the clipped posterior log-variance and log beta,
+        between which the model interpolates; fixed variance: the fixed log-variance, twice).
+        Each float64 schedule is rounded to float32 as :func:`extract` rounds it, so a transition
+        computed from these tables equals :meth:`transition_from_output` bit for bit.
+        """
+        if self.learned_variance:
+            lo, hi = self.posterior_log_variance_clipped, self.log_betas
+        else:
+            lo = hi = self._fixed_var[self.model_var_type][1]
+        rows = dict(sqrt_recip_alphas_cumprod=self.sqrt_recip_alphas_cumprod,
+                    sqrt_recipm1_alphas_cumprod=self.sqrt_recipm1_alphas_cumprod,
+                    posterior_mean_coef1=self.posterior_mean_coef1, posterior_mean_coef2=self.posterior_mean_coef2,
+                    logvar_min=lo, logvar_max=hi)
+        return torch.from_numpy(np.stack([np.asarray(rows[k], dtype=np.float64) for k in TABLE_ROWS])).float()
+
+    def fused_transition_problem(self) -> Optional[str]:
+        """Why the fused transition kernels (``draft_epilogue``) cannot compute this diffusion's
+        transition, or None when they can (epsilon or x0 prediction; learned-range or fixed variance)."""
+        if self.model_mean_type not in (ModelMeanType.EPSILON, ModelMeanType.START_X):
+            return f"model_mean_type {self.model_mean_type} is not supported (EPSILON, START_X)"
+        if not self.learned_variance and self.model_var_type not in self._fixed_var:
+            return f"model_var_type {self.model_var_type} is not supported"
+        return None
 
     # ------------------------------------------------------------- forward q
     def q_mean_variance(self, x_start, t):

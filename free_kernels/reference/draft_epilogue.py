@@ -8,8 +8,8 @@ the diffusion's schedule passed as tensors:
 * ``shift, scale`` (G*R, H): the final layer's adaLN modulation of c;
 * ``weight, bias`` (P, H), (P,): the final linear, P = p * p * C_out;
 * ``tables`` (6, T) float32: per respaced index, the rows of :data:`TABLE_ROWS`
-  (float64 schedule -> float32, the rounding ``extract`` applies), gathered at
-  ``index`` (R,) per row.
+  (float64 schedule -> float32, the rounding ``extract`` applies; built by
+  ``GaussianDiffusion.schedule_tables()``), gathered at ``index`` (R,) per row.
 
 Tests check this function against the composition bit for bit on the CPU, and
 the fused kernels against both.
@@ -22,8 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .guidance import guide_output
 from .modulated_layernorm import modulated_layernorm
 
+# row order of the schedule tables: the kernels' ABI (csrc/kernels/draft_epilogue.cu and
+# triton/draft_epilogue.py read rows by these positions); GaussianDiffusion.schedule_tables() builds them
 TABLE_ROWS = (
     "sqrt_recip_alphas_cumprod",
     "sqrt_recipm1_alphas_cumprod",
@@ -36,14 +39,11 @@ NUM_TABLES = len(TABLE_ROWS)
 
 
 def schedule_tables(diffusion) -> torch.Tensor:
-    """(6, T) float32 CPU tensor of the per-index constants the epilogue needs (see TABLE_ROWS)."""
-    if diffusion.learned_variance:
-        lo, hi = diffusion.posterior_log_variance_clipped, diffusion.log_betas
-    else:
-        lo = hi = diffusion._fixed_var[diffusion.model_var_type][1]
-    rows = [diffusion.sqrt_recip_alphas_cumprod, diffusion.sqrt_recipm1_alphas_cumprod,
-            diffusion.posterior_mean_coef1, diffusion.posterior_mean_coef2, lo, hi]
-    return torch.from_numpy(np.stack([np.asarray(r, dtype=np.float64) for r in rows])).float()
+    """(6, T) float32 CPU tensor of the per-index constants the epilogue needs (rows: TABLE_ROWS).
+
+    ``diffusion.schedule_tables()``: the diffusion builds its own tables (it knows its variance kind).
+    """
+    return diffusion.schedule_tables()
 
 
 def unpatchify(out: torch.Tensor, patch_size: int, out_channels: int) -> torch.Tensor:
@@ -135,8 +135,6 @@ def draft_epilogue(h, shift, scale, weight, bias, x, tables, index, noise=None, 
     ``out``: optional (x_next, mean, logvar) buffers; ``noise_out`` receives the
     noise that was used.
     """
-    from ..diffusion.guidance import guide_output
-
     R, C = x.shape[:2]
     y = modulated_layernorm(h, shift, scale, eps=eps)
     o = unpatchify(F.linear(y, weight, bias), patch_size, weight.shape[0] // (patch_size * patch_size))

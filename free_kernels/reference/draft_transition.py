@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..diffusion.guidance import guide_output
+from .guidance import guide_output
 
 
 def guided_transition(diffusion, out, x, index, *, cfg: bool, cfg_scale: float, guidance_channels: int,
