@@ -68,6 +68,7 @@ import torch.nn.functional as F
 
 from .._checks import check_finite
 from .dit import DiT, _cfg_double, get_2d_sincos_pos_embed, guide_output
+from .protocol import HeadParameters, adaln_head_problem
 
 __all__ = [
     "DiffusersDiTTarget",
@@ -293,6 +294,18 @@ class DiffusersDiTTarget(nn.Module):
         shift, scale = m.proj_out_1(F.silu(c)).chunk(2, dim=1)
         out = m.norm_out(h) * (1 + scale[:, None]) + shift[:, None]
         return self.unpatchify(m.proj_out_2(out))
+
+    def head_parameters(self, c: torch.Tensor) -> HeadParameters:
+        """diffusers' output layers for conditioning c (B, H): shift / scale from ``proj_out_1``
+        (computed here), ``proj_out_2``'s weight and bias, ``norm_out``'s eps (target protocol,
+        fused-head part)."""
+        m = self.model
+        shift, scale = m.proj_out_1(F.silu(c)).chunk(2, dim=1)
+        return HeadParameters(shift, scale, m.proj_out_2.weight, m.proj_out_2.bias, float(m.norm_out.eps))
+
+    def head_fusion_problem(self) -> Optional[str]:
+        """Why the fused epilogue cannot run diffusers' output layers, or None (see models/protocol.py)."""
+        return adaln_head_problem(self.model.norm_out, self.model.proj_out_2)
 
     def forward(self, x, t, y) -> torch.Tensor:
         """``forward_head(*forward_features(x, t, y))`` == diffusers ``model(x, t, y).sample``."""

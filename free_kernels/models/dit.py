@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ import torch.nn as nn
 from .. import ops
 from ..diffusion.guidance import guide_output  # noqa: F401  (also public as free_kernels.models.dit.guide_output)
 from .._checks import check_finite
+from .protocol import HeadParameters, adaln_head_problem
 
 __all__ = [
     "DiT",
@@ -329,6 +330,17 @@ class DiT(nn.Module):
     def forward_head(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Final layer + unpatchify: (B, N, H), (B, H) -> (B, C_out, S, S)."""
         return self.unpatchify(self.final_layer(h, c))
+
+    def head_parameters(self, c: torch.Tensor) -> HeadParameters:
+        """The final layer for conditioning c (B, H): its adaLN shift / scale (computed here), the
+        linear's weight and bias and the LayerNorm's eps (target protocol, fused-head part)."""
+        fl = self.final_layer
+        shift, scale = fl.adaLN_modulation(c).chunk(2, dim=1)
+        return HeadParameters(shift, scale, fl.linear.weight, fl.linear.bias, float(fl.norm_final.eps))
+
+    def head_fusion_problem(self) -> Optional[str]:
+        """Why the fused epilogue cannot run this final layer, or None (see models/protocol.py)."""
+        return adaln_head_problem(self.final_layer.norm_final, self.final_layer.linear)
 
     def forward(self, x, t, y):
         h, c = self.forward_features(x, t, y)

@@ -34,8 +34,9 @@ import torch
 import torch.nn as nn
 
 from .dit import DiTBlock
+from .official_adapter import as_target  # noqa: F401  (public here too)
 from .protocol import MATCH_KEYS as _MATCH_KEYS
-from .protocol import as_target, target_signature  # noqa: F401  (public here too)
+from .protocol import target_signature  # noqa: F401  (public here too)
 
 DRAFTER_FORMAT = "free_kernels.FeatureDrafter/1"
 STRIDE_FREQ = 64  # sinusoid size of the stride embedding (see FeatureDrafter.stride_embedding)

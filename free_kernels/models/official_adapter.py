@@ -5,15 +5,16 @@ as a FREE target: :class:`OfficialDiTTarget` wraps it, no copy, in the target pr
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..diffusion.guidance import guide_output
 from .dit import _cfg_double
+from .protocol import MATCH_KEYS, HeadParameters, adaln_head_problem
 
-__all__ = ["OfficialDiTTarget", "official_layout_problems"]
+__all__ = ["OfficialDiTTarget", "as_target", "official_layout_problems"]
 
 
 def official_layout_problems(m) -> list:
@@ -134,9 +135,40 @@ class OfficialDiTTarget(nn.Module):
     def forward_head(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return self.unpatchify(self.model.final_layer(h, c))
 
+    def head_parameters(self, c: torch.Tensor) -> HeadParameters:
+        """The official final layer for conditioning c (B, H): ``adaLN_modulation(c)`` split into
+        shift / scale (computed here), ``linear``'s weight and bias, ``norm_final``'s eps."""
+        fl = self.model.final_layer
+        shift, scale = fl.adaLN_modulation(c).chunk(2, dim=1)
+        return HeadParameters(shift, scale, fl.linear.weight, fl.linear.bias, float(fl.norm_final.eps))
+
+    def head_fusion_problem(self) -> Optional[str]:
+        """Why the fused epilogue cannot run the module's final layer, or None.
+
+        The official ``FinalLayer`` computes ``linear(modulate(norm_final(h), shift, scale))`` with
+        ``shift, scale = adaLN_modulation(c).chunk(2)``; a final layer with that layout is taken to
+        compute that.
+        """
+        fl = self.model.final_layer
+        if not hasattr(fl, "norm_final"):
+            return f"{type(self.model).__name__}.final_layer has no norm_final (the official FinalLayer's LayerNorm)"
+        return adaln_head_problem(fl.norm_final, fl.linear)
+
     def forward(self, x, t, y):
         return self.forward_head(*self.forward_features(x, t, y))
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guidance_channels: int = 3):
         out = self.forward(*_cfg_double(x), t, y)
         return guide_output(out, cfg_scale, guidance_channels, self.in_channels)
+
+
+def as_target(model):
+    """``model`` if it follows the target protocol, else a module with the official DiT attribute layout
+    wrapped as :class:`OfficialDiTTarget` (no copy).  Anything else is returned unchanged (and fails the
+    protocol check where it is used).  (Here rather than in :mod:`.protocol`, which imports no model.)"""
+    if all(hasattr(model, k) for k in MATCH_KEYS + ("num_heads",)) and callable(
+            getattr(model, "forward_features", None)):
+        return model
+    if isinstance(model, nn.Module) and not official_layout_problems(model):
+        return OfficialDiTTarget(model)
+    return model
