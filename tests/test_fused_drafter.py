@@ -1,10 +1,10 @@
 """Fused drafter kernels: modulated_layernorm, gated_residual, bias_gelu, draft_epilogue.
 
 Each kernel backend is checked against its float64 oracle (the reference in
-``free_kernels/reference`` run in float64) with flash-attention's rule: the
-kernel's max error may be at most 2x the error of PyTorch's own computation in
-the same dtype, plus a small slack per dtype scaled by the output's magnitude
-(``ATOL``).  ``draft_epilogue``'s oracle is the composition it replaces
+``free_kernels/reference`` run in float64) with flash-attention's rule
+(tests/_tolerance.py): the kernel's max error may be at most 2x the error of
+PyTorch's own computation in the same dtype, plus the dtype's small floor
+scaled by the output's magnitude.  ``draft_epilogue``'s oracle is the composition it replaces
 (reference/draft_transition.py: ``target.forward_head`` -> guidance ->
 ``diffusion.transition_from_output`` -> ``mean + exp(logvar / 2) * noise``) on a
 float64 copy of the target.
@@ -35,6 +35,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _tolerance import assert_flash_rule
 from free_kernels import _env, ops
 from free_kernels.diffusion import create_diffusion
 from free_kernels.models.dit import DiT, DiTBlock
@@ -55,8 +56,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 OPS = ("modulated_layernorm", "gated_residual", "bias_gelu", "draft_epilogue")
 EMU_DIR = ROOT / "tests" / "cuda_emulation"
 
-# slack added to 2x PyTorch's own error, relative to max(1, max |reference|)
-ATOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 DTYPES_HERE = [torch.float32, torch.float16] if not CUDA else [torch.float16, torch.bfloat16, torch.float32]
 
 
@@ -71,20 +70,6 @@ def _triton_missing():
 
 
 needs_triton = pytest.mark.skipif(_triton_missing() is not None, reason=str(_triton_missing()))
-
-
-# ---------------------------------------------------------------- the rule
-def assert_flash_rule(out, ref64, same_dtype, dtype, what=""):
-    """max |out - ref64| <= 2 * max |same_dtype - ref64| + ATOL[dtype] * max(1, max |ref64|)."""
-    out = out.double().cpu()
-    ref64 = ref64.double().cpu()
-    assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} vs {tuple(ref64.shape)}"
-    assert torch.isfinite(out).all(), f"{what}: non-finite output"
-    err = (out - ref64).abs().max().item()
-    err_pt = (same_dtype.double().cpu() - ref64).abs().max().item()
-    scale = max(1.0, ref64.abs().max().item())
-    bound = 2 * err_pt + ATOL[dtype] * scale
-    assert err <= bound, f"{what}: max error {err:.3g} > 2 x torch's {err_pt:.3g} + {ATOL[dtype]:.1g} x {scale:.3g}"
 
 
 def rnd(shape, dtype, seed, scale=1.0, offset=0.0, device=DEV):

@@ -1,8 +1,9 @@
 """verify_attention: triton and cuda backends against the fp64 reference.
 
-Accuracy rule (flash-attention's): a kernel's max error against the oracle (the
-reference in float64) may be at most 2x the error of PyTorch's own naive
-attention computed in the same dtype, plus a small absolute slack per dtype.
+Accuracy rule (flash-attention's, tests/_tolerance.py): a kernel's max error
+against the oracle (the reference in float64) may be at most 2x the error of
+PyTorch's own naive attention computed in the same dtype, plus the dtype's
+small floor.
 
 CPU: the Triton kernel runs under TRITON_INTERPRET=1 (set by conftest), fp32
 and fp16 (plus one bf16 case: the interpreter converts after loading), small
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _tolerance import assert_flash_rule
 from free_kernels.ops import BackendUnavailable, get_op
 from free_kernels.ops.verify_attention import verify_attention
 from free_kernels.reference.verify_attention import verify_attention as reference
@@ -29,10 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 OP = get_op("verify_attention")
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-# absolute slack added to 2x PyTorch's own error, per dtype
-ATOL = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
-
 
 def _triton_missing():
     try:
@@ -71,13 +69,7 @@ def torch_same_dtype(qkv, heads):
 
 
 def assert_close_flash_rule(out, qkv, heads, what=""):
-    ref = oracle(qkv, heads)
-    assert out.shape == ref.shape
-    assert torch.isfinite(out).all(), f"{what}: non-finite output"
-    err = (out.double().cpu() - ref).abs().max().item()
-    err_pt = (torch_same_dtype(qkv, heads).double().cpu() - ref).abs().max().item()
-    bound = 2 * err_pt + ATOL[qkv.dtype]
-    assert err <= bound, f"{what}: max error {err:.3g} > 2 x torch's {err_pt:.3g} + {ATOL[qkv.dtype]:.1g}"
+    assert_flash_rule(out, oracle(qkv, heads), torch_same_dtype(qkv, heads), qkv.dtype, what)
 
 
 def run_triton(qkv, heads, out=None, **kw):
