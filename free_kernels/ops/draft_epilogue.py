@@ -9,7 +9,8 @@ drafted features h (G*R, N, H) (G = 2 under CFG: rows [cond; uncond]) ->
 scale (G*R, H), the final layer's adaLN of c, computed by the caller), the
 final linear (weight (p*p*C_out, H), bias), unpatchify, guidance, the DDPM
 transition at the rows' respaced ``index`` (R,) int64 from ``tables`` (6, T)
-float32 (:func:`free_kernels.reference.draft_epilogue.schedule_tables`), and
+float32 (``GaussianDiffusion.schedule_tables()``, rows in the order of
+``reference.draft_epilogue.TABLE_ROWS``), and
 ``x_next = mean + exp(logvar / 2) * noise``.
 
 Randomness: ``noise`` (R, C, S, S), or ``rng_state`` (int64 [seed, offset] on
@@ -22,9 +23,9 @@ logvar) buffers (any strides) are written in place.
 Backends: ``cuda`` (csrc/kernels/draft_epilogue.cu) -> ``triton``
 (free_kernels/triton/draft_epilogue.py) -> ``torch``
 (free_kernels/reference/draft_epilogue.py, = the composition of
-reference/draft_transition.py).  ``ops.draft_transition`` (drafter_forward.py)
-is the module-level entry that gathers these tensors from a target and a
-diffusion.
+reference/draft_transition.py).  ``ops.draft_transition`` and
+``ops.verify_transition`` (draft_transition.py, verify_transition.py) are the
+module-level entries that gather these tensors from a target and a diffusion.
 """
 from __future__ import annotations
 
