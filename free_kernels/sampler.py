@@ -1,8 +1,9 @@
 """The FREE sampler: draft, verify in one batched multi-timestep target call, accept exactly.
 
-A thin composition of the three op families (``free_kernels.ops``):
+A thin composition of the op families (``free_kernels.ops``):
 ``drafter_forward`` / ``draft_transition`` (drafting), ``verify_attention``
-(inside the target's forward) and ``speculative_accept`` (acceptance and
+(inside the target's forward) / ``verify_transition`` (the target's own
+transition of the verified states) and ``speculative_accept`` (acceptance and
 residual resampling).  See ``free-method.md`` in the docs for the rule and
 the README for the guarantees.
 
@@ -45,11 +46,8 @@ import torch
 from . import ops
 from ._checks import check_finite, check_tensor
 from .diffusion.gaussian_diffusion import GaussianDiffusion, ModelMeanType, ModelVarType
-from .diffusion.guidance import guide_output
 from .models.drafter import FeatureDrafter
 from .nvtx import nvtx_phase
-from .ops.drafter_forward import schedule_tables_on
-from .reference.draft_epilogue import transition as table_transition
 from .planner import DraftPlanner, check_draft_length
 from .reference.philox import keyed_parts
 from .relax import RelaxPolicy, as_policy
@@ -471,7 +469,7 @@ class _Run:
         self.keyed_philox = cuda or self.layout == "static"  # CPU compact: per-sample torch generators
         self.timed = self.s.profile or not cuda
         self.tmap = torch.as_tensor(s._tmap, device=dev)
-        self.tables = schedule_tables_on(s.diffusion, dev)
+        self.tables = ops.schedule_tables_on(s.diffusion, dev)  # for relax's uncertainty (the ops cache them)
         self.jr = torch.arange(self.L + 1, device=dev)
         # ---- slot state (device)
         self.x = torch.zeros(B, self.C, self.S, self.S, device=dev, dtype=torch.float32)
@@ -773,16 +771,12 @@ class _Run:
         else:
             XX, TT, YY = X, Tf, Yf
         h_all, c_all = target.forward_features(XX.to(self.mdt), TT, YY)
-        out = target.forward_head(h_all, c_all).float()
-        if self.cfg:
-            out = guide_output(out, self.cfg_scale, self.gc, C)[: X.shape[0]]
-        mean, logvar = table_transition(out, X, self.tables, If, learned_variance=diffusion.learned_variance,
-                                        predict_xstart=diffusion.model_mean_type == ModelMeanType.START_X,
-                                        clip_denoised=s.clip_denoised)
+        kw = dict(cfg_scale=self.cfg_scale, guidance_channels=self.gc, clip_denoised=s.clip_denoised)
         if vrows is None:
-            MP.view(-1, C, S, S).copy_(mean)
-            LVP.view(-1, C, S, S).copy_(logvar)
+            ops.verify_transition(target, diffusion, h_all, c_all, X, If,
+                                  out=(MP.view(-1, C, S, S), LVP.view(-1, C, S, S)), **kw)
         else:
+            mean, logvar = ops.verify_transition(target, diffusion, h_all, c_all, X, If, **kw)
             MP.view(-1, D).index_copy_(0, vrows, mean.reshape(-1, D))
             LVP.view(-1, D).index_copy_(0, vrows, logvar.reshape(-1, D))
         t2 = self._tick(timed)
