@@ -50,8 +50,6 @@
 // acceptance stream reaches, so drafts and acceptance tests never share
 // random numbers (with subsequence 0 the draft noise of element j was a
 // function of sample 0's acceptance uniform of slot j).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -65,6 +63,7 @@
 #include "free_kernels/adaln_math.h"
 #include "free_kernels/common.h"
 #include "free_kernels/cuda_check.h"
+#include "free_kernels/device_types.h"
 #include "free_kernels/entry_points.h"
 
 namespace fk {
@@ -77,66 +76,6 @@ constexpr int kWarps = 8;
 // and free_kernels/reference/draft_epilogue.py use the same value)
 constexpr uint64_t kDraftNoiseSubsequence = 0xFFFFFFFFull;
 constexpr int kThreads = 32 * kWarps;
-
-template <typename T>
-__device__ __forceinline__ float to_f32(T v);
-template <>
-__device__ __forceinline__ float to_f32<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float v);
-template <>
-__device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// element i of a float32 (0) / float16 (1) / bfloat16 (2) buffer
-__device__ __forceinline__ float load_any(const void* p, int code, int64_t i) {
-  if (code == 0) return static_cast<const float*>(p)[i];
-  if (code == 1) return __half2float(static_cast<const __half*>(p)[i]);
-  return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-template <typename T>
-struct Mma;
-template <>
-struct Mma<__half> {
-  __device__ __forceinline__ static void run(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-template <>
-struct Mma<__nv_bfloat16> {
-  __device__ __forceinline__ static void run(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-// kV elements in one 16-byte register pack (one 128-bit load / store)
-template <typename T, int kV>
-struct alignas(16) Pack {
-  T e[kV];
-};
 
 struct Strides4 {
   int64_t r, c, y, x;

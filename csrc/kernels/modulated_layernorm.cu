@@ -19,19 +19,17 @@
 // gated_residual / bias_gelu: flat grid-stride loops over (row, vector) units,
 // 16-byte vectors on the aligned path.  In place is safe: every element is
 // read and then written by the same thread.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <stdexcept>
-#include <string>
 #include <vector>
 
 #include "free_kernels/adaln_math.h"
+#include "free_kernels/arg_checks.h"
 #include "free_kernels/common.h"
 #include "free_kernels/cuda_check.h"
+#include "free_kernels/device_types.h"
 #include "free_kernels/dtype.h"
 #include "free_kernels/entry_points.h"
 
@@ -42,63 +40,6 @@ constexpr int kLnWarps = 4;
 constexpr int kLnThreads = 32 * kLnWarps;
 constexpr int kEwThreads = 256;
 constexpr int64_t kEwMaxBlocks = 8192;
-
-// ------------------------------------------------------------ conversions
-template <typename T>
-__device__ __forceinline__ float to_f32(T v);
-template <>
-__device__ __forceinline__ float to_f32<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float v);
-template <>
-__device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// kVec elements in one 16-byte aligned register pack (a struct, not a union: the
-// compiler keeps its members in registers and emits one 128-bit load / store)
-template <typename T, int kVec>
-struct alignas(16) Pack {
-  T e[kVec];
-};
-
-// kVec consecutive elements starting at p (kVec > 1: one 16-byte load, p aligned)
-template <typename T, int kVec>
-__device__ __forceinline__ void load_vec(const T* p, float (&d)[kVec]) {
-  if constexpr (kVec == 1) {
-    d[0] = to_f32(p[0]);
-  } else {
-    static_assert(kVec * sizeof(T) == 16, "vector loads are 16 bytes");
-    const Pack<T, kVec> v = *reinterpret_cast<const Pack<T, kVec>*>(p);
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) d[k] = to_f32(v.e[k]);
-  }
-}
-
-template <typename T, int kVec>
-__device__ __forceinline__ void store_vec(T* p, const float (&s)[kVec]) {
-  if constexpr (kVec == 1) {
-    p[0] = from_f32<T>(s[0]);
-  } else {
-    Pack<T, kVec> v;
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) v.e[k] = from_f32<T>(s[k]);
-    *reinterpret_cast<Pack<T, kVec>*>(p) = v;
-  }
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 // ------------------------------------------------------------ modulated LayerNorm
 struct LnArgs {
@@ -216,8 +157,6 @@ cudaError_t launch_ln_vec(const void* x, const void* shift, const void* scale, v
   return args(modulated_layernorm_long_kernel<T>);
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 template <typename T>
 cudaError_t launch_ln(const void* x, const void* shift, const void* scale, void* out, const LnArgs& a,
                       cudaStream_t stream) {
@@ -288,29 +227,6 @@ cudaError_t launch_elementwise(const void* x, const void* y, const void* rowop, 
   return cudaGetLastError();
 }
 
-// ------------------------------------------------------------ argument checks
-[[noreturn]] void bad(const char* fn, const std::string& what) {
-  throw std::invalid_argument(std::string(fn) + ": " + what);
-}
-
-void check_common(const char* fn, int64_t B, int64_t N, int64_t K, const std::vector<int64_t>& strides,
-                  size_t n_strides, int64_t dtype_code) {
-  if (B < 0 || N < 0 || K < 0) bad(fn, "sizes must be >= 0");
-  if (N > INT32_MAX || K > INT32_MAX) bad(fn, "N and the row length must be < 2^31");
-  if (strides.size() != n_strides) bad(fn, "expected " + std::to_string(n_strides) + " strides");
-  for (int64_t s : strides)
-    if (s < 0) bad(fn, "strides must be >= 0");
-  if (!valid_dtype_code(dtype_code)) bad(fn, "dtype_code must be 0 (float32), 1 (float16) or 2 (bfloat16) (fk::DType)");
-}
-
-void check_ptrs(const char* fn, std::initializer_list<uintptr_t> ptrs, int64_t dtype_code) {
-  const uintptr_t align = static_cast<uintptr_t>(dtype_size(static_cast<DType>(dtype_code)));
-  for (uintptr_t p : ptrs) {
-    if (p == 0) bad(fn, "null pointer");
-    if (p % align) bad(fn, "pointer not aligned to its element size");
-  }
-}
-
 }  // namespace
 
 void modulated_layernorm(uintptr_t x, uintptr_t shift, uintptr_t scale, uintptr_t out, int64_t B, int64_t N,
@@ -318,10 +234,10 @@ void modulated_layernorm(uintptr_t x, uintptr_t shift, uintptr_t scale, uintptr_
                          uintptr_t stream) {
   check_cuda_available();
   const char* fn = "modulated_layernorm";
-  check_common(fn, B, N, H, strides, 10, dtype_code);
-  if (!(eps >= 0.0)) bad(fn, "eps must be >= 0");
+  check_rows_args(fn, B, N, H, strides, 10, dtype_code);
+  if (!(eps >= 0.0)) bad_argument(fn, "eps must be >= 0");
   if (B == 0 || N == 0 || H == 0) return;
-  check_ptrs(fn, {x, shift, scale, out}, dtype_code);
+  check_element_ptrs(fn, {x, shift, scale, out}, dtype_code);
   LnArgs a{B * N, static_cast<int>(N), static_cast<int>(H), static_cast<float>(eps),
            strides[0], strides[1], strides[2], strides[3], strides[4], strides[5], strides[6],
            strides[7], strides[8], strides[9]};
@@ -351,9 +267,9 @@ void gated_residual(uintptr_t x, uintptr_t gate, uintptr_t y, uintptr_t out, int
                     const std::vector<int64_t>& strides, int64_t dtype_code, uintptr_t stream) {
   check_cuda_available();
   const char* fn = "gated_residual";
-  check_common(fn, B, N, H, strides, 11, dtype_code);
+  check_rows_args(fn, B, N, H, strides, 11, dtype_code);
   if (B == 0 || N == 0 || H == 0) return;
-  check_ptrs(fn, {x, gate, y, out}, dtype_code);
+  check_element_ptrs(fn, {x, gate, y, out}, dtype_code);
   // strides: x (b, n, h), gate (b, h), y (b, n, h), out (b, n, h)
   EwArgs a{B * N, static_cast<int>(N), static_cast<int>(H), strides[0], strides[1], strides[2], strides[5],
            strides[6], strides[7], strides[8], strides[9], strides[10], strides[3], strides[4]};
@@ -366,9 +282,9 @@ void bias_gelu(uintptr_t x, uintptr_t bias, uintptr_t out, int64_t B, int64_t N,
                const std::vector<int64_t>& strides, int64_t dtype_code, uintptr_t stream) {
   check_cuda_available();
   const char* fn = "bias_gelu";
-  check_common(fn, B, N, K, strides, 7, dtype_code);
+  check_rows_args(fn, B, N, K, strides, 7, dtype_code);
   if (B == 0 || N == 0 || K == 0) return;
-  check_ptrs(fn, {x, bias, out}, dtype_code);
+  check_element_ptrs(fn, {x, bias, out}, dtype_code);
   // strides: x (b, n, k), bias (k), out (b, n, k); the bias is a row operand with batch stride 0
   EwArgs a{B * N, static_cast<int>(N), static_cast<int>(K), strides[0], strides[1], strides[2], 0, 0, 1,
            strides[4], strides[5], strides[6], 0, strides[3]};

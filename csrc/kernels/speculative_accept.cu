@@ -29,8 +29,6 @@
 //
 // No host synchronisation, no data-dependent allocation: capturable in a CUDA
 // graph; replays draw fresh numbers because the offset is advanced on the device.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -40,6 +38,7 @@
 
 #include "free_kernels/accept_math.h"
 #include "free_kernels/cuda_check.h"
+#include "free_kernels/device_types.h"
 #include "free_kernels/entry_points.h"
 
 namespace fk {
@@ -89,19 +88,6 @@ constexpr int kPerThread2 = 4;
 constexpr int64_t kChunk = kThreads * kPerThread;     // launch 1: elements per block
 constexpr int64_t kChunk2 = kThreads2 * kPerThread2;  // launch 2: elements per block
 constexpr int kCPI = 4;                             // residual candidates per iteration (even)
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float x);
-template <>
-__device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // A (B, rows, D) input seen through its strides.
 template <typename T>

@@ -23,8 +23,6 @@
 // shared memory and written with 16-byte stores on the aligned path.
 //
 // FLOPs: 4 * B * heads * N^2 * head_dim.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -35,6 +33,7 @@
 
 #include "free_kernels/attention_math.h"
 #include "free_kernels/cuda_check.h"
+#include "free_kernels/device_types.h"
 #include "free_kernels/dtype.h"
 #include "free_kernels/entry_points.h"
 
@@ -74,18 +73,12 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool val
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
+// fp32 pairs -> one 32-bit register of two elements (the mma A / C fragment packing)
 template <typename T>
 struct TypeOps;
 
 template <>
 struct TypeOps<__half> {
-  __device__ __forceinline__ static void mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
   // low 16 bits = lo (the smaller column index), as the fragments expect
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);
@@ -95,13 +88,6 @@ struct TypeOps<__half> {
 
 template <>
 struct TypeOps<__nv_bfloat16> {
-  __device__ __forceinline__ static void mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
   __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&h);
@@ -197,8 +183,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int np = 0; np < kSTiles / 2; ++np) {
         uint32_t kb[4];
         ldsm_x4(kb, sK + (np * 16 + ldsm_k_row(lane)) * kPitch + kk * 16 + ldsm_k_col(lane));
-        Ops::mma(s[2 * np], qf[kk], kb[0], kb[1]);
-        Ops::mma(s[2 * np + 1], qf[kk], kb[2], kb[3]);
+        Mma<T>::run(s[2 * np], qf[kk], kb[0], kb[1]);
+        Mma<T>::run(s[2 * np + 1], qf[kk], kb[2], kb[3]);
       }
     }
 
@@ -262,8 +248,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int dp = 0; dp < kKSteps; ++dp) {
         uint32_t vb[4];
         ldsm_x4_trans(vb, sV + (kc * 16 + ldsm_v_row(lane)) * kPitch + dp * 16 + ldsm_v_col(lane));
-        Ops::mma(o[2 * dp], pa, vb[0], vb[1]);
-        Ops::mma(o[2 * dp + 1], pa, vb[2], vb[3]);
+        Mma<T>::run(o[2 * dp], pa, vb[0], vb[1]);
+        Mma<T>::run(o[2 * dp + 1], pa, vb[2], vb[3]);
       }
     }
 
