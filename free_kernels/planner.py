@@ -352,7 +352,7 @@ def calibrate(sampler, B: int, G: int, dev: torch.device, Lmax: int, key: str, p
               f"{', CFG' if G > 1 else ''}; cached afterwards) ...", end="", file=sys.stderr, flush=True)
     C, S = int(t.in_channels), int(t.input_size)
     mdt = next(t.parameters()).dtype if isinstance(t, torch.nn.Module) else torch.float32
-    T = int(sampler._tmap[-1])
+    T = int(sampler.original_timesteps[-1])
     g = torch.Generator(device="cpu").manual_seed(0)
 
     def rows(n):
@@ -363,7 +363,7 @@ def calibrate(sampler, B: int, G: int, dev: torch.device, Lmax: int, key: str, p
     x, tt, yy = rows(G * B)
     verify = [_timeit(lambda: t.forward_head(*t.forward_features(x, tt, yy)), dev)]
     h, _ = t.forward_features(x, tt, yy)
-    idx = torch.full((B,), len(sampler._tmap) - 1, device=dev, dtype=torch.int64)
+    idx = torch.full((B,), len(sampler.original_timesteps) - 1, device=dev, dtype=torch.int64)
     xs = torch.randn(B, C, S, S, generator=g).to(dev)
     noise = torch.randn(B, C, S, S, generator=g).to(dev)
 
@@ -391,33 +391,6 @@ def calibrate(sampler, B: int, G: int, dev: torch.device, Lmax: int, key: str, p
 
 
 def measure_rounds(sampler, B: int, G: int, dev: torch.device, Lmax: int, reps: int = 3) -> List[float]:
-    """Seconds of one whole sampler round with L = 0..Lmax drafts (everything the sampler does in a round:
-    drafting, verification, acceptance, randomness, bookkeeping), fastest of ``reps`` each."""
-    from .sampler import _Run
-
-    t = sampler.target
-    C, S = int(t.in_channels), int(t.input_size)
-    g = torch.Generator().manual_seed(0)
-    run = _Run(sampler, B, dev, torch.float32, 2.0 if G > 1 else 1.0, 3, overflow_seed=0, with_plan=False)
-    run.insert(list(range(B)), torch.randn(B, C, S, S, generator=g).to(dev),
-               torch.zeros(B, dtype=torch.int64, device=dev), torch.arange(B, dtype=torch.int64, device=dev) + 1)
-    run.timed = False
-    x0 = run.x.clone()
-    N = int(sampler.diffusion.num_timesteps)
-    start = np.full(B, N - 1)
-    out = []
-    for L in range(Lmax + 1):
-        ts = []
-        for r in range(reps + 1):  # the first is a warm-up
-            run.idx.fill_(N - 1)  # every timed round starts from x_T (repeated rounds must not drift)
-            run.x.copy_(x0)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t0 = time.perf_counter()
-            run.round_with(L, start)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            if r:
-                ts.append(time.perf_counter() - t0)
-        out.append(min(ts))
-    return out
+    """Seconds of one whole sampler round with L = 0..Lmax drafts, fastest of ``reps`` each: timed by the
+    sampler itself (``sampler.measure_rounds``; the planner knows nothing of how a round is run)."""
+    return sampler.measure_rounds(B, G, dev, Lmax, reps=reps)

@@ -258,7 +258,9 @@ class FreeSampler:
         self.profile = (os.environ.get("FREE_KERNELS_PROFILE", "0") == "1") if profile is None else bool(profile)
         self.equal_variance = diffusion.model_var_type in (ModelVarType.FIXED_LARGE, ModelVarType.FIXED_SMALL)
         tm = getattr(diffusion, "timestep_map", None)
-        self._tmap = np.asarray(tm if tm is not None else np.arange(diffusion.num_timesteps), dtype=np.int64)
+        # the original timestep of each respaced index (what the target and the drafter are called with)
+        self.original_timesteps = np.asarray(tm if tm is not None else np.arange(diffusion.num_timesteps),
+                                             dtype=np.int64)
 
     # ------------------------------------------------------------------ API
     @torch.no_grad()
@@ -383,6 +385,41 @@ class FreeSampler:
         dev = torch.device(device) if device is not None else (_module_device(self.target) or torch.device("cpu"))
         self.planner.start(self, int(batch_size), 2 if float(cfg_scale) != 1.0 else 1, dev)
 
+    @torch.no_grad()
+    def measure_rounds(self, B: int, G: int, dev, Lmax: int, reps: int = 3) -> List[float]:
+        """Seconds of one whole round of this sampler with L = 0..Lmax drafts (everything a round does:
+        drafting, verification, acceptance, randomness, bookkeeping), fastest of ``reps`` each.
+
+        B samples from x_T (every timed round starts there, so repeated rounds do not drift), G = 2 with
+        guidance; for the draft-length planner's cost model (``free_kernels.planner``).
+        """
+        dev = torch.device(dev)
+        C, S = int(self.target.in_channels), int(self.target.input_size)
+        g = torch.Generator().manual_seed(0)
+        run = _Run(self, B, dev, torch.float32, 2.0 if G > 1 else 1.0, 3, overflow_seed=0, with_plan=False)
+        run.insert(list(range(B)), torch.randn(B, C, S, S, generator=g).to(dev),
+                   torch.zeros(B, dtype=torch.int64, device=dev), torch.arange(B, dtype=torch.int64, device=dev) + 1)
+        run.timed = False
+        x0 = run.x.clone()
+        N = int(self.diffusion.num_timesteps)
+        start = np.full(B, N - 1)
+        out = []
+        for L in range(Lmax + 1):
+            ts = []
+            for r in range(reps + 1):  # the first is a warm-up
+                run.idx.fill_(N - 1)
+                run.x.copy_(x0)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                t0 = time.perf_counter()
+                run.round_with(L, start)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                if r:
+                    ts.append(time.perf_counter() - t0)
+            out.append(min(ts))
+        return out
+
     # ------------------------------------------------------------ checks
     def _check_device(self, dev: torch.device, what: str) -> torch.device:
         tdev = _module_device(self.target)
@@ -468,7 +505,7 @@ class _Run:
         self.layout = s.layout if s.layout != "auto" else ("static" if cuda else "compact")
         self.keyed_philox = cuda or self.layout == "static"  # CPU compact: per-sample torch generators
         self.timed = self.s.profile or not cuda
-        self.tmap = torch.as_tensor(s._tmap, device=dev)
+        self.tmap = torch.as_tensor(s.original_timesteps, device=dev)
         self.tables = ops.schedule_tables_on(s.diffusion, dev)  # for relax's uncertainty (the ops cache them)
         self.jr = torch.arange(self.L + 1, device=dev)
         # ---- slot state (device)
