@@ -23,8 +23,6 @@ from typing import Optional
 
 import torch
 
-from .diffusion.gaussian_diffusion import extract
-
 
 @dataclass(frozen=True)
 class RelaxPolicy:
@@ -49,8 +47,9 @@ class RelaxPolicy:
         """g in [0, 1] per (sample, slot); ``logvar_p`` (B, L, D), ``index`` (B, L) respaced indices.
 
         ``tables``: the diffusion's (6, T) schedule tables already on the device
-        (``ops.drafter_forward.schedule_tables_on``); rows 4 and 5 are the
-        learned range's bounds.  With them nothing is copied from the host (CUDA-graph safe).
+        (``ops.schedule_tables_on``; built from ``diffusion.schedule_tables()`` when None);
+        rows 4 and 5 are the learned range's bounds.  With them nothing is copied from the host
+        (CUDA-graph safe).
         """
         mode = self.uncertainty
         if mode == "auto":
@@ -59,11 +58,9 @@ class RelaxPolicy:
             if not diffusion.learned_variance:
                 raise ValueError("relax uncertainty='variance' needs a learned-variance diffusion")
             idx = index.clamp(min=0)
-            if tables is not None:
-                lo, hi = tables[4][idx], tables[5][idx]
-            else:
-                lo = extract(diffusion.posterior_log_variance_clipped, idx, idx.shape)
-                hi = extract(diffusion.log_betas, idx, idx.shape)
+            if tables is None:
+                tables = diffusion.schedule_tables().to(idx.device)
+            lo, hi = tables[4][idx], tables[5][idx]
             span = (hi - lo).clamp_min(1e-12)
             g = (logvar_p.float().mean(-1) - lo) / span
         else:
