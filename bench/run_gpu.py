@@ -317,8 +317,10 @@ ls -l "{out_dir}"/_C*.so
     return ["bash", "-c", script]
 
 
-FIRST_TEST_FILES = ("test_speculative_accept", "test_verify_attention", "test_fused_drafter", "test_build")
-TEST_LIMITS = {"test_speculative_accept": 90, "test_verify_attention": 90, "test_fused_drafter": 120}
+FIRST_TEST_FILES = ("test_speculative_accept", "test_verify_attention", "test_draft_epilogue", "test_modulated_layernorm",
+                    "test_gated_residual", "test_bias_gelu", "test_fused_drafter", "test_build")
+TEST_LIMITS = {"test_speculative_accept": 90, "test_verify_attention": 90, "test_draft_epilogue": 90,
+               "test_modulated_layernorm": 60, "test_fused_drafter": 60}
 
 
 def gpu_test_files() -> List[str]:

@@ -63,18 +63,35 @@ def test_opcheck_verify_attention(device):
     opcheck(FK.verify_attention_out.default, (qkv, 2, torch.empty(2, 5, 128, device=device, dtype=dt)))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_adaln_ops(device):
+def adaln_args(device):
+    """x, y (2, 3, 32), shift / scale (2, 32), and xt: a non-contiguous x (the patch-embedded tokens)."""
     dt = kernel_dtype(device)
     x, y = rnd((2, 3, 32), 0, device, dt), rnd((2, 3, 32), 1, device, dt)
     shift, scale = rnd((2, 32), 2, device, dt), rnd((2, 32), 3, device, dt)
-    xt = rnd((2, 32, 3), 4, device, dt).transpose(1, 2)  # non-contiguous input (the patch-embedded tokens)
+    xt = rnd((2, 32, 3), 4, device, dt).transpose(1, 2)
+    return x, y, shift, scale, xt
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_modulated_layernorm(device):
+    x, _, shift, scale, xt = adaln_args(device)
     opcheck(FK.modulated_layernorm.default, (x, shift, scale), dict(eps=1e-6))
     opcheck(FK.modulated_layernorm.default, (xt, shift, scale))
     opcheck(FK.modulated_layernorm_out.default, (x, shift, scale, torch.empty_like(x)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_gated_residual(device):
+    x, y, shift, _, xt = adaln_args(device)
     opcheck(FK.gated_residual.default, (x, shift, y))
     opcheck(FK.gated_residual.default, (xt, shift, y))
     opcheck(FK.gated_residual_out.default, (x, shift, y, torch.empty_like(x)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_bias_gelu(device):
+    x, _, _, _, xt = adaln_args(device)
+    dt = kernel_dtype(device)
     b, w = rnd((32,), 5, device, dt), rnd((32, 16), 6, device, dt)
     opcheck(FK.bias_gelu.default, (x, b))
     opcheck(FK.bias_gelu.default, (xt, b))

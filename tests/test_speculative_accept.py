@@ -42,6 +42,7 @@ import torch
 from scipy import stats
 
 from _tolerance import close_tol
+from cuda_emulation import harness
 from free_kernels import _env
 from free_kernels.ops import speculative_accept as op
 from free_kernels.ops._dispatch import BackendUnavailable, get_op
@@ -58,71 +59,12 @@ OP = get_op("speculative_accept")
 # wrapper as the real extension.  CPU-only machines; a GPU runs the real "cuda" backend instead.
 BACKENDS = [pytest.param("triton", id="triton"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
             pytest.param("cuda-emu", id="cuda-emu")]
-EMU_DIR = ROOT / "tests" / "cuda_emulation"
 OPS_MODULE = sys.modules[OP.backends["torch"].load.__module__]
 
 
-class _EmulatedExtension:
-    """ctypes stand-in for the two _C functions the cuda wrapper calls (same positional arguments)."""
-
-    def __init__(self, path):
-        import ctypes
-
-        self._ct = ctypes
-        lib = ctypes.CDLL(str(path))
-        u64, i64 = ctypes.c_uint64, ctypes.c_int64
-        lib.emu_speculative_accept_workspace_bytes.restype = i64
-        lib.emu_speculative_accept_workspace_bytes.argtypes = [i64, i64, i64]
-        lib.emu_speculative_accept.restype = ctypes.c_int
-        lib.emu_speculative_accept.argtypes = (
-            [u64] * 5 + [ctypes.POINTER(i64)] + [u64] * 7 + [i64, u64, u64, i64] + [u64] * 5
-            + [i64, i64, i64, ctypes.c_int, ctypes.c_int, i64, ctypes.c_char_p, ctypes.c_int])
-        self._lib = lib
-
-    def speculative_accept_workspace_bytes(self, B, L, D):
-        return self._lib.emu_speculative_accept_workspace_bytes(B, L, D)
-
-    def speculative_accept(self, *a):
-        ct = self._ct
-        a = list(a)
-        a[5] = (ct.c_int64 * 17)(*a[5])
-        err = ct.create_string_buffer(1024)
-        rc = self._lib.emu_speculative_accept(*a[:25], int(a[25]), int(bool(a[26])), a[27], err, len(err))
-        if rc == 1:
-            raise ValueError(err.value.decode())
-        if rc:
-            raise RuntimeError(err.value.decode())
-
-
-_EMU = {}
-
-
 def _emulated_extension():
-    """Build (once per session) and load the host-emulated CUDA kernel; (ext, None) or (None, reason)."""
-    if "ext" in _EMU or "why" in _EMU:
-        return _EMU.get("ext"), _EMU.get("why")
-    import re
-    import tempfile
-
-    cxx = shutil.which("g++")
-    if CUDA:
-        _EMU["why"] = "a GPU is present: the real cuda backend is tested instead of the host emulation"
-    elif cxx is None:
-        _EMU["why"] = "no g++ for the host emulation"
-    else:
-        d = Path(tempfile.mkdtemp(prefix="fk_cuda_emu_"))
-        src = (ROOT / "csrc" / "kernels" / "speculative_accept.cu").read_text()
-        src, n = re.subn(r"([A-Za-z_]\w*(?:<[^<>;()]*>)?)<<<([^>]*)>>>\(", r"fk_emu::launch(\1, \2, ", src)
-        assert n >= 4, "kernel launches not found"
-        (d / "kernel_emu.cu.inc").write_text(src)
-        cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-include", str(EMU_DIR / "fk_cuda_emu.h"),
-               f"-I{EMU_DIR}", f"-I{ROOT / 'csrc' / 'include'}", f"-I{d}", str(EMU_DIR / "speculative_accept_emu.cpp"),
-               "-o", str(d / "libsa_emu.so")]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        if r.returncode != 0:
-            raise AssertionError("host emulation build failed:\n" + r.stderr[-4000:])
-        _EMU["ext"] = _EmulatedExtension(d / "libsa_emu.so")
-    return _EMU.get("ext"), _EMU.get("why")
+    """The session's host-emulated CUDA extension (tests/cuda_emulation/harness.py): (ext, None) or (None, why)."""
+    return harness.extension()
 
 
 def _skip_unless_runnable(backend: str, dtype=torch.float32):

@@ -1,27 +1,22 @@
-// adaLN block kernels: modulated LayerNorm, gated residual add, bias + GELU (tanh).
+// modulated_layernorm: out = LayerNorm(x) * (1 + scale[b]) + shift[b]
 //
-//   modulated_layernorm  out = LayerNorm(x) * (1 + scale[b]) + shift[b]    x (B, N, H)
-//   gated_residual       out = x + gate[b] * y                              (out may be x)
-//   bias_gelu            out = gelu_tanh(x + bias)                          (out may be x)
+//   x / out (B, N, H), shift / scale (B, H); one dtype per call (float32 /
+//   float16 / bfloat16), any strides (in elements).
 //
-// All tensors of a call share one dtype (float32 / float16 / bfloat16), any
-// strides (in elements); arithmetic is fp32 with one rounding on the store.
-// The scalar formulas are those of csrc/include/free_kernels/adaln_math.h.
+// Arithmetic is fp32 with one rounding on the store; the scalar formulas are
+// those of csrc/include/free_kernels/adaln_math.h.  The Triton twin is
+// free_kernels/triton/modulated_layernorm.py, the oracle
+// free_kernels/reference/modulated_layernorm.py.
 //
-// modulated_layernorm: one WARP per token row, 4 rows per 128-thread CTA.  A
-// lane keeps its share of the row in registers (kNV vectors of kVec elements:
-// 16-byte loads when the row is contiguous and aligned, element loads through
-// the strides otherwise), so x is read once and the statistics are the exact
-// two-pass ones (mean by a warp reduction, then the mean of squared
-// deviations), as the reference computes them.  Rows longer than the register
-// cache (H > 32 * 16 * kVec) take a three-pass loop that re-reads x (L1/L2).
-//
-// gated_residual / bias_gelu: flat grid-stride loops over (row, vector) units,
-// 16-byte vectors on the aligned path.  In place is safe: every element is
-// read and then written by the same thread.
+// One WARP per token row, 4 rows per 128-thread CTA.  A lane keeps its share of
+// the row in registers (kNV vectors of kVec elements: 16-byte loads when the row
+// is contiguous and aligned, element loads through the strides otherwise), so x
+// is read once and the statistics are the exact two-pass ones (mean by a warp
+// reduction, then the mean of squared deviations), as the reference computes
+// them.  Rows longer than the register cache (H > 32 * 16 * kVec) take a
+// three-pass loop that re-reads x (L1/L2).
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -38,10 +33,7 @@ namespace {
 
 constexpr int kLnWarps = 4;
 constexpr int kLnThreads = 32 * kLnWarps;
-constexpr int kEwThreads = 256;
-constexpr int64_t kEwMaxBlocks = 8192;
 
-// ------------------------------------------------------------ modulated LayerNorm
 struct LnArgs {
   int64_t rows;
   int N, H;
@@ -169,64 +161,6 @@ cudaError_t launch_ln(const void* x, const void* shift, const void* scale, void*
   return launch_ln_vec<T, 1>(x, shift, scale, out, a, stream);
 }
 
-// ------------------------------------------------------------ elementwise epilogues
-struct EwArgs {
-  int64_t rows;
-  int N, K;
-  // operand 0 (x), operand 1 (y; unused by bias_gelu), out: (b, n, k); row operand (gate / bias): (b, k)
-  int64_t s0b, s0n, s0k, s1b, s1n, s1k, sob, son, sok, srb, srk;
-};
-
-template <typename T, int kVec, bool kGelu>
-__global__ void __launch_bounds__(kEwThreads)
-    elementwise_kernel(const T* __restrict__ x, const T* __restrict__ y, const T* __restrict__ rowop,
-                       T* out, EwArgs a) {
-  // `out` is not __restrict__: it may alias x (in place)
-  const int64_t kv = a.K / kVec;  // vectors per row (K % kVec == 0 on the vector path)
-  const int64_t units = a.rows * kv;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t u = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; u < units; u += stride) {
-    const int64_t row = u / kv;
-    const int64_t c = (u - row * kv) * kVec;
-    const int64_t b = row / a.N, n = row - b * a.N;
-    float xv[kVec], rv[kVec], o[kVec];
-    load_vec<T, kVec>(x + b * a.s0b + n * a.s0n + c * a.s0k, xv);
-    load_vec<T, kVec>(rowop + b * a.srb + c * a.srk, rv);
-    if constexpr (kGelu) {
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) o[k] = adaln::gelu_tanh_sigmoid(xv[k] + rv[k]);
-    } else {
-      float yv[kVec];
-      load_vec<T, kVec>(y + b * a.s1b + n * a.s1n + c * a.s1k, yv);
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) o[k] = fmaf(rv[k], yv[k], xv[k]);
-    }
-    store_vec<T, kVec>(out + b * a.sob + n * a.son + c * a.sok, o);
-  }
-}
-
-template <typename T, bool kGelu>
-cudaError_t launch_elementwise(const void* x, const void* y, const void* rowop, void* out, const EwArgs& a,
-                               cudaStream_t stream) {
-  constexpr int kVec = 16 / sizeof(T);
-  bool vec = a.s0k == 1 && a.sok == 1 && a.srk == 1 && a.K % kVec == 0 && a.s0b % kVec == 0 &&
-             a.s0n % kVec == 0 && a.sob % kVec == 0 && a.son % kVec == 0 && a.srb % kVec == 0 && aligned16(x) &&
-             aligned16(out) && aligned16(rowop);
-  if (!kGelu) vec = vec && a.s1k == 1 && a.s1b % kVec == 0 && a.s1n % kVec == 0 && aligned16(y);
-  const int64_t units = vec ? a.rows * (a.K / kVec) : a.rows * a.K;
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div<int64_t>(units, kEwThreads), kEwMaxBlocks));
-  const T* xt = static_cast<const T*>(x);
-  const T* yt = static_cast<const T*>(y);
-  const T* rt = static_cast<const T*>(rowop);
-  T* ot = static_cast<T*>(out);
-  if (vec) {
-    elementwise_kernel<T, kVec, kGelu><<<blocks, kEwThreads, 0, stream>>>(xt, yt, rt, ot, a);
-  } else {
-    elementwise_kernel<T, 1, kGelu><<<blocks, kEwThreads, 0, stream>>>(xt, yt, rt, ot, a);
-  }
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 void modulated_layernorm(uintptr_t x, uintptr_t shift, uintptr_t scale, uintptr_t out, int64_t B, int64_t N,
@@ -251,46 +185,6 @@ void modulated_layernorm(uintptr_t x, uintptr_t shift, uintptr_t scale, uintptr_
     case DType::kFloat16: FK_CUDA_CHECK((launch_ln<__half>(xp, sp, cp, op, a, st))); break;
     default: FK_CUDA_CHECK((launch_ln<__nv_bfloat16>(xp, sp, cp, op, a, st))); break;
   }
-}
-
-template <bool kGelu>
-static void run_elementwise(const void* x, const void* y, const void* rowop, void* out, const EwArgs& a,
-                            int64_t dtype_code, cudaStream_t st) {
-  switch (static_cast<DType>(dtype_code)) {
-    case DType::kFloat32: FK_CUDA_CHECK((launch_elementwise<float, kGelu>(x, y, rowop, out, a, st))); break;
-    case DType::kFloat16: FK_CUDA_CHECK((launch_elementwise<__half, kGelu>(x, y, rowop, out, a, st))); break;
-    default: FK_CUDA_CHECK((launch_elementwise<__nv_bfloat16, kGelu>(x, y, rowop, out, a, st))); break;
-  }
-}
-
-void gated_residual(uintptr_t x, uintptr_t gate, uintptr_t y, uintptr_t out, int64_t B, int64_t N, int64_t H,
-                    const std::vector<int64_t>& strides, int64_t dtype_code, uintptr_t stream) {
-  check_cuda_available();
-  const char* fn = "gated_residual";
-  check_rows_args(fn, B, N, H, strides, 11, dtype_code);
-  if (B == 0 || N == 0 || H == 0) return;
-  check_element_ptrs(fn, {x, gate, y, out}, dtype_code);
-  // strides: x (b, n, h), gate (b, h), y (b, n, h), out (b, n, h)
-  EwArgs a{B * N, static_cast<int>(N), static_cast<int>(H), strides[0], strides[1], strides[2], strides[5],
-           strides[6], strides[7], strides[8], strides[9], strides[10], strides[3], strides[4]};
-  run_elementwise<false>(reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(y),
-                         reinterpret_cast<const void*>(gate), reinterpret_cast<void*>(out), a, dtype_code,
-                         reinterpret_cast<cudaStream_t>(stream));
-}
-
-void bias_gelu(uintptr_t x, uintptr_t bias, uintptr_t out, int64_t B, int64_t N, int64_t K,
-               const std::vector<int64_t>& strides, int64_t dtype_code, uintptr_t stream) {
-  check_cuda_available();
-  const char* fn = "bias_gelu";
-  check_rows_args(fn, B, N, K, strides, 7, dtype_code);
-  if (B == 0 || N == 0 || K == 0) return;
-  check_element_ptrs(fn, {x, bias, out}, dtype_code);
-  // strides: x (b, n, k), bias (k), out (b, n, k); the bias is a row operand with batch stride 0
-  EwArgs a{B * N, static_cast<int>(N), static_cast<int>(K), strides[0], strides[1], strides[2], 0, 0, 1,
-           strides[4], strides[5], strides[6], 0, strides[3]};
-  run_elementwise<true>(reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(x),
-                        reinterpret_cast<const void*>(bias), reinterpret_cast<void*>(out), a, dtype_code,
-                        reinterpret_cast<cudaStream_t>(stream));
 }
 
 }  // namespace fk

@@ -13,7 +13,7 @@
 
 ``out`` (x's shape; may be x itself when ``weight`` is None) is written in place.
 
-Backends: ``cuda`` (csrc/kernels/modulated_layernorm.cu) -> ``triton`` (free_kernels/triton/modulated_layernorm.py)
+Backends: ``cuda`` (csrc/kernels/bias_gelu.cu) -> ``triton`` (free_kernels/triton/bias_gelu.py)
 -> ``torch``.  Fused backends are forward-only (see ``_fused``).
 
 Bytes of the fused epilogue (for benchmarks): 2 * M * K * elem + K * elem.
@@ -60,7 +60,7 @@ def _with_gemm(epilogue):
 
 
 def _load_triton():
-    from ..triton.modulated_layernorm import bias_gelu
+    from ..triton.bias_gelu import bias_gelu
 
     return _with_gemm(lambda x3, b, o3: bias_gelu(x3, b, out=o3))
 

@@ -5,8 +5,9 @@
 place (fused backends: each element is read before it is written by the same
 thread; the torch reference computes the result, then copies).
 
-Backends: ``cuda`` (csrc/kernels/modulated_layernorm.cu) -> ``triton`` (free_kernels/triton/modulated_layernorm.py)
--> ``torch`` (the reference: exactly the official block's ``x + gate * y``).
+Backends: ``cuda`` (csrc/kernels/gated_residual.cu) -> ``triton``
+(free_kernels/triton/gated_residual.py) -> ``torch`` (the reference: exactly
+the official block's ``x + gate * y``).
 Fused backends compute in fp32 (one fma) and round once; forward-only.
 
 Bytes (for benchmarks): 3 * B * N * H * elem + B * H * elem.
@@ -35,7 +36,7 @@ def _load_torch():
 
 
 def _load_triton():
-    from ..triton.modulated_layernorm import gated_residual as f
+    from ..triton.gated_residual import gated_residual as f
 
     return f
 

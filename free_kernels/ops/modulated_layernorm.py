@@ -4,10 +4,11 @@
 x (B, N, H), shift / scale (B, H) -> LayerNorm(x) * (1 + scale) + shift,
 statistics in fp32, one rounding to x's dtype.
 
-Backends: ``cuda`` (csrc/kernels/modulated_layernorm.cu: one warp per token row, the row held
-in registers, 16-byte loads when aligned) -> ``triton`` (free_kernels/triton/modulated_layernorm.py:
-one program per row) -> ``torch`` (the reference: F.layer_norm, then the
-modulate in the dtype).  Fused backends are forward-only (see ``_fused``).
+Backends: ``cuda`` (csrc/kernels/modulated_layernorm.cu: one warp per token row,
+the row held in registers, 16-byte loads when aligned) -> ``triton``
+(free_kernels/triton/modulated_layernorm.py: one program per row) -> ``torch``
+(the reference: F.layer_norm, then the modulate in the dtype).  Fused backends
+are forward-only (see ``_fused``).
 
 Part of the drafter-forward op family.  Bytes (for benchmarks): read x once,
 write y once, plus the (B, H) shift/scale: 2 * B * N * H * elem + 2 * B * H * elem.

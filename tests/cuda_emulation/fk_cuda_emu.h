@@ -23,10 +23,12 @@
 // occupancy, atomics, textures.  It checks the kernels' LOGIC (indexing,
 // reductions, decisions, loops), not their performance.
 //
-// Used by tests/test_speculative_accept.py: the .cu is copied with its
+// Used through tests/cuda_emulation/harness.py: a .cu is copied with its
 // `kernel<<<grid, block, smem, stream>>>(args)` launches rewritten to
-// `fk_emu::launch(kernel, grid, block, smem, stream, args)` and compiled with
-// g++ -std=c++20 -pthread -include fk_cuda_emu.h -I tests/cuda_emulation.
+// `fk_emu::launch(kernel, grid, block, smem, stream, args)` (and mma.sync calls,
+// `Mma<T>::run(...)`, to the lane-exact software `fk_emu_mma<T>(...)` below) and
+// compiled with g++ -std=c++20 -pthread -include fk_cuda_emu.h -I tests/cuda_emulation
+// (whose cuda_*.h stand-ins lead back here).
 #pragma once
 
 #include <array>
@@ -41,6 +43,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #define __global__
@@ -49,6 +52,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define __align__(n) alignas(n)
 
 struct dim3 {
   unsigned x, y, z;
@@ -63,7 +67,12 @@ inline thread_local dim3 blockDim;
 inline thread_local dim3 gridDim;
 
 // ---- runtime API subset
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorLaunchFailure = 4 };
+enum cudaError_t {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorLaunchFailure = 4,
+  cudaErrorInvalidConfiguration = 9,
+};
 typedef struct fk_emu_stream* cudaStream_t;
 inline thread_local cudaError_t fk_emu_last_error = cudaSuccess;
 inline cudaError_t cudaGetLastError() {
@@ -85,8 +94,8 @@ struct cudaFuncAttributes {
   int maxDynamicSharedSizeBytes;  // the current dynamic allowance
   int preferredShmemCarveout;
 };
-// value 0 matches the stand-in macros some tests define for this name
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 0, cudaFuncAttributePreferredSharedMemoryCarveout = 1 };
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
 
 namespace fk_emu {
 inline size_t g_optin_smem = 227 * 1024;  // cudaDevAttrMaxSharedMemoryPerBlockOptin of sm_90
@@ -113,14 +122,23 @@ cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, void (*f)(KArgs...))
   return cudaSuccess;
 }
 
-// More specialised than a catch-all stand-in `template <typename F> cudaFuncSetAttribute(F, int, int)`,
-// so overload resolution picks this one for kernels.
 template <typename... KArgs>
 cudaError_t cudaFuncSetAttribute(void (*f)(KArgs...), int attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;
   if (value < 0 || fk_emu::g_static_smem + static_cast<size_t>(value) > fk_emu::g_optin_smem) return cudaErrorInvalidValue;
   std::lock_guard<std::mutex> lock(fk_emu::g_attr_mu);
   fk_emu::dynamic_allowance()[reinterpret_cast<const void*>(f)] = value;
+  return cudaSuccess;
+}
+
+// one emulated device, 0, with the opt-in limit above
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
+  if (attr != cudaDevAttrMaxSharedMemoryPerBlockOptin) return cudaErrorInvalidValue;
+  *value = static_cast<int>(fk_emu::g_optin_smem);
   return cudaSuccess;
 }
 
@@ -157,6 +175,10 @@ inline float __int_as_float(int i) {
   return f;
 }
 inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
 
 namespace fk_emu {
 
@@ -254,4 +276,46 @@ inline unsigned __ballot_sync(unsigned /*mask*/, int pred) {
   for (unsigned l = 0; l < 32; ++l) m |= (buf[l] ? 1u : 0u) << l;
   bar.arrive_and_wait();
   return m;
+}
+
+inline void __syncwarp(unsigned /*mask*/ = 0xffffffffu) {
+  fk_emu::g_block->warp_bars[fk_emu::warp()]->arrive_and_wait();
+}
+
+// ---- tensor cores
+// mma.sync.m16n8k16.row.col with fp32 accumulation (the device's Mma<T>::run,
+// device_types.h), lane-exact: every lane publishes its A / B registers, then
+// computes its four accumulator elements from the PTX fragment layout (A: lane
+// (g, t) holds rows g, g+8 x cols 2t, 2t+1, 2t+8, 2t+9; B: k 2t, 2t+1, 2t+8,
+// 2t+9 of col g; C: rows g, g+8 x cols 2t, 2t+1).  T: __half or __nv_bfloat16.
+template <typename T>
+void fk_emu_mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  static_assert(sizeof(T) == 2, "mma operands are 16-bit");
+  uint32_t A[32][4], B[32][2];
+  for (int s = 0; s < 32; ++s) {
+    for (int j = 0; j < 4; ++j) A[s][j] = __shfl_sync(0xffffffffu, a[j], s);
+    B[s][0] = __shfl_sync(0xffffffffu, b0, s);
+    B[s][1] = __shfl_sync(0xffffffffu, b1, s);
+  }
+  auto half = [](uint32_t w, int hi) {
+    const uint16_t bits = static_cast<uint16_t>(hi ? w >> 16 : w & 0xffffu);
+    T v;
+    std::memcpy(&v, &bits, 2);
+    if constexpr (std::is_same_v<T, __half>) {
+      return __half2float(v);
+    } else {
+      return __bfloat162float(v);
+    }
+  };
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + (i >> 1) * 8, col = 2 * t + (i & 1);
+    float acc = 0.f;
+    for (int k = 0; k < 16; ++k) {
+      const float av = half(A[(row % 8) * 4 + (k % 8) / 2][(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)], k & 1);
+      const float bv = half(B[col * 4 + (k % 8) / 2][k >= 8 ? 1 : 0], k & 1);
+      acc += av * bv;
+    }
+    c[i] += acc;
+  }
 }

@@ -1,18 +1,15 @@
 // C ABI around csrc/kernels/speculative_accept.cu built under the host
-// emulation (fk_cuda_emu.h), for ctypes in tests/test_speculative_accept.py.
-// The test generates this translation unit's companion `kernel_emu.cu.inc`
-// (the .cu with its launches rewritten) and compiles both together.
+// emulation (fk_cuda_emu.h), for ctypes (tests/cuda_emulation/harness.py).
+// harness.py generates this translation unit's companion
+// `speculative_accept_emu.cu.inc` (the .cu with its launches rewritten) and
+// compiles both together.
 #include <cstdint>
 #include <cstring>
 #include <exception>
 #include <string>
 #include <vector>
 
-#include "kernel_emu.cu.inc"
-
-namespace fk {
-void check_cuda_available() {}
-}  // namespace fk
+#include "speculative_accept_emu.cu.inc"
 
 extern "C" {
 

@@ -10,7 +10,8 @@
   noise of element j was a function of sample 0's acceptance uniform of slot j).
 * The Triton launcher refuses more than 65,535 sample rows (grid axis 1) with a clear error.
 
-The emulated CUDA build comes from tests/test_fused_drafter.py (one build per session).
+The emulated CUDA build comes from tests/cuda_emulation/harness.py (one build per session), the cases
+and the composition oracle from tests/test_draft_epilogue.py.
 """
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ TESTS = Path(__file__).resolve().parents[1]
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-import test_fused_drafter as tfd  # noqa: E402  (same module object when pytest collected it already)
+import test_draft_epilogue as tde  # noqa: E402  (same module object when pytest collected it already)
+from cuda_emulation.harness import DEV, emu_impl, needs_triton  # noqa: E402
 
 from free_kernels import _env  # noqa: E402
-from free_kernels.reference.draft_epilogue import DRAFT_NOISE_SUBSEQUENCE  # noqa: E402
+from free_kernels.reference.draft_epilogue import DRAFT_NOISE_SUBSEQUENCE, schedule_tables  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 HERE_BACKENDS = ["cuda" if CUDA else "cuda-emu"]
@@ -40,29 +42,29 @@ def test_float32_dit_xl_width_opts_in_to_what_it_needs(backend, monkeypatch):
     """H = 1152 float32 needs ~74 KiB of dynamic shared memory: above the default allowance, far below
     the opt-in limit.  Opting in to the whole limit (plus the static memory) fails on a device."""
     H = 1152
-    tgt = tfd.make_target(H=H)
-    dif = tfd._diffusion(True)
-    h, c, x, noise, idx = tfd.epilogue_case(R=1, cfg=True, H=H)
+    tgt = tde.make_target(H=H)
+    dif = tde.diffusion_for(True)
+    h, c, x, noise, idx = tde.epilogue_case(R=1, cfg=True, H=H)
     kw = dict(cfg_scale=2.0, guidance_channels=3, clip_denoised=False)
-    ref64 = tfd.composition_oracle(tgt, dif, h, c, x, idx, noise, **kw)
+    ref64 = tde.composition_oracle(tgt, dif, h, c, x, idx, noise, **kw)
     with torch.no_grad():
-        same = tfd.ref_composition(tgt, dif, h, c, x, idx, noise, **kw)
-    res = tfd.run_transition(backend, tgt, dif, h, c, x, idx, noise, monkeypatch, **kw)
-    tfd.check_transition(res, ref64, same, torch.float32, f"{backend} H={H} float32")
+        same = tde.ref_composition(tgt, dif, h, c, x, idx, noise, **kw)
+    res = tde.run_transition(backend, tgt, dif, h, c, x, idx, noise, monkeypatch, **kw)
+    tde.check_transition(res, ref64, same, torch.float32, f"{backend} H={H} float32")
 
 
 def test_too_wide_for_the_opt_in_limit_is_a_clear_error(monkeypatch):
     """static + dynamic above the opt-in limit: a ValueError with the sizes, not a launch failure."""
     if CUDA:
         pytest.skip("CPU-only check: the emulated limit")
-    fn = tfd.emu_impl("draft_epilogue", monkeypatch)
+    fn = emu_impl("draft_epilogue", monkeypatch)
     H, R, S, p = 3560, 1, 2, 2  # float32: ~226 KiB dynamic + 4 KiB static > 227 KiB
     g = torch.Generator().manual_seed(0)
     h = torch.randn(R, 1, H, generator=g)
     shift, scale = torch.zeros(R, H), torch.zeros(R, H)
     w, b = torch.randn(2 * p * p * 4, H, generator=g) * 0.01, torch.zeros(2 * p * p * 4)
     x = torch.randn(R, 4, S, S, generator=g)
-    tables = tfd.schedule_tables(tfd._diffusion(True))
+    tables = schedule_tables(tde.diffusion_for(True))
     idx = torch.zeros(R, dtype=torch.int64)
     with pytest.raises(ValueError, match=r"static \+ .* dynamic shared memory .* opt-in limit"):
         fn(h, shift, scale, w, b, x, tables, idx, torch.zeros_like(x), patch_size=p, learned_variance=True)
@@ -81,18 +83,18 @@ def _spearman(a, b):
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-@pytest.mark.parametrize("backend", [pytest.param("triton", marks=tfd.needs_triton)] + HERE_BACKENDS)
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton)] + HERE_BACKENDS)
 def test_draft_noise_has_its_own_stream(backend, monkeypatch):
     ext = _env.extension()
     if ext is None:
         pytest.skip("needs the host Philox of free_kernels._C")
-    tgt = tfd.make_target()
-    dif = tfd._diffusion(True)
-    h, c, x, _, idx = tfd.epilogue_case(R=4, cfg=True)
+    tgt = tde.make_target()
+    dif = tde.diffusion_for(True)
+    h, c, x, _, idx = tde.epilogue_case(R=4, cfg=True)
     seed, offset = 987654321, 5
-    rng = torch.tensor([seed, offset], dtype=torch.int64, device=tfd.DEV)
-    z = torch.full(x.shape, float("nan"), device=tfd.DEV)
-    tfd.run_transition(backend, tgt, dif, h, c, x, idx, None, monkeypatch, rng_state=rng, noise_out=z,
+    rng = torch.tensor([seed, offset], dtype=torch.int64, device=DEV)
+    z = torch.full(x.shape, float("nan"), device=DEV)
+    tde.run_transition(backend, tgt, dif, h, c, x, idx, None, monkeypatch, rng_state=rng, noise_out=z,
                        cfg_scale=2.0, guidance_channels=3, clip_denoised=False)
     z = z.cpu().double().flatten().numpy()
     n = z.size
@@ -124,7 +126,7 @@ def test_stream_constant_agrees_everywhere():
 
 
 # ---------------------------------------------------------------- Triton grid
-@tfd.needs_triton
+@needs_triton
 def test_triton_launcher_refuses_more_than_65535_rows():
     from free_kernels.triton.draft_epilogue import draft_epilogue as tri_epilogue
 
@@ -133,7 +135,7 @@ def test_triton_launcher_refuses_more_than_65535_rows():
     shift = scale = torch.zeros(R, H)
     w, b = torch.zeros(2 * p * p * C, H), torch.zeros(2 * p * p * C)
     x = torch.zeros(R, C, S, S)
-    tables = tfd.schedule_tables(tfd._diffusion(True))
+    tables = schedule_tables(tde.diffusion_for(True))
     idx = torch.zeros(R, dtype=torch.int64)
     with pytest.raises(ValueError, match="65536 sample rows .* 65535"):
         tri_epilogue(h, shift, scale, w, b, x, tables, idx, torch.zeros_like(x), patch_size=p, learned_variance=True)

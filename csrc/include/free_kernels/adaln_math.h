@@ -1,7 +1,8 @@
-// Scalar math of the adaLN kernels (csrc/kernels/modulated_layernorm.cu) and of the draft-step
-// epilogue (csrc/kernels/draft_epilogue.cu), shared with the host tests
+// Scalar math of the adaLN block's kernels (csrc/kernels/modulated_layernorm.cu,
+// gated_residual.cu, bias_gelu.cu) and of the draft-step epilogue
+// (csrc/kernels/draft_epilogue.cu), shared with the host tests
 // (csrc/tests/test_adaln_math.cpp) and mirrored by the Triton kernels
-// (free_kernels/triton/modulated_layernorm.py, draft_epilogue.py).
+// (free_kernels/triton/modulated_layernorm.py, bias_gelu.py, draft_epilogue.py).
 //
 //   gelu_tanh_sigmoid   GELU (tanh approximation) as x * sigmoid(2u)
 //   modulate            LayerNorm output -> x_hat * (1 + scale) + shift

@@ -16,8 +16,9 @@
 //     arguments (std::invalid_argument -> ValueError) and checks the launch
 //     (std::runtime_error -> RuntimeError).
 //
-// Adding an op: write csrc/kernels/<op>.cu, declare its entry point here and
-// add one FK_DEF_CUDA line in bindings.cpp.  CMake globs csrc/kernels/*.cu.
+// Adding an op: write csrc/kernels/<op>.cu (element types and conversions from
+// device_types.h, shared scalar math in a header here), declare its entry point
+// here and add one FK_DEF_CUDA line in bindings.cpp.  CMake globs csrc/kernels/*.cu.
 #pragma once
 
 #include <cstdint>
@@ -74,8 +75,8 @@ void speculative_accept(uintptr_t mean_p, uintptr_t logvar_p, uintptr_t mean_q, 
                         uintptr_t fallbacks, int64_t B, int64_t L, int64_t D, int dtype, bool equal_variance,
                         int64_t max_candidates, uintptr_t stream);
 
-// ---- modulated_layernorm.cu ------------------------------------------------
-// adaLN block kernels; every tensor of a call has dtype_code 0 = float32,
+// ---- modulated_layernorm.cu, gated_residual.cu, bias_gelu.cu ------------
+// The adaLN block's kernels; every tensor of a call has dtype_code 0 = float32,
 // 1 = float16, 2 = bfloat16; strides in elements (any; out may alias x).
 // modulated_layernorm: out = LayerNorm(x) * (1 + scale[b]) + shift[b], x / out
 //   (B, N, H), shift / scale (B, H); strides (10): x (3), shift (2), scale (2), out (3).
