@@ -31,7 +31,7 @@ from free_kernels import _env, ops
 from free_kernels.diffusion import create_diffusion
 from free_kernels.models.dit import DiT
 from free_kernels.ops import get_op
-from free_kernels.ops.drafter_forward import head_parameters, schedule_tables_on
+from free_kernels.ops.draft_transition import head_parameters, schedule_tables_on
 from free_kernels.reference.draft_epilogue import schedule_tables
 from free_kernels.reference.draft_transition import draft_transition as ref_composition
 

@@ -88,17 +88,17 @@ def test_dit_block_through_fused_backends_matches(monkeypatch):
 
 # ============================================================ draft transition, sampler
 def test_draft_transition_reasons_for_unknown_heads():
-    from free_kernels.ops.drafter_forward import OP_EPI, _head_reason
+    from free_kernels.ops.draft_transition import OP, head_reason
 
     class NoHead(torch.nn.Module):
         patch_size = 2
 
-    assert "final_layer" in _head_reason(NoHead())
+    assert "final_layer" in head_reason(NoHead())
     tgt = make_target(device="cpu")
-    assert _head_reason(tgt) is None
-    ctx = dict(device=torch.device("cuda"), dtype=torch.float16, H=32, PE=16, target_reason=_head_reason(NoHead()))
-    assert "final_layer" in OP_EPI.reasons(ctx)["triton"]
-    assert OP_EPI.resolve(ctx).name == "torch"
+    assert head_reason(tgt) is None
+    ctx = dict(device=torch.device("cuda"), dtype=torch.float16, H=32, PE=16, target_reason=head_reason(NoHead()))
+    assert "final_layer" in OP.reasons(ctx)["triton"]
+    assert OP.resolve(ctx).name == "torch"
 
 
 @needs_triton

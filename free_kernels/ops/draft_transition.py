@@ -187,7 +187,3 @@ def draft_transition(target, diffusion, h, c, x, index, noise, *, cfg_scale: flo
                                            guidance_channels=guidance_channels, clip_denoised=clip_denoised,
                                            rng_state=rng_state, out=out, noise_out=noise_out, head=head)
 
-
-# the names this op's module had inside ops/drafter_forward.py
-OP_EPI = OP
-_head_reason, _diffusion_reason = head_reason, diffusion_reason

@@ -15,16 +15,6 @@ from typing import Optional
 import torch
 
 from ._dispatch import Backend, get_op
-# draft_transition and its helpers were defined here before they got their own module; these names
-# stay importable from here for the code that still imports them from this module
-from .draft_transition import (  # noqa: F401
-    OP_EPI,
-    _diffusion_reason,
-    _head_reason,
-    draft_transition,
-    head_parameters,
-    schedule_tables_on,
-)
 
 OP_FWD = get_op("drafter_forward")
 
