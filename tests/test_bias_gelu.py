@@ -23,24 +23,6 @@ OP = "bias_gelu"
 
 
 # ============================================================ dispatch
-def test_cpu_tensors_default_to_torch_and_probes_answer():
-    op = get_op(OP)
-    assert op.resolve(probe_ctx("cpu", torch.float32)).name == "torch"
-    for dev in ("cpu", "cuda"):
-        for dt in (torch.float16, torch.bfloat16, torch.float32):
-            for b, why in op.reasons(probe_ctx(dev, dt)).items():
-                assert why is None or not why.startswith("probe failed"), f"{OP} {b} {dev}: {why}"
-
-
-def test_grad_and_mixed_dtypes_fall_back_to_torch_on_cuda():
-    op = get_op(OP)
-    for extra in (dict(requires_grad=True), dict(mixed="mixed dtypes (y is torch.float32)")):
-        ctx = probe_ctx("cuda", torch.float16, **extra)
-        assert op.reasons(ctx)["triton"] is not None
-        assert op.reasons(ctx)["cuda"] is not None
-        assert op.resolve(ctx).name == "torch"
-
-
 def test_explicit_requests_that_cannot_run_raise():
     x = rnd((2, 3, 32), torch.float32, 0)
     with pytest.raises(BackendUnavailable, match="cuda"):

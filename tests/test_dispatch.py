@@ -232,3 +232,34 @@ def test_update_priority_builds_a_table_the_dispatcher_reads(fake_gpu, tmp_path,
 
     order, source = get_op("gated_residual").order_for(dict(device=torch.device("cuda"), dtype=torch.bfloat16, M=512))
     assert order == ("triton", "cuda", "torch") and source.startswith("measured")
+
+
+# ---------------------------------------------------------------- every fused kernel op
+FUSED_OPS = ("modulated_layernorm", "gated_residual", "bias_gelu", "draft_epilogue", "verify_attention",
+             "speculative_accept")
+
+
+@pytest.mark.parametrize("name", FUSED_OPS)
+def test_cpu_tensors_default_to_torch_and_every_probe_answers(name):
+    from cuda_emulation.harness import probe_ctx
+    from free_kernels.ops import get_op
+
+    op = get_op(name)
+    assert op.resolve(probe_ctx("cpu", torch.float32)).name == "torch"
+    for dev in ("cpu", "cuda"):
+        for dt in (torch.float16, torch.bfloat16, torch.float32):
+            for b, why in op.reasons(probe_ctx(dev, dt)).items():
+                assert why is None or not why.startswith("probe failed"), f"{name} {b} {dev}: {why}"
+
+
+@pytest.mark.parametrize("name", ("modulated_layernorm", "gated_residual", "bias_gelu", "draft_epilogue"))
+def test_grad_and_mixed_dtypes_fall_back_to_torch_on_cuda(name):
+    from cuda_emulation.harness import probe_ctx
+    from free_kernels.ops import get_op
+
+    op = get_op(name)
+    for extra in (dict(requires_grad=True), dict(mixed="mixed dtypes (y is torch.float32)")):
+        ctx = probe_ctx("cuda", torch.float16, **extra)
+        assert op.reasons(ctx)["triton"] is not None
+        assert op.reasons(ctx)["cuda"] is not None
+        assert op.resolve(ctx).name == "torch"
