@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 from _tolerance import assert_flash_rule
 from cuda_emulation.harness import (DEV, assert_cuda_compiles_without_spills, call, gpu_backends, gpu_skip_unless,
-                                    kernel_backends, probe_ctx, rnd)
+                                    kernel_backends, rnd)
 from free_kernels import ops
-from free_kernels.ops import BackendUnavailable, get_op
+from free_kernels.ops import BackendUnavailable
 from free_kernels.reference.bias_gelu import bias_gelu as ref_bias_gelu
 
 OP = "bias_gelu"

@@ -25,12 +25,11 @@ import torch
 
 from _tolerance import assert_flash_rule
 from cuda_emulation.harness import (CUDA, DEV, INTERPRET, assert_cuda_compiles_without_spills, assert_no_spills,
-                                    emu_impl, gpu_backends, gpu_skip_unless, kernel_backends, probe_ctx, rnd,
+                                    emu_impl, gpu_backends, gpu_skip_unless, kernel_backends, rnd,
                                     triton_missing, triton_ptxas_usage)
 from free_kernels import _env, ops
 from free_kernels.diffusion import create_diffusion
 from free_kernels.models.dit import DiT
-from free_kernels.ops import get_op
 from free_kernels.ops.draft_transition import head_parameters, schedule_tables_on
 from free_kernels.reference.draft_epilogue import schedule_tables
 from free_kernels.reference.draft_transition import draft_transition as ref_composition

@@ -19,10 +19,10 @@ import torch
 
 from _tolerance import assert_flash_rule
 from cuda_emulation.harness import (CUDA, DEV, INTERPRET, assert_cuda_compiles_without_spills, assert_no_spills, call,
-                                    gpu_backends, gpu_skip_unless, kernel_backends, probe_ctx, rnd, triton_missing,
+                                    gpu_backends, gpu_skip_unless, kernel_backends, rnd, triton_missing,
                                     triton_ptxas_usage)
 from free_kernels import ops
-from free_kernels.ops import BackendUnavailable, get_op
+from free_kernels.ops import BackendUnavailable
 from free_kernels.reference.modulated_layernorm import modulated_layernorm as ref_mln
 
 OP = "modulated_layernorm"
