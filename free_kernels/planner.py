@@ -288,8 +288,18 @@ def _device_name(dev: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("free-kernels")
+    except PackageNotFoundError:
+        return "?"
+
+
 def cost_key(sampler, B: int, G: int, dev: torch.device) -> str:
-    """Device, target (signature, size, dtype), drafter type, batch, guidance, layout, torch version."""
+    """Device (and CPU thread count), target (signature, size, dtype), drafter type, batch, guidance, layout,
+    torch and free_kernels versions."""
     t = sampler.target
     params = [p for p in t.parameters()] if isinstance(t, torch.nn.Module) else []
     sig = dict(cls=type(t).__name__, n_params=sum(p.numel() for p in params),
@@ -299,7 +309,9 @@ def cost_key(sampler, B: int, G: int, dev: torch.device) -> str:
                drafter_params=sum(p.numel() for p in sampler.drafter.parameters())
                if isinstance(sampler.drafter, torch.nn.Module) else 0)
     raw = json.dumps(dict(device=_device_name(dev), target=sig, B=B, G=G, layout=sampler.layout,
-                          torch=torch.__version__), sort_keys=True)
+                          torch=torch.__version__, package=_package_version(),
+                          # a CPU round's cost depends on the intra-op thread count as much as on the device
+                          threads=torch.get_num_threads() if dev.type == "cpu" else None), sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 

@@ -127,3 +127,21 @@ def test_stored_profile_with_gaps_and_other_schedule_length():
     assert p.source == "drafter's stored profile"
     assert np.all(np.isfinite(p.prior)) and p.prior[0] == pytest.approx(0.5) and p.prior[-1] == pytest.approx(0.9)
     assert np.all(np.diff(p.prior) >= 0)
+
+
+def test_cost_key_follows_cpu_threads_and_batch(targets):
+    from free_kernels.planner import cost_key
+
+    t = targets[True]
+    s = fk.FreeSampler(t, fk.FrozenFeatureDrafter(t), fk.create_diffusion("20", learn_sigma=True), draft_length=2)
+    dev = torch.device("cpu")
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cost_key(s, 1, 2, dev)
+        assert cost_key(s, 1, 2, dev) == one
+        assert cost_key(s, 4, 2, dev) != one
+        torch.set_num_threads(2)
+        assert cost_key(s, 1, 2, dev) != one   # a cost measured at 1 thread is not reused at 2
+    finally:
+        torch.set_num_threads(n)
