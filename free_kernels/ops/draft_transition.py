@@ -134,7 +134,8 @@ def _load_torch():
         if noise is None:
             noise = philox_noise(rng_state, tuple(x.shape), x.device)
         res = ref(target, diffusion, h, c, x, index, noise, cfg_scale=cfg_scale,
-                  guidance_channels=guidance_channels, clip_denoised=clip_denoised)
+                  guidance_channels=guidance_channels, clip_denoised=clip_denoised,
+                  tables=schedule_tables_on(diffusion, x.device))
         if noise_out is not None:
             noise_out.copy_(noise)
         if out is not None:

@@ -57,12 +57,15 @@ def unpatchify(out: torch.Tensor, patch_size: int, out_channels: int) -> torch.T
     return out.reshape(out.shape[0], c, h * p, h * p)
 
 
-def _coef(tables: torch.Tensor, k: int, index: torch.Tensor, shape) -> torch.Tensor:
-    # what diffusion.extract does: fp32 value per row, broadcast by adding zeros
-    res = tables[k].to(index.device)[index]
-    while res.dim() < len(shape):
-        res = res[..., None]
-    return res + torch.zeros(shape, device=index.device)
+def _coefs(tables: torch.Tensor, index: torch.Tensor, ndim: int) -> torch.Tensor:
+    """The six per-row float32 values (6, R, 1, ..., 1), gathered in one op, to broadcast against (R, C, S, S).
+
+    ``diffusion.extract`` materialises each coefficient by adding zeros of the full shape; every use
+    here is elementwise, so broadcasting gives the same float32 values with one gather instead of
+    six gathers, six zero fills and six additions.
+    """
+    g = tables.to(index.device).index_select(1, index)
+    return g.view(g.shape[0], g.shape[1], *([1] * (ndim - 1)))
 
 
 def transition(model_output: torch.Tensor, x: torch.Tensor, tables: torch.Tensor, index: torch.Tensor, *,
@@ -70,27 +73,26 @@ def transition(model_output: torch.Tensor, x: torch.Tensor, tables: torch.Tensor
                ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(mean, log_variance) with the operations of ``GaussianDiffusion.transition_from_output``."""
     C = x.shape[1]
+    co = _coefs(tables, index, x.dim())
     if learned_variance:
         if model_output.shape[1] != 2 * C:
             raise ValueError(f"learned variance needs {2 * C} output channels, got {model_output.shape[1]}")
         model_output, model_var_values = torch.split(model_output, C, dim=1)
-        min_log = _coef(tables, 4, index, x.shape)
-        max_log = _coef(tables, 5, index, x.shape)
         frac = (model_var_values + 1) / 2
-        logvar = frac * max_log + (1 - frac) * min_log
+        logvar = frac * co[5] + (1 - frac) * co[4]
     else:
         if model_output.shape[1] == 2 * C:
             model_output = model_output[:, :C]
         elif model_output.shape[1] != C:
             raise ValueError(f"model output has {model_output.shape[1]} channels, expected {C}")
-        logvar = _coef(tables, 4, index, x.shape)
+        logvar = co[4].expand(x.shape).contiguous()
     if predict_xstart:
         x0 = model_output
     else:
-        x0 = _coef(tables, 0, index, x.shape) * x - _coef(tables, 1, index, x.shape) * model_output
+        x0 = co[0] * x - co[1] * model_output
     if clip_denoised:
         x0 = x0.clamp(-1, 1)
-    mean = _coef(tables, 2, index, x.shape) * x0 + _coef(tables, 3, index, x.shape) * x
+    mean = co[2] * x0 + co[3] * x
     return mean, logvar
 
 
