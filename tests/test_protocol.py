@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -35,9 +34,8 @@ from free_kernels.reference.draft_transition import draft_transition as ref_comp
 from free_kernels.reference.modulated_layernorm import modulated_layernorm
 
 from test_sampler import make_target
+from cuda_emulation.harness import CUDA, needs_triton, triton_missing
 
-CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 NULL = 5
 
 
@@ -198,19 +196,6 @@ def test_tensor_epilogue_on_head_parameters_is_the_composition(kind, learn):
         assert torch.equal(a, b) and torch.equal(a, d)
 
 
-def _triton_missing():
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # pragma: no cover - triton is a dependency
-        return f"triton not importable: {e}"
-    if not CUDA and not INTERPRET:
-        return "Triton on CPU needs TRITON_INTERPRET=1 before triton is imported"
-    return None
-
-
-needs_triton = pytest.mark.skipif(_triton_missing() is not None, reason=str(_triton_missing()))
-
-
 @needs_triton
 @pytest.mark.parametrize("kind", KINDS)
 def test_fused_epilogue_runs_every_protocol_head(kind):
@@ -246,7 +231,7 @@ def test_minimal_custom_target_samples_with_free(fusable, monkeypatch):
         b, _ = smp.sample(noise, y, cfg_scale=2.0, generator=torch.Generator().manual_seed(2))
         assert torch.isfinite(a).all() and torch.equal(a, b)
         assert st.drafter_calls > 0 and sum(st.proposed_by_index) > 0
-    if fusable and _triton_missing() is None:  # the drafts through the fused epilogue
+    if fusable and triton_missing() is None:  # the drafts through the fused epilogue
         monkeypatch.setenv("FREE_KERNELS_BACKEND_DRAFT_TRANSITION", "triton")
         smp = fk.FreeSampler(tgt, drafter, dif, draft_length=2, clip_denoised=True)
         x, _ = smp.sample(noise, y, cfg_scale=2.0, generator=torch.Generator().manual_seed(2))

@@ -16,7 +16,6 @@ emulation).
 from __future__ import annotations
 
 import copy
-import os
 
 import numpy as np
 import pytest
@@ -27,9 +26,8 @@ from free_kernels.diffusion import create_diffusion
 from free_kernels.models.dit import DiT
 from free_kernels.ops import BackendUnavailable
 from free_kernels.reference.verify_transition import verify_transition as ref_verify
+from cuda_emulation.harness import CUDA, triton_missing
 
-CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 NULL = 5
 
 
@@ -179,19 +177,11 @@ def test_fused_backends_need_the_head_protocol():
 
 
 # ------------------------------------------------------------------ fused backends
-def _triton_missing():
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # pragma: no cover - triton is a dependency
-        return f"triton not importable: {e}"
-    if not CUDA and not INTERPRET:
-        return "Triton on CPU needs TRITON_INTERPRET=1 before triton is imported"
-    return None
 
 
 def _fused_backends():
-    out = [pytest.param("triton", id="triton", marks=pytest.mark.skipif(_triton_missing() is not None,
-                                                                         reason=str(_triton_missing())))]
+    out = [pytest.param("triton", id="triton", marks=pytest.mark.skipif(triton_missing() is not None,
+                                                                         reason=str(triton_missing())))]
     if CUDA:
         out.append(pytest.param("cuda", id="cuda"))
     return out
@@ -230,7 +220,7 @@ def test_fused_backends_match_the_reference(backend, learn, small, xstart, cfg_s
         _assert_rule(a, b, s, f"{backend} {name}")
 
 
-@pytest.mark.skipif(_triton_missing() is not None, reason=str(_triton_missing()))
+@pytest.mark.skipif(triton_missing() is not None, reason=str(triton_missing()))
 def test_sampler_verifies_through_the_fused_backend(monkeypatch):
     """The sampler's verify phase with verify_transition (and the draft epilogue) forced to triton completes."""
     from free_kernels.models.drafter import FeatureDrafter
