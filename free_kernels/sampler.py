@@ -268,8 +268,10 @@ class FreeSampler:
                generator: Optional[torch.Generator] = None, progress: bool = False):
         """Sample from x_T = ``noise`` (B, C, S, S) with labels ``y`` (B,).
 
-        With ``cfg_scale > 1`` guidance is applied as the baseline applies it
-        (``forward_with_cfg``); pass B samples, not a doubled batch.  Every
+        With ``cfg_scale != 1`` guidance is applied as the baseline applies it
+        (``forward_with_cfg`` at that scale; at 1 guidance is the conditional output, so the
+        unconditional rows are skipped); pass B samples, not a doubled batch.  The command-line
+        tools refuse scales below 1, as the official ``sample_ddp.py`` does; the library does not.  Every
         sample's randomness comes from a key drawn from ``generator`` (so a
         fixed generator seed reproduces the run).  Returns ``(samples, stats)``.
         """
