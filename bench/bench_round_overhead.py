@@ -6,7 +6,8 @@
 
 Every call the sampler makes into the target (``forward_features``,
 ``forward_head``, ``embed_condition``), the drafter (``ops.drafter_forward``)
-and the draft / accept ops (``ops.draft_transition``, ``ops.speculative_accept``)
+and the draft / verify / accept ops (``ops.draft_transition``, ``ops.verify_transition``,
+``ops.speculative_accept``)
 is timed (outermost call only, so nested calls are not counted twice); what is
 left of the sampler's wall time is host work: bookkeeping, indexing, copies,
 randomness, Python.  On a CUDA device every timed call is followed by a
@@ -90,7 +91,8 @@ def measure(batch: int, steps: str, L: int, cfg: float, device: str, seed: int =
     for name in ("forward_features", "forward_head", "embed_condition"):
         saved[name] = getattr(target, name)
         setattr(target, name, clock.wrap(saved[name]))
-    saved_ops = {n: getattr(ops, n) for n in ("drafter_forward", "draft_transition", "speculative_accept")}
+    saved_ops = {n: getattr(ops, n) for n in ("drafter_forward", "draft_transition", "verify_transition",
+                                              "speculative_accept")}
     for n, f in saved_ops.items():
         setattr(ops, n, clock.wrap(f))
     try:
