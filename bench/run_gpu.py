@@ -3,7 +3,9 @@
 Run from the repository root on the CUDA machine (an H200 lent in slices of minutes):
 
     PYTHONUNBUFFERED=1 python bench/run_gpu.py --out "$OUT" --budget 480
-    python bench/run_gpu.py --out "$OUT" --only smoke,bench:     # a subset (prefix match), no build
+    python bench/run_gpu.py --out "$OUT" --only smoke,bench:     # a subset (prefix match), no build:
+                                                                 # only on a machine still warm from a build
+    python bench/run_gpu.py --out "$OUT" --only preflight,build,cuda-check,bench:e2e,sanitize  # a fresh machine
     python bench/run_gpu.py --out /tmp/dry --budget 8 --dry-run   # the orchestration on a CPU machine
 
 What comes back from such a machine is the last 12,000 characters of the console and at most 8
