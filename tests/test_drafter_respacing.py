@@ -133,3 +133,29 @@ def test_drafter_file_without_stride_weights_loads_with_them_zero(tmp_path):
     back = FeatureDrafter.load(str(tmp_path / "new"), target=target)
     assert torch.equal(back.stride_proj.weight, s.stride_proj.weight) and "stride_conditioning" not in back.extra
     assert FeatureDrafter.read_config(str(tmp_path / "new"))["stride_conditioning"] is True
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_wrong_parent_features_are_named_on_both_paths(fast):
+    target = _target()
+    d = _drafter(target)
+    d.fast_inference = fast
+    h, x, t, y = _inputs()
+    with torch.no_grad(), pytest.raises(ValueError, match=r"h_prev has shape \(3, 15, 32\), expected \(3, 16, 32\)"):
+        d(h[:, :15], x, t, y, t_next=t - 4)
+
+
+def test_inference_path_skips_the_patch_embedding(monkeypatch):
+    """The folded path has the patch embedding inside its fusion GEMM; it must not compute it again."""
+    target = _target()
+    d = _drafter(target)
+    h, x, t, y = _inputs()
+    calls = []
+    conv = target.x_embedder.proj
+    monkeypatch.setattr(conv, "forward", lambda inp, _f=conv.forward: calls.append(1) or _f(inp))
+    with torch.no_grad():
+        d(h, x, t, y, t_next=t - 4)
+        assert calls == []
+        d.fast_inference = False
+        d(h, x, t, y, t_next=t - 4)
+    assert calls == [1]

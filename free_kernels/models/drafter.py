@@ -170,16 +170,22 @@ class FeatureDrafter(nn.Module):
     def forward(self, h_prev: torch.Tensor, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                 t_next: Optional[torch.Tensor] = None, c: Optional[torch.Tensor] = None) -> torch.Tensor:
         target = self.target
+        if c is None:
+            c = target.embed_condition(t, y)
+        if self.fast_inference and x.device.type == "cpu" and x.dtype == self.fuse.weight.dtype \
+                and x.shape[-1] == x.shape[-2] and not torch.compiler.is_compiling() \
+                and not (torch.is_grad_enabled() and any(q.requires_grad for q in self.parameters())):
+            plan = self._fast_plan(target)
+            if plan is not None:
+                # the folded path never computes the patch embedding (it is part of the fusion GEMM)
+                pp = plan["p"]
+                expect = (x.shape[0], (x.shape[-2] // pp) * (x.shape[-1] // pp), self.fuse.out_features)
+                if tuple(h_prev.shape) != expect:
+                    raise ValueError(f"h_prev has shape {tuple(h_prev.shape)}, expected {expect} for this x")
+                return self._fast_forward(plan, h_prev, x, t, t_next, c)
         e = target.embed_tokens(x)
         if h_prev.shape != e.shape:
             raise ValueError(f"h_prev has shape {tuple(h_prev.shape)}, expected {tuple(e.shape)} for this x")
-        if c is None:
-            c = target.embed_condition(t, y)
-        if self.fast_inference and x.device.type == "cpu" and not torch.compiler.is_compiling() \
-                and not (torch.is_grad_enabled() and any(q.requires_grad for q in self.parameters())):
-            plan = self._fast_plan(target, e)
-            if plan is not None:
-                return self._fast_forward(plan, h_prev, x, t, t_next, c)
         if t_next is not None:
             c = c + self.stride_embedding(t, t_next).to(c.dtype)
         h = self.fuse(torch.cat([h_prev.to(e.dtype), e], dim=-1))
@@ -199,7 +205,7 @@ class FeatureDrafter(nn.Module):
     # bias_gelu, verify_attention).
     fast_inference = True
 
-    def _fast_plan(self, target, e):
+    def _fast_plan(self, target):
         emb = getattr(target, "x_embedder", None)
         conv = getattr(emb, "proj", None)
         pos = getattr(target, "pos_embed", None)
@@ -207,7 +213,7 @@ class FeatureDrafter(nn.Module):
                 and conv.kernel_size == conv.stride and conv.padding == (0, 0) and conv.groups == 1):
             return None  # not our DiT layout: the module path
         wt = self.fuse.weight
-        if e.dtype != wt.dtype or conv.weight.dtype != wt.dtype:
+        if pos.dtype != wt.dtype or conv.weight.dtype != wt.dtype:
             return None
         tensors = [*self.parameters(), conv.weight, conv.bias, pos]
         key = (str(wt.device), wt.dtype, tuple((q.data_ptr(), q._version) for q in tensors))
