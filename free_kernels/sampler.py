@@ -405,10 +405,11 @@ class FreeSampler:
         x0 = run.x.clone()
         N = int(self.diffusion.num_timesteps)
         start = np.full(B, N - 1)
-        out = []
-        for L in range(Lmax + 1):
-            ts = []
-            for r in range(reps + 1):  # the first is a warm-up
+        best = [float("inf")] * (Lmax + 1)
+        # pass 0 warms every L up (first-call costs: buffers, plans, kernels); the timed passes then
+        # go through L = 0..Lmax in turn, so a slow moment of a shared machine does not land on one L
+        for r in range(reps + 1):
+            for L in range(Lmax + 1):
                 run.idx.fill_(N - 1)
                 run.x.copy_(x0)
                 if dev.type == "cuda":
@@ -418,9 +419,8 @@ class FreeSampler:
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
                 if r:
-                    ts.append(time.perf_counter() - t0)
-            out.append(min(ts))
-        return out
+                    best[L] = min(best[L], time.perf_counter() - t0)
+        return best
 
     # ------------------------------------------------------------ checks
     def _check_device(self, dev: torch.device, what: str) -> torch.device:
