@@ -236,3 +236,28 @@ def test_sampler_verifies_through_the_fused_backend(monkeypatch):
         noise = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
         x, st = smp.sample(noise, torch.tensor([1, 2]), cfg_scale=2.0, generator=torch.Generator().manual_seed(1))
         assert torch.isfinite(x).all() and st.rounds > 0
+
+
+@pytest.mark.parametrize("backend", _fused_backends())
+def test_fused_backend_reuses_its_zero_noise_and_scratch(backend):
+    """No per-call allocation of the zero noise / discarded x_next: one buffer pair per device, grown when a
+    larger call comes; the zero buffer stays zero however often the kernel writes the scratch."""
+    from free_kernels.ops.verify_transition import _SCRATCH, zero_and_scratch
+
+    dev = torch.device("cuda" if CUDA else "cpu")
+    z1, s1 = zero_and_scratch((3, 2, 4, 4), dev)
+    z2, s2 = zero_and_scratch((2, 2, 4, 4), dev)  # smaller: the same storage
+    assert z2.data_ptr() == z1.data_ptr() and s2.data_ptr() == s1.data_ptr()
+    n_before = len(_SCRATCH[str(dev)])
+    zero_and_scratch((64, 2, 4, 4), dev)           # larger: grown, the earlier pair kept
+    assert len(_SCRATCH[str(dev)]) == n_before + 1
+    tgt, dif, k = _setup(True, False, False, 2.0)
+    tgt = tgt.to(dev)
+    kd = {n: v.to(dev) for n, v in k.items()}
+    kw = dict(cfg_scale=2.0, guidance_channels=3, clip_denoised=False)
+    with torch.no_grad():
+        a = ops.verify_transition(tgt, dif, kd["h"], kd["c"], kd["x"], kd["idx"], backend=backend, **kw)
+        b = ops.verify_transition(tgt, dif, kd["h"], kd["c"], kd["x"], kd["idx"], backend=backend, **kw)
+    for zeros, _ in _SCRATCH[str(dev)]:
+        assert not zeros.any()
+    assert all(torch.equal(u, v) for u, v in zip(a, b))

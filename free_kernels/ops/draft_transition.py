@@ -119,7 +119,7 @@ def fused_supports(name: str):
 
 # ------------------------------------------------------------ backends
 def _load_torch():
-    from ..reference.draft_epilogue import philox_noise
+    from ..reference.draft_epilogue import philox_noise, write_out
     from ..reference.draft_transition import draft_transition as ref
 
     def f(target, diffusion, h, c, x, index, noise, *, cfg_scale, guidance_channels, clip_denoised,
@@ -138,11 +138,7 @@ def _load_torch():
                   tables=schedule_tables_on(diffusion, x.device))
         if noise_out is not None:
             noise_out.copy_(noise)
-        if out is not None:
-            for buf, val in zip(out, res):
-                buf.copy_(val)
-            return tuple(out)
-        return res
+        return write_out(out, res)
 
     return f
 

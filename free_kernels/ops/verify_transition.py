@@ -47,19 +47,40 @@ OP.shape_class = lambda ctx: size_class(ctx["M"], 2048)
 
 
 def _load_torch():
+    from ..reference.draft_epilogue import write_out
     from ..reference.verify_transition import verify_transition as ref
 
     def f(target, diffusion, h, c, x, index, *, cfg_scale, guidance_channels, clip_denoised, out=None,
           head=None):
         res = ref(target, diffusion, h, c, x, index, cfg_scale=cfg_scale, guidance_channels=guidance_channels,
                   clip_denoised=clip_denoised, tables=schedule_tables_on(diffusion, x.device))
-        if out is not None:
-            for buf, val in zip(out, res):
-                buf.copy_(val)
-            return tuple(out)
-        return res
+        return write_out(out, res)
 
     return f
+
+
+# device -> [(zeros, scratch)] flat float32 buffers, the last the largest.  The fused backends feed the
+# draft_epilogue kernel a zero noise and a discarded x_next; allocating and zero-filling them per call
+# would add an allocation and a memset to every verification.  Grown buffers are kept (never freed):
+# a captured CUDA graph may still address an earlier one.
+_SCRATCH: dict = {}
+
+
+def zero_and_scratch(shape, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A read-only float32 zero tensor and a write-only float32 scratch tensor of ``shape`` on ``device``."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    if torch.compiler.is_compiling():  # traced: no module state in the graph
+        return (torch.zeros(shape, dtype=torch.float32, device=device),
+                torch.empty(shape, dtype=torch.float32, device=device))
+    bufs = _SCRATCH.setdefault(str(torch.device(device)), [])
+    if not bufs or bufs[-1][0].numel() < n:
+        size = max(n, 2 * bufs[-1][0].numel()) if bufs else n
+        bufs.append((torch.zeros(size, dtype=torch.float32, device=device),
+                     torch.empty(size, dtype=torch.float32, device=device)))
+    zeros, scratch = bufs[-1]
+    return zeros[:n].view(shape), scratch[:n].view(shape)
 
 
 def _load_fused(name: str):
@@ -71,10 +92,9 @@ def _load_fused(name: str):
             shift, scale, weight, bias, eps = head if head is not None else target.head_parameters(c)
             if index.dtype != torch.int64:
                 index = index.to(torch.int64)
-            zero = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+            zero, x_next = zero_and_scratch(tuple(x.shape), x.device)  # x_next (= mean) is discarded
             if out is None:
                 out = tuple(torch.empty(x.shape, dtype=torch.float32, device=x.device) for _ in range(2))
-            x_next = torch.empty(x.shape, dtype=torch.float32, device=x.device)  # = mean; not returned
             draft_epilogue(h, shift, scale, weight, bias, x, schedule_tables_on(diffusion, x.device), index, zero,
                            patch_size=int(target.patch_size), cfg_scale=cfg_scale,
                            guidance_channels=guidance_channels, learned_variance=diffusion.learned_variance,

@@ -125,6 +125,16 @@ def philox_noise(rng_state: torch.Tensor, shape, device) -> torch.Tensor:
     return z.reshape(shape).to(device)
 
 
+def write_out(out, values):
+    """Destination passing of the torch backends: ``values`` copied into the caller's ``out`` buffers
+    (returned as a tuple), or ``values`` themselves when ``out`` is None."""
+    if out is None:
+        return tuple(values)
+    for buf, val in zip(out, values):
+        buf.copy_(val)
+    return tuple(out)
+
+
 def draft_epilogue(h, shift, scale, weight, bias, x, tables, index, noise=None, *, patch_size: int,
                    cfg_scale: float = 1.0, guidance_channels: int = 3, learned_variance: bool,
                    predict_xstart: bool = False, clip_denoised: bool = False, eps: float = 1e-6,
@@ -151,8 +161,4 @@ def draft_epilogue(h, shift, scale, weight, bias, x, tables, index, noise=None, 
     x_next = mean + torch.exp(0.5 * logvar) * noise
     if noise_out is not None:
         noise_out.copy_(noise)
-    if out is not None:
-        for buf, val in zip(out, (x_next, mean, logvar)):
-            buf.copy_(val)
-        return tuple(out)
-    return x_next, mean, logvar
+    return write_out(out, (x_next, mean, logvar))
