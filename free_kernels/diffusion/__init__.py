@@ -38,6 +38,17 @@ def create_diffusion(
     gives the learned-range variance; otherwise fixed large (default) or fixed
     small (``sigma_small=True``) variance.
     """
+    use_timesteps, kwargs = spaced_diffusion_args(
+        timestep_respacing, noise_schedule=noise_schedule, use_kl=use_kl, sigma_small=sigma_small,
+        predict_xstart=predict_xstart, learn_sigma=learn_sigma, rescale_learned_sigmas=rescale_learned_sigmas,
+        diffusion_steps=diffusion_steps)
+    return SpacedDiffusion(use_timesteps, **kwargs)
+
+
+def spaced_diffusion_args(timestep_respacing, noise_schedule="linear", use_kl=False, sigma_small=False,
+                          predict_xstart=False, learn_sigma=True, rescale_learned_sigmas=False, diffusion_steps=1000):
+    """``(use_timesteps, kwargs)`` of the official ``create_diffusion`` (checked), for ``SpacedDiffusion``
+    or a subclass of it (the drop-in's ``FreeDiffusion``)."""
     if not _is_int(diffusion_steps) or diffusion_steps < 1:
         raise ValueError(f"diffusion_steps must be an int >= 1, got {diffusion_steps!r}")
     betas = gd.get_named_beta_schedule(noise_schedule, diffusion_steps)
@@ -57,8 +68,7 @@ def create_diffusion(
         timestep_respacing = [int(timestep_respacing)]  # create_diffusion(250) == create_diffusion("250")
     elif isinstance(timestep_respacing, (list, tuple)) and not all(_is_int(c) for c in timestep_respacing):
         raise TypeError(f"timestep_respacing list must hold ints, got {list(timestep_respacing)!r}")
-    return SpacedDiffusion(
-        use_timesteps=space_timesteps(diffusion_steps, timestep_respacing),
+    return space_timesteps(diffusion_steps, timestep_respacing), dict(
         betas=betas,
         model_mean_type=(gd.ModelMeanType.EPSILON if not predict_xstart else gd.ModelMeanType.START_X),
         model_var_type=(

@@ -84,15 +84,13 @@ Randomness
 from __future__ import annotations
 
 import inspect
-import math
 import os
 from typing import Tuple
 
 import torch
 import torch.nn as nn
 
-from ..diffusion import gaussian_diffusion as gd
-from ..diffusion import create_diffusion as _base_create_diffusion
+from ..diffusion import spaced_diffusion_args
 from ..diffusion.respace import SpacedDiffusion
 from ..models.diffusers_adapter import DiffusersDiTTarget
 from ..models.dit import DiT, DiT_models, create_model, find_model  # noqa: F401  (re-exports)
@@ -318,19 +316,9 @@ def create_diffusion(
     (the draft planner chooses per round where drafting pays) or a fixed L >= 1.
     ``relax``: None (exact) or an approximate relax strength / :class:`free_kernels.RelaxPolicy`.
     """
-    base = _base_create_diffusion(
+    use_timesteps, kwargs = spaced_diffusion_args(
         timestep_respacing, noise_schedule=noise_schedule, use_kl=use_kl, sigma_small=sigma_small,
         predict_xstart=predict_xstart, learn_sigma=learn_sigma, rescale_learned_sigmas=rescale_learned_sigmas,
         diffusion_steps=diffusion_steps,
     )
-    # same construction as the base factory (its choices, read back), as the FREE subclass
-    return FreeDiffusion(
-        base.use_timesteps,
-        drafter=drafter,
-        draft_length=draft_length,
-        relax=relax,
-        betas=gd.get_named_beta_schedule(noise_schedule, diffusion_steps),
-        model_mean_type=base.model_mean_type,
-        model_var_type=base.model_var_type,
-        loss_type=base.loss_type,
-    )
+    return FreeDiffusion(use_timesteps, drafter=drafter, draft_length=draft_length, relax=relax, **kwargs)
