@@ -26,13 +26,13 @@ import free_kernels as fk
 from free_kernels import ops
 from free_kernels.diffusion import create_diffusion
 from free_kernels.models import FeatureDrafter, FusableHead, HeadParameters, OfficialDiTTarget, Target
-from free_kernels.models.dit import DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder
 from free_kernels.models.protocol import follows_target_protocol
 from free_kernels.ops import BackendUnavailable
 from free_kernels.reference.draft_epilogue import unpatchify
 from free_kernels.reference.draft_transition import draft_transition as ref_composition
 from free_kernels.reference.modulated_layernorm import modulated_layernorm
 
+from test_dropin import OfficialStyleDiT
 from test_sampler import make_target
 from cuda_emulation.harness import CUDA, needs_triton, triton_missing
 
@@ -49,26 +49,6 @@ def _randomize(m: nn.Module, seed: int, std: float = 0.1) -> nn.Module:
 
 
 # ------------------------------------------------------------------ targets
-class OfficialLayoutDiT(nn.Module):
-    """A module with the official DiT attribute layout and forward only (none of the protocol's methods)."""
-
-    def __init__(self, input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
-                 num_classes=NULL, learn_sigma=True):
-        super().__init__()
-        self.in_channels, self.patch_size, self.num_heads = in_channels, patch_size, num_heads
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, 0.1)
-        self.pos_embed = nn.Parameter(torch.zeros(1, (input_size // patch_size) ** 2, hidden_size),
-                                      requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-
-    def forward(self, x, t, y):
-        raise NotImplementedError  # the adapter calls the submodules
-
-
 class TinyTarget(nn.Module):
     """Not a DiT: the required part of the target protocol on a few linear layers."""
 
@@ -137,7 +117,7 @@ def _target(kind):
     if kind == "diffusers":
         return _diffusers_target()
     if kind == "official":
-        return OfficialDiTTarget(_randomize(OfficialLayoutDiT(), 4))
+        return OfficialDiTTarget(_randomize(OfficialStyleDiT(depth=1, num_classes=NULL), 4))
     return _randomize(TinyFusableTarget(), 5)
 
 
