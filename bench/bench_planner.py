@@ -3,12 +3,14 @@
     python bench/bench_planner.py                               # demo, 250 steps, CFG 2, batch 1 (2 images) and 10
     python bench/bench_planner.py --images 4 --batches 1 --json runs/planner.json
 
-For each batch size: the baseline ancestral sampler, exact FREE with the
-planner (after its calibration, which is reported separately) and exact FREE
-with every fixed L in 1..8, on the same images (x_T and labels), interleaved
+For each batch size: the baseline ancestral sampler at 1 thread and at
+``--threads`` (default: torch's default, all cores), exact FREE with the planner
+at ``--threads`` (its planner picks 1 thread or all per round) and at 1 thread
+(after their calibrations, reported separately) and exact FREE with every fixed
+L in 1..8 at ``--threads``, on the same images (x_T and labels), interleaved
 per image batch so that load from other jobs hits every method alike.  Prints
-seconds per image, the speed-up over the baseline and auto's ratio to the best
-fixed L.
+seconds per image, the speed-up over the faster baseline and auto's ratio to
+the best fixed L.
 """
 from __future__ import annotations
 
@@ -30,18 +32,18 @@ def main(argv=None):
     ap.add_argument("--steps", default="250")
     ap.add_argument("--cfg-scale", type=float, default=2.0)
     ap.add_argument("--max-length", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="FREE's thread cap (default 0: torch's default)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     try:
         cfg = check_cfg_scale(args.cfg_scale)  # guidance above 1, in the baseline and in FREE alike
     except UsageError as e:
         ap.error(str(e))
-    torch.set_num_threads(args.threads)
+    cap = args.threads or torch.get_num_threads()
     target, _ = load_target(None)  # the embedded demo DiT and its drafter
     drafter, _, _ = load_drafter(None, target, demo_target=True)
     d = fk.create_diffusion(args.steps)
-    print(f"device cpu ({platform.machine()}), torch {torch.__version__}, threads {args.threads}; demo, "
+    print(f"device cpu ({platform.machine()}), torch {torch.__version__}, FREE thread cap {cap}; demo, "
           f"{args.steps} steps, CFG {cfg}")
     results = {}
     for B in [int(b) for b in args.batches.split(",")]:
@@ -49,33 +51,46 @@ def main(argv=None):
         g = torch.Generator().manual_seed(B)
         noise = torch.randn(n, 1, 16, 16, generator=g)
         y = torch.arange(n) % 10
-        samplers = {"auto": fk.FreeSampler(target, drafter, d)}
-        t0 = time.perf_counter()
-        samplers["auto"].prepare(B, cfg)
-        calib = time.perf_counter() - t0
+        runs = {"baseline (1 thread)": (None, 1)}
+        if cap > 1:
+            runs[f"baseline ({cap} threads)"] = (None, cap)
+        runs["auto"] = (fk.FreeSampler(target, drafter, d), cap)
+        if cap > 1:
+            runs["auto (1 thread)"] = (fk.FreeSampler(target, drafter, d), 1)
+        calib = {}
+        for k, (s, th) in runs.items():
+            if s is not None:
+                torch.set_num_threads(th)
+                t0 = time.perf_counter()
+                s.prepare(B, cfg)
+                calib[k] = time.perf_counter() - t0
         for L in range(1, args.max_length + 1):
-            samplers[f"L={L}"] = fk.FreeSampler(target, drafter, d, draft_length=L)
-        wall = {k: 0.0 for k in ["baseline", *samplers]}
+            runs[f"L={L}"] = (fk.FreeSampler(target, drafter, d, draft_length=L), cap)
+        wall = {k: 0.0 for k in runs}
         for a in range(0, n, B):
             z, yy = noise[a:a + B], y[a:a + B]
-            t0 = time.perf_counter()
-            sample_baseline(target, d, z, yy, cfg_scale=cfg)
-            wall["baseline"] += time.perf_counter() - t0
-            for k, s in samplers.items():
+            for k, (s, th) in runs.items():
+                torch.set_num_threads(th)
                 t0 = time.perf_counter()
-                s.sample(z, yy, cfg_scale=cfg, generator=torch.Generator().manual_seed(a))
+                if s is None:
+                    sample_baseline(target, d, z, yy, cfg_scale=cfg)
+                else:
+                    s.sample(z, yy, cfg_scale=cfg, generator=torch.Generator().manual_seed(a))
                 wall[k] += time.perf_counter() - t0
         per = {k: v / n for k, v in wall.items()}
+        base = min(v for k, v in per.items() if k.startswith("baseline"))
         best_fixed = min((v, k) for k, v in per.items() if k.startswith("L="))
         results[B] = dict(per_image_s=per, calibration_s=calib, best_fixed=best_fixed[1],
                           auto_vs_best_fixed=best_fixed[0] / per["auto"],
-                          speedup={k: per["baseline"] / v for k, v in per.items()})
-        print(f"\nbatch {B} ({n} images; planner calibration {calib:.1f} s, once, cached)")
-        print("| sampler | s/image | speed-up |")
-        print("|---|---|---|")
+                          speedup={k: base / v for k, v in per.items()})
+        print(f"\nbatch {B} ({n} images; planner calibration "
+              + ", ".join(f"{k} {v:.1f} s" for k, v in calib.items()) + ", once, cached)")
+        print("| sampler | threads | s/image | speed-up |")
+        print("|---|---|---|---|")
         for k, v in per.items():
-            print(f"| {k} | {v:.3f} | {per['baseline'] / v:.2f}x |")
-        print(f"auto vs the best fixed L ({best_fixed[1]}): {best_fixed[0] / per['auto']:.2f}x")
+            print(f"| {k} | {runs[k][1]} | {v:.3f} | {base / v:.2f}x |")
+        print(f"speed-up against the faster baseline; auto vs the best fixed L ({best_fixed[1]}): "
+              f"{best_fixed[0] / per['auto']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

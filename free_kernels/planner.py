@@ -19,6 +19,17 @@ maximise the expected denoising steps per second of the whole batch:
   busy machine), or a rows-proportional model when calibration is skipped
   (``calibrate=False`` or ``FREE_KERNELS_NO_CALIBRATION=1``).
 
+On the CPU the calibration times every round at 1 intra-op thread and at the
+thread count set (the cap; also half of it on machines with 4 or more), and
+each L runs at the count that measured fastest: a plain step of one sample is
+too small for threads to share, a round verifying L + 1 states per sample is
+not (on the demo at 2 threads, about 1.6 ms per drafted step against 2.4 ms at
+1 thread).  Round costs are made non-decreasing in L (:func:`lower_envelope`:
+a shared machine only adds time).  During the run every round of the
+calibrated shape reports its time, and each thread count's costs follow a
+running ratio of measured to calibrated time, so a machine that gets busy
+(where synchronising threads loses most) moves the plan to 1 thread.
+
 L = 0 is a plain ancestral step (one target row per sample, no drafting), so
 a plan never costs more than the baseline beyond the one-off calibration.
 
@@ -29,6 +40,7 @@ checks the distribution under an erratic planner too).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -139,6 +151,9 @@ class CostModel:
     accept_s: float                  # the accept op
     source: str = "calibrated"
     rounds_s: Optional[List[float]] = None  # measured whole rounds of the sampler, L = 0..Lmax (what is used)
+    # CPU: the intra-op thread count that measured fastest for each L, and every count's rounds (keys str(n))
+    threads: Optional[List[Optional[int]]] = None
+    rounds_by_threads: Optional[Dict[str, List[float]]] = None
 
     def covers(self, Lmax: int) -> bool:
         """Does this model price every L in 0..Lmax?"""
@@ -150,6 +165,12 @@ class CostModel:
         if L == 0:
             return self.verify_s[0] + self.accept_s
         return L * self.draft_s + self.verify_s[min(L, len(self.verify_s) - 1)] + self.accept_s
+
+    def alternatives(self, Lmax: int) -> Dict[Optional[int], List[float]]:
+        """{thread count (None: as set): seconds of a round for L = 0..Lmax} the plan may choose between."""
+        if self.rounds_by_threads and all(len(v) > Lmax for v in self.rounds_by_threads.values()):
+            return {int(k): [float(x) for x in v[:Lmax + 1]] for k, v in self.rounds_by_threads.items()}
+        return {None: [self.round_s(L) for L in range(Lmax + 1)]}
 
     @classmethod
     def proportional(cls, Lmax: int, key: str = "rows-proportional") -> "CostModel":
@@ -165,6 +186,10 @@ class PlanRecord:
     cost_source: str = ""
     profile_source: str = ""
     costs_ms: Dict[str, float] = field(default_factory=dict)
+    # CPU: intra-op threads of the rounds of each L (calibrated choice), and the run's measured/calibrated ratio
+    # of each thread count's rounds at the end (1.0: as calibrated; above: the machine got busier)
+    threads_by_L: List[Optional[int]] = field(default_factory=list)
+    online_scale: Dict[str, float] = field(default_factory=dict)
     # per third (early / middle / late): rounds, mean L, mean predicted acceptance
     thirds: List[Dict[str, float]] = field(default_factory=list)
 
@@ -237,10 +262,16 @@ class DraftPlanner:
         return cm
 
 
+ONLINE_WEIGHT = 0.2          # weight of one observed round in a thread count's running cost ratio
+ONLINE_CLIP = (0.25, 50.0)   # an observed/calibrated ratio outside this range is clipped (timer hiccups)
+
+
 class _RunPlan:
     def __init__(self, planner: DraftPlanner, cost: CostModel, profile: AcceptanceProfile, Lmax: int):
         self.planner, self.cost, self.profile, self.Lmax = planner, cost, profile, Lmax
-        self.round_cost = [cost.round_s(L) for L in range(Lmax + 1)]
+        self._base = cost.alternatives(Lmax)                 # {threads: calibrated seconds per L}
+        self._scale = {k: 1.0 for k in self._base}           # running measured / calibrated ratio per threads
+        self._price()
         N = profile.N
         self._thirds = [dict(rounds=0, L_sum=0.0, acc_sum=0.0) for _ in range(3)]
         self._N = N
@@ -262,6 +293,29 @@ class _RunPlan:
         t["acc_sum"] += float(np.mean(rates[np.clip(idx, 0, self._N - 1)]))
         return best
 
+    def _price(self) -> None:
+        """round_cost[L] = the cheapest thread count's expected seconds; _threads[L] = that count."""
+        self.round_cost, self._threads = [], []
+        for L in range(self.Lmax + 1):
+            k = min(self._base, key=lambda n: self._base[n][L] * self._scale[n])
+            self.round_cost.append(self._base[k][L] * self._scale[k])
+            self._threads.append(k)
+
+    def threads(self, L: int) -> Optional[int]:
+        """CPU intra-op threads to run a round drafting L at (None: leave the setting as it is)."""
+        return self._threads[min(L, self.Lmax)]
+
+    def observe(self, L: int, threads: Optional[int], seconds: float) -> None:
+        """A round of the calibrated shape drafting L took ``seconds`` at ``threads``: update that thread
+        count's running ratio to its calibrated costs (a machine that got busier moves the plan; every L of a
+        thread count shares one ratio, so noise on one L does not steer the choice of L)."""
+        if threads not in self._base or L > self.Lmax or not seconds > 0:
+            return
+        r = min(max(seconds / max(self._base[threads][L], 1e-12), ONLINE_CLIP[0]), ONLINE_CLIP[1])
+        self._scale[threads] = float(np.exp((1 - ONLINE_WEIGHT) * np.log(self._scale[threads])
+                                            + ONLINE_WEIGHT * np.log(r)))
+        self._price()
+
     def finish(self) -> None:
         self.profile.finish_run()
 
@@ -274,7 +328,10 @@ class _RunPlan:
             r = t["rounds"]
             thirds.append(dict(third=name, rounds=r, mean_L=t["L_sum"] / r if r else None,
                                predicted_acceptance=t["acc_sum"] / r if r else None))
-        return PlanRecord(cost_source=c.source, profile_source=self.profile.source, costs_ms=costs, thirds=thirds)
+        cpu = any(k is not None for k in self._base)
+        return PlanRecord(cost_source=c.source, profile_source=self.profile.source, costs_ms=costs, thirds=thirds,
+                          threads_by_L=list(self._threads) if cpu else [],
+                          online_scale={str(k): round(v, 3) for k, v in self._scale.items()} if cpu else {})
 
 
 # ------------------------------------------------------------ calibration
@@ -308,11 +365,38 @@ def cost_key(sampler, B: int, G: int, dev: torch.device) -> str:
                drafter=type(sampler.drafter).__name__,
                drafter_params=sum(p.numel() for p in sampler.drafter.parameters())
                if isinstance(sampler.drafter, torch.nn.Module) else 0)
-    raw = json.dumps(dict(device=_device_name(dev), target=sig, B=B, G=G, layout=sampler.layout,
+    raw = json.dumps(dict(format=COST_FORMAT, device=_device_name(dev), target=sig, B=B, G=G, layout=sampler.layout,
                           torch=torch.__version__, package=_package_version(),
                           # a CPU round's cost depends on the intra-op thread count as much as on the device
                           threads=torch.get_num_threads() if dev.type == "cpu" else None), sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: Optional[int]):
+    """Run the block with ``n`` torch intra-op (CPU) threads, restoring the setting after (None: as set)."""
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+CALIBRATION_REPS = 5  # timed passes over every (L, threads); the fastest counts (a shared machine's noise is additive)
+COST_FORMAT = 2  # 2: CPU rounds timed at several intra-op thread counts
+
+
+def thread_candidates(dev: torch.device) -> List[Optional[int]]:
+    """Intra-op thread counts a CPU round is timed at: 1 (small rounds: no synchronisation), the count set
+    (torch.get_num_threads(), the cap) and half of it on larger machines; [None] on other devices."""
+    if dev.type != "cpu":
+        return [None]
+    n = torch.get_num_threads()
+    return sorted({1, n, max(n // 2, 1) if n >= 4 else 1})
 
 
 def _read_cache(path: str) -> dict:
@@ -354,25 +438,49 @@ def _timeit(fn, dev: torch.device, reps: int = 5) -> float:
 
 @torch.no_grad()
 def calibrate(sampler, B: int, G: int, dev: torch.device, Lmax: int, key: str, progress: bool = True) -> CostModel:
-    """Time whole sampler rounds for L = 0..Lmax, and the parts (a target forward, a draft step, the accept op)."""
-    from . import ops
-
-    t = sampler.target
+    """Time whole sampler rounds for L = 0..Lmax at every candidate CPU thread count (the plan uses these),
+    and the parts (a target forward, a draft step, the accept op) for the printout."""
     t0 = time.perf_counter()
     if progress:
         print(f"free_kernels: calibrating the draft planner's cost model ({_device_name(dev)}, batch {B}"
               f"{', CFG' if G > 1 else ''}; cached afterwards) ...", end="", file=sys.stderr, flush=True)
+    threads = thread_candidates(dev)
+    grid = [lower_envelope(r) for r in measure_rounds(sampler, B, G, dev, Lmax, reps=CALIBRATION_REPS,
+                                                      threads=threads)]
+    pick = [min(range(len(threads)), key=lambda k: grid[k][L]) for L in range(Lmax + 1)]
+    # the parts, for the explanation the planner prints (at the threads of a round drafting one step)
+    with intra_op_threads(threads[pick[min(1, Lmax)]]):
+        draft_s, verify, accept_s = _time_parts(sampler, B, G, dev, Lmax)
+    if progress:
+        print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    cpu = dev.type == "cpu"
+    return CostModel(key=key, verify_s=verify, draft_s=draft_s, accept_s=accept_s,
+                     rounds_s=[grid[k][L] for L, k in enumerate(pick)],
+                     threads=[threads[k] for k in pick] if cpu else None,
+                     rounds_by_threads={str(n): grid[k] for k, n in enumerate(threads)} if cpu else None)
+
+
+def lower_envelope(seconds: Sequence[float]) -> List[float]:
+    """Round costs made non-decreasing in L from above: a round drafting more is never cheaper, so a cost above
+    a longer round's is a disturbed measurement (a shared machine only ever adds time) and takes that value."""
+    out = [float(x) for x in seconds]
+    for L in range(len(out) - 2, -1, -1):
+        out[L] = min(out[L], out[L + 1])
+    return out
+
+
+def _time_parts(sampler, B: int, G: int, dev: torch.device, Lmax: int):
+    """(draft step, [target forward of G*B rows], accept op) seconds: what the planner's printout explains."""
+    from . import ops
+
+    t = sampler.target
     C, S = int(t.in_channels), int(t.input_size)
     mdt = next(t.parameters()).dtype if isinstance(t, torch.nn.Module) else torch.float32
     T = int(sampler.original_timesteps[-1])
     g = torch.Generator(device="cpu").manual_seed(0)
-
-    def rows(n):
-        x = torch.randn(n, C, S, S, generator=g).to(dev, mdt)
-        return x, torch.full((n,), T, device=dev, dtype=torch.int64), torch.zeros(n, device=dev, dtype=torch.int64)
-
-    # the parts, for the explanation the planner prints; the plan itself uses the measured rounds below
-    x, tt, yy = rows(G * B)
+    x = torch.randn(G * B, C, S, S, generator=g).to(dev, mdt)
+    tt = torch.full((G * B,), T, device=dev, dtype=torch.int64)
+    yy = torch.zeros(G * B, device=dev, dtype=torch.int64)
     verify = [_timeit(lambda: t.forward_head(*t.forward_features(x, tt, yy)), dev)]
     h, _ = t.forward_features(x, tt, yy)
     idx = torch.full((B,), len(sampler.original_timesteps) - 1, device=dev, dtype=torch.int64)
@@ -396,13 +504,12 @@ def calibrate(sampler, B: int, G: int, dev: torch.device, Lmax: int, key: str, p
     rs = torch.tensor([1, 0], dtype=torch.int64, device=dev)
     accept_s = _timeit(lambda: ops.speculative_accept(mp, lv, mq, lv[:, :L], nq, nd, det,
                                                       equal_variance=sampler.equal_variance, rng_state=rs), dev)
-    rounds = measure_rounds(sampler, B, G, dev, Lmax)
-    if progress:
-        print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    return CostModel(key=key, verify_s=verify, draft_s=draft_s, accept_s=accept_s, rounds_s=rounds)
+    return draft_s, verify, accept_s
 
 
-def measure_rounds(sampler, B: int, G: int, dev: torch.device, Lmax: int, reps: int = 3) -> List[float]:
-    """Seconds of one whole sampler round with L = 0..Lmax drafts, fastest of ``reps`` each: timed by the
-    sampler itself (``sampler.measure_rounds``; the planner knows nothing of how a round is run)."""
-    return sampler.measure_rounds(B, G, dev, Lmax, reps=reps)
+def measure_rounds(sampler, B: int, G: int, dev: torch.device, Lmax: int, reps: int = 3,
+                   threads: Sequence[Optional[int]] = (None,)) -> List[List[float]]:
+    """Seconds of one whole sampler round with L = 0..Lmax drafts, fastest of ``reps`` each, per CPU thread
+    count in ``threads``: timed by the sampler itself (``sampler.measure_rounds``; the planner knows nothing
+    of how a round is run)."""
+    return sampler.measure_rounds(B, G, dev, Lmax, reps=reps, threads=threads)

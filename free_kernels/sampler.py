@@ -38,7 +38,7 @@ import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ from ._checks import check_finite, check_tensor
 from .diffusion.gaussian_diffusion import GaussianDiffusion, ModelMeanType, ModelVarType
 from .models.drafter import FeatureDrafter
 from .nvtx import nvtx_phase
-from .planner import DraftPlanner, check_draft_length
+from .planner import DraftPlanner, check_draft_length, intra_op_threads
 from .reference.philox import keyed_parts
 from .relax import RelaxPolicy, as_policy
 
@@ -388,14 +388,17 @@ class FreeSampler:
         self.planner.start(self, int(batch_size), 2 if float(cfg_scale) != 1.0 else 1, dev)
 
     @torch.no_grad()
-    def measure_rounds(self, B: int, G: int, dev, Lmax: int, reps: int = 3) -> List[float]:
+    def measure_rounds(self, B: int, G: int, dev, Lmax: int, reps: int = 3,
+                       threads: Sequence[Optional[int]] = (None,)) -> List[List[float]]:
         """Seconds of one whole round of this sampler with L = 0..Lmax drafts (everything a round does:
-        drafting, verification, acceptance, randomness, bookkeeping), fastest of ``reps`` each.
+        drafting, verification, acceptance, randomness, bookkeeping), fastest of ``reps`` each, for every
+        CPU intra-op thread count in ``threads`` (None: as set); returns one list per thread count.
 
         B samples from x_T (every timed round starts there, so repeated rounds do not drift), G = 2 with
         guidance; for the draft-length planner's cost model (``free_kernels.planner``).
         """
         dev = torch.device(dev)
+        threads = list(threads)
         C, S = int(self.target.in_channels), int(self.target.input_size)
         g = torch.Generator().manual_seed(0)
         run = _Run(self, B, dev, torch.float32, 2.0 if G > 1 else 1.0, 3, overflow_seed=0, with_plan=False)
@@ -405,21 +408,24 @@ class FreeSampler:
         x0 = run.x.clone()
         N = int(self.diffusion.num_timesteps)
         start = np.full(B, N - 1)
-        best = [float("inf")] * (Lmax + 1)
-        # pass 0 warms every L up (first-call costs: buffers, plans, kernels); the timed passes then
-        # go through L = 0..Lmax in turn, so a slow moment of a shared machine does not land on one L
+        best = [[float("inf")] * (Lmax + 1) for _ in threads]
+        # pass 0 warms every (L, threads) up (first-call costs: buffers, plans, kernels, thread pools); the
+        # timed passes then go through them in turn, so a slow moment of a shared machine does not land on one
         for r in range(reps + 1):
             for L in range(Lmax + 1):
-                run.idx.fill_(N - 1)
-                run.x.copy_(x0)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                t0 = time.perf_counter()
-                run.round_with(L, start)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                if r:
-                    best[L] = min(best[L], time.perf_counter() - t0)
+                for k, n in enumerate(threads):
+                    run.idx.fill_(N - 1)
+                    run.x.copy_(x0)
+                    with intra_op_threads(n if dev.type == "cpu" else None):
+                        if dev.type == "cuda":
+                            torch.cuda.synchronize(dev)
+                        t0 = time.perf_counter()
+                        run.round_with(L, start)
+                        if dev.type == "cuda":
+                            torch.cuda.synchronize(dev)
+                        dt = time.perf_counter() - t0
+                    if r:
+                        best[k][L] = min(best[k][L], dt)
         return best
 
     # ------------------------------------------------------------ checks
@@ -706,6 +712,7 @@ class _Run:
 
     def _round_compact(self, idx_host: np.ndarray, L: Optional[int] = None) -> None:
         act_np = np.nonzero(self.live)[0]
+        planned = L is None and self.plan is not None and idx_host is not None
         L = self._choose(idx_host) if L is None else L
         nd = np.where(self.has_host[act_np], np.minimum(idx_host[act_np], L), 0)
         Lr = int(nd.max()) if nd.size else 0
@@ -713,9 +720,18 @@ class _Run:
         vrows = np.nonzero(valid.reshape(-1))[0]
         full = vrows.size == valid.size
         act = None if act_np.size == self.B else torch.as_tensor(act_np, device=self.dev)
-        self._round_body(act, None if full else torch.as_tensor(vrows, device=self.dev), Lr,
-                         None if full else torch.as_tensor(valid, device=self.dev),
-                         None if act is None else act_np.tolist(), nd)
+        # CPU: the round runs at the intra-op thread count the planner measured fastest for this L; a round of
+        # the calibrated shape (every slot live, all drafting L) reports its time back (the cost model follows
+        # a machine that got busier); on a GPU rounds are asynchronous and threads do not apply
+        cpu = self.dev.type == "cpu"
+        threads = self.plan.threads(Lr) if planned and cpu else None
+        t0 = time.perf_counter()
+        with intra_op_threads(threads):
+            self._round_body(act, None if full else torch.as_tensor(vrows, device=self.dev), Lr,
+                             None if full else torch.as_tensor(valid, device=self.dev),
+                             None if act is None else act_np.tolist(), nd)
+        if planned and cpu and act is None and full and Lr == L:
+            self.plan.observe(Lr, threads, time.perf_counter() - t0)
         self.has_host[act_np] = True
         self._count(act_np.size, Lr, int(vrows.size), drafter_rows=int(np.minimum(nd, Lr).sum()))
 

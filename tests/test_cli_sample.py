@@ -240,3 +240,28 @@ def test_default_demo_run(tmp_path):
     assert rec["speedup"] > 0
     with Image.open(out) as im:
         assert im.size == _grid_size(4, 3, tile=16)
+
+
+def test_default_threads_give_each_method_its_best_and_compare_fairly(tmp_path, tiny):
+    """--threads 0 on a small target: the baseline at 1 thread and again at FREE's cap; speed-ups against the
+    faster baseline row; the second baseline row draws the same samples, so it adds no grid row."""
+    target, drafter = tiny
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        argv = [a for a in _common(tmp_path, target, drafter, "--compare-length", "0", "--json",
+                                   str(tmp_path / "r.json")) if a not in ("--threads", "1")]
+        assert cli.main(argv) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(n)
+    rec = json.loads((tmp_path / "r.json").read_text())
+    assert list(rec["methods"]) == ["baseline", "baseline_threads", "free"] and rec["threads"] == 2
+    base, both, free = (rec["methods"][k] for k in ("baseline", "baseline_threads", "free"))
+    assert base["threads"] == 1 and both["threads"] == 2 and free["threads"] == 2
+    assert "1 thread" in base["label"] and "2 threads" in both["label"]
+    fastest = min(base["wall_s"], both["wall_s"])
+    assert free["speedup"] == pytest.approx(fastest / free["wall_s"])
+    assert max(base["speedup"], both["speedup"]) == pytest.approx(1.0)
+    assert rec["grid_rows"] == {"baseline": [0], "free": [1]}
+    assert sorted(free["stats"]["plan"]["online_scale"]) == ["1", "2"]

@@ -145,3 +145,95 @@ def test_cost_key_follows_cpu_threads_and_batch(targets):
         assert cost_key(s, 1, 2, dev) != one   # a cost measured at 1 thread is not reused at 2
     finally:
         torch.set_num_threads(n)
+
+
+def test_lower_envelope_takes_disturbed_costs_down():
+    from free_kernels.planner import lower_envelope
+
+    assert lower_envelope([5.0, 10.8, 9.6, 12.0]) == [5.0, 9.6, 9.6, 12.0]
+    assert lower_envelope([1.0, 2.0, 3.0]) == [1.0, 2.0, 3.0]
+
+
+def _threaded_cost():
+    # 1 thread: cheap plain steps; 2 threads: cheap long rounds (a forward of many rows shares out)
+    one = [5.0 + 2.4 * L for L in range(9)]
+    two = [5.5 + 1.6 * L for L in range(9)]
+    return CostModel("k", verify_s=[1.0], draft_s=0.1, accept_s=0.0, rounds_s=[min(a, b) for a, b in zip(one, two)],
+                     threads=[1 if a <= b else 2 for a, b in zip(one, two)],
+                     rounds_by_threads={"1": one, "2": two})
+
+
+def test_plan_picks_the_thread_count_per_L_and_follows_measured_rounds():
+    plan = _plan(_threaded_cost(), np.full(100, 0.95))
+    assert plan.threads(0) == 1 and plan.threads(1) == 2 and plan.threads(8) == 2
+    assert plan.choose(np.array([50])) >= 4   # long rounds are cheap at 2 threads
+    # the machine gets busy: rounds at 2 threads take 3x their calibrated time
+    for _ in range(10):
+        plan.observe(6, 2, 3 * (5.5 + 1.6 * 6))
+    assert all(plan.threads(L) == 1 for L in range(9))
+    assert plan.round_cost[6] == pytest.approx(5.0 + 2.4 * 6)
+    rec = plan.record()
+    assert rec.threads_by_L == [1] * 9 and rec.online_scale["2"] > 2.5 and rec.online_scale["1"] == 1.0
+    # rounds at 1 thread as calibrated leave that count's costs alone; nonsense observations are ignored
+    plan.observe(3, 1, 5.0 + 2.4 * 3)
+    plan.observe(3, 4, 1.0)
+    plan.observe(3, 1, 0.0)
+    assert plan.record().online_scale["1"] == pytest.approx(1.0)
+
+
+def test_plan_without_thread_alternatives_leaves_threads_alone():
+    plan = _plan(CostModel("k", verify_s=[1.0] * 9, draft_s=0.01, accept_s=0.0), np.full(100, 0.95))
+    assert plan.threads(3) is None
+    plan.observe(3, None, 10.0)  # a GPU / uncalibrated model: one alternative, the ratio still follows
+    rec = plan.record()
+    assert rec.threads_by_L == [] and rec.online_scale == {}
+
+
+def test_calibration_times_rounds_at_1_thread_and_the_cap(targets, tmp_path):
+    t = targets[True]
+    d = fk.create_diffusion("20", learn_sigma=True)
+    dr = FeatureDrafter.for_target(t, init="random", generator=torch.Generator().manual_seed(2))
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        s = fk.FreeSampler(t, dr, d, planner=DraftPlanner(3, cache_dir=str(tmp_path), progress=False))
+        plan = s.planner.start(s, 1, 2, torch.device("cpu"))
+        cm = plan.cost
+        assert sorted(cm.rounds_by_threads) == ["1", "2"] and all(len(v) == 4 for v in cm.rounds_by_threads.values())
+        for L in range(4):
+            k = str(cm.threads[L])
+            assert cm.rounds_s[L] == cm.rounds_by_threads[k][L] == min(v[L] for v in cm.rounds_by_threads.values())
+        for v in cm.rounds_by_threads.values():
+            assert all(a <= b for a, b in zip(v, v[1:]))  # lower envelope: non-decreasing in L
+        assert torch.get_num_threads() == 2  # the calibration restores the setting
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_rounds_run_at_the_planned_thread_count_and_restore_it(targets, tmp_path):
+    t = targets[True]
+    d = fk.create_diffusion("20", learn_sigma=True)
+    dr = FeatureDrafter.for_target(t, init="random", generator=torch.Generator().manual_seed(2))
+    cm = CostModel("k", verify_s=[1.0], draft_s=0.1, accept_s=0.0, rounds_s=[1.0 + 0.1 * L for L in range(5)],
+                   threads=[1] * 5, rounds_by_threads={"1": [1.0 + 0.1 * L for L in range(5)],
+                                                       "2": [9.0 + L for L in range(5)]})
+    s = fk.FreeSampler(t, dr, d, planner=DraftPlanner(4, cost_model=cm))
+    seen = []
+    fwd = t.forward_features
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return fwd(*a, **k)
+
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        t.forward_features = spy
+        noise, y = inputs(t, n=1)
+        _, st = s.sample(noise, y, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
+        assert seen and set(seen) == {1}          # every round at the planned 1 thread
+        assert torch.get_num_threads() == 2       # and the caller's setting back afterwards
+        assert st.plan["threads_by_L"] == [1] * 5
+    finally:
+        del t.forward_features
+        torch.set_num_threads(n)

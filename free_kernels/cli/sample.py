@@ -29,10 +29,17 @@ Each method's wall time is measured around its sampling loop only, after one
 warm-up forward of the target and the drafter (device synchronised before
 and after).  Progress bars go to stderr (``--no-progress`` hides them).
 
-On the CPU, ``--threads 0`` (the default) runs small targets (the demo) on one
-thread: their matrices are too small for intra-op threads to pay, and on a
-machine where other work runs, extra threads wait on each other (measured
-10-30x slower with 2 threads next to a busy process on 2 cores).
+CPU threads.  ``--threads N`` runs every method at N torch intra-op threads
+(FREE's planner may still run a round at 1 thread where that measured faster).
+``--threads 0`` (the default) gives each method its best setting: the baseline
+runs small targets (the demo) on one thread, where a forward of one sample is
+too small for intra-op threads to pay; FREE gets all of torch's threads and its
+planner measures, for every draft length, whether a round is faster at 1 thread
+or at all of them (a round verifies L + 1 states per sample in one forward: work
+that threads can share), and follows the measured round times during the run
+(a machine that gets busy moves it back to 1 thread).  The baseline is then
+also run at all threads (``baseline (ancestral, N threads)``), and speed-ups
+are against the faster of the two baseline rows.
 
 Printed table (one row per method; illustrative numbers)::
 
@@ -63,7 +70,7 @@ table then going to stderr).  Fields:
 * ``format``: "free-sample/1".
 * ``command``: the argument list.
 * ``target``: target checkpoint path.  ``drafter``: drafter path or "frozen".
-* ``device``, ``torch`` (version), ``threads`` (torch intra-op threads used).
+* ``device``, ``torch`` (version), ``threads`` (torch intra-op threads FREE ran at, the cap of its planner).
 * ``num_samples``; ``labels``: the class label of each sample.
 * ``steps``: the respacing string; ``num_steps``: denoising steps it gives.
 * ``variance``: "learned" or "fixed" (the diffusion's variance).
@@ -74,14 +81,15 @@ table then going to stderr).  Fields:
   ``relax`` (strength; 0 = off), ``seed``.
 * ``png``: path of the grid; ``grid_columns``: tiles per grid row;
   ``grid_rows``: {method: [grid row indices, 0-based]}.
-* ``methods``: {"baseline" | "free" | "free_fixed" | "relax": entry}, in run order
-  ("free_fixed": exact FREE with ``--compare-length``); an entry has
-  ``label`` (printed name; the relax one says "approximate"), ``exact``
+* ``methods``: {"baseline" | "baseline_threads" | "free" | "free_fixed" | "relax": entry}, in run order
+  ("baseline_threads": the baseline again at FREE's thread count, when ``--threads 0`` gave the baseline
+  fewer; "free_fixed": exact FREE with ``--compare-length``); an entry has
+  ``label`` (printed name; the relax one says "approximate"), ``threads`` (intra-op threads it ran at), ``exact``
   (true for baseline and FREE, false for relax), ``wall_s``, ``latency_s``
   (wall per image), ``target_calls``,
   ``target_rows``, ``steps_per_target_call``, ``acceptance`` (overall; null for the
   baseline), ``acceptance_early_middle_late`` (3 values or nulls),
-  ``speedup`` (baseline wall / wall; null with ``--no-baseline``),
+  ``speedup`` (wall of the faster baseline row / wall; null with ``--no-baseline``),
   ``quality`` (digit classifier accuracy, null without ``--quality``),
   ``quality_detail`` (what the metric returned, or null), ``stats`` (FreeStats
   as_dict() for FREE runs: draft/verify/accept times, residual sampler counts,
@@ -170,9 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality", action="store_true",
                    help="add the demo digit classifier's accuracy per method (needs free_kernels.demo.metrics)")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads; 0 (default) = auto: 1 thread on the CPU for small targets (< "
-                        f"{_SMALL_TARGET_PARAMS // 10**6}M parameters, where more threads gain little and lose a lot "
-                        "on a busy machine), else torch's default")
+                   help="torch CPU threads of every method; 0 (default) = each method at its best: the baseline at "
+                        f"1 thread for small targets (< {_SMALL_TARGET_PARAMS // 10**6}M parameters) and again at "
+                        "torch's default for comparison, FREE at torch's default with its planner choosing 1 thread "
+                        "or all per round from measured round times")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
 
@@ -396,14 +405,18 @@ def format_plan(m: dict) -> str:
         return ""
     c = plan["costs_ms"]
     v1 = c["verify_1_row_ms"]
-    rounds = [f"L={L}: {c[f'round_L{L}_ms']:.1f} ms" for L in range(len(m["stats"]["rounds_by_draft_length"]))
-              if f"round_L{L}_ms" in c]
+    thr = plan.get("threads_by_L") or []
+    rounds = [f"L={L}: {c[f'round_L{L}_ms']:.1f} ms" + (f" ({thr[L]} thr)" if L < len(thr) else "")
+              for L in range(len(m["stats"]["rounds_by_draft_length"])) if f"round_L{L}_ms" in c]
     thirds = ", ".join(f"{t['third']} L {_fmt(t['mean_L'], '.1f')} (predicted acceptance "
                        f"{_fmt(t['predicted_acceptance'])})" for t in plan["thirds"])
     return (f"planner ({m['label']}): chose {thirds}\n"
             f"  measured costs ({plan['cost_source']}): target forward {v1:.2f} ms, draft step {c['draft_step_ms']:.2f} "
             f"ms ({c['draft_step_ms'] / max(v1, 1e-9):.2f} of a forward), accept {c['accept_ms']:.2f} ms; round "
-            + ", ".join(rounds) + f"\n  acceptance prior: {plan['profile_source']}, updated from the run's own "
+            + ", ".join(rounds) + (f" (thr: intra-op threads; measured / calibrated round time at the end: "
+                                   + ", ".join(f"{k} thr {v:.2f}" for k, v in plan["online_scale"].items()) + ")"
+                                   if plan.get("online_scale") else "")
+            + f"\n  acceptance prior: {plan['profile_source']}, updated from the run's own "
             f"accept counts; L = 0 is a plain ancestral step")
 
 
@@ -467,6 +480,7 @@ def _run(args, argv) -> dict:
     labels = _resolve(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    free_threads = torch.get_num_threads()  # FREE's cap: its planner picks 1 or this per round
     device = resolve_device(args.device)
     info = sys.stderr if args.json == "-" else sys.stdout
     warnings: List[str] = []
@@ -478,8 +492,11 @@ def _run(args, argv) -> dict:
 
     target, target_path = load_target(args, device)
     target.requires_grad_(False)
+    base_threads = free_threads
     if not args.threads and device.type == "cpu" and sum(p.numel() for p in target.parameters()) < _SMALL_TARGET_PARAMS:
-        torch.set_num_threads(1)
+        base_threads = 1
+    if device.type != "cpu":
+        base_threads = free_threads = torch.get_num_threads()
     default_demo = is_demo(args.target)
     drafter, drafter_path, extra = load_drafter(args, target, device, default_demo)
     if isinstance(drafter, torch.nn.Module):
@@ -524,8 +541,10 @@ def _run(args, argv) -> dict:
     y = torch.as_tensor(labels, dtype=torch.long, device=device)
     noise = initial_noise(args.seed, n, (C, S, S)).to(device)
     progress = not args.no_progress
+    thr = (f"{free_threads} thread(s)" if base_threads == free_threads else
+           f"baseline {base_threads} thread(s) (and {free_threads} for comparison), FREE up to {free_threads}")
     print(f"free-sample: target {target_path} ({C}x{S}x{S}, {K} classes), drafter {drafter_path}, device {device}, "
-          f"{torch.get_num_threads()} thread(s)", file=info)
+          f"{thr}", file=info)
     print(f"free-sample: {n} samples, labels {labels}, {N} steps ({variance} variance), cfg {cfg_scale}"
           f"{f' (guidance channels {gc})' if uses_cfg(cfg_scale) else ''}, draft length {args.draft_length}, "
           f"batch size {args.batch_size}, seed {args.seed}", file=info)
@@ -536,6 +555,7 @@ def _run(args, argv) -> dict:
         if measure_quality is None:
             warn(f"--quality skipped: {quality_note}")
 
+    torch.set_num_threads(base_threads)
     warm_up(target, drafter, diffusion, noise, y, cfg_scale=cfg_scale, guidance_channels=gc, variance=variance)
     common = dict(cfg_scale=cfg_scale, guidance_channels=gc, seed=args.seed, progress=progress)
     methods: Dict[str, dict] = {}
@@ -544,7 +564,8 @@ def _run(args, argv) -> dict:
     chunks = [(a, min(a + bs, n)) for a in range(0, n, bs)]
 
     def entry(label, exact, wall, calls, rows, spc, acc, emf, stats):
-        return dict(label=label, exact=exact, wall_s=wall, latency_s=wall / n, target_calls=int(calls),
+        return dict(label=label, threads=torch.get_num_threads() if device.type == "cpu" else None, exact=exact,
+                    wall_s=wall, latency_s=wall / n, target_calls=int(calls),
                     target_rows=int(rows), steps_per_target_call=float(spc), acceptance=acc,
                     acceptance_early_middle_late=emf, speedup=None, quality=None, quality_detail=None, stats=stats)
 
@@ -553,17 +574,24 @@ def _run(args, argv) -> dict:
             sys.stdout.flush()
             print(f"free-sample: running {label}", file=sys.stderr, flush=True)
 
-    if not args.no_baseline:
-        announce("baseline (ancestral)")
+    baselines = [] if args.no_baseline else [("baseline", base_threads)]
+    if baselines and base_threads != free_threads:
+        baselines.append(("baseline_threads", free_threads))
+    for name, threads in baselines:
+        torch.set_num_threads(threads)
+        label = "baseline (ancestral)" if len(baselines) == 1 else \
+            f"baseline (ancestral, {threads} thread{'s' if threads > 1 else ''})"
+        announce(label)
         outs, wall, calls = [], 0.0, 0
         for a, b in chunks:
             x, w, c = run_baseline(target, diffusion, noise[a:b], y[a:b], first=a, **common)
             outs.append(x)
             wall += w
             calls += c
-        samples["baseline"] = torch.cat(outs)
-        methods["baseline"] = entry("baseline (ancestral)", True, wall, calls, n * N, 1.0, None,
-                                    [None, None, None], None)
+        if name == "baseline":  # the other row draws the same numbers: one grid row
+            samples[name] = torch.cat(outs)
+        methods[name] = entry(label, True, wall, calls, n * N, 1.0, None, [None, None, None], None)
+    torch.set_num_threads(free_threads)
     L = args.draft_length
     runs = [("free", f"FREE (exact, {'auto L' if L == 'auto' else f'L = {L}'})", 0.0, L)]
     if args.compare_length and args.compare_length != L:
@@ -589,10 +617,13 @@ def _run(args, argv) -> dict:
         methods[name] = entry(label, strength == 0, wall, st.target_calls, st.target_rows, st.steps_per_target_call,
                               d["acceptance_rate"], d["acceptance_early_middle_late"], d)
     if "baseline" in methods:
+        fastest = min(methods[k]["wall_s"] for k in ("baseline", "baseline_threads") if k in methods)
         for m in methods.values():
-            m["speedup"] = methods["baseline"]["wall_s"] / max(m["wall_s"], 1e-12)
+            m["speedup"] = fastest / max(m["wall_s"], 1e-12)
     if measure_quality is not None:
         for name, m in methods.items():
+            if name not in samples:
+                continue
             try:
                 m["quality"], m["quality_detail"] = measure_quality(samples[name], y)
             except Exception as e:  # optional column: report why and go on
@@ -613,7 +644,8 @@ def _run(args, argv) -> dict:
     print("", file=info)
     print(format_table(methods, measure_quality is not None), file=info)
     print(f"s/image: wall time per image at batch size {bs}; "
-          "steps/call: denoising steps per target forward, per sample; speed-up: baseline wall / wall; "
+          "steps/call: denoising steps per target forward, per sample; speed-up: "
+          f"{'faster ' if 'baseline_threads' in methods else ''}baseline wall / wall; "
           "FREE's samples follow the baseline's distribution exactly (not pixel for pixel)"
           + ("; FREE (relax) is APPROXIMATE" if "relax" in methods else ""), file=info)
     for m in methods.values():
@@ -626,7 +658,7 @@ def _run(args, argv) -> dict:
 
     record = dict(
         format=JSON_FORMAT, command=argv, target=target_path, drafter=drafter_path, device=str(device),
-        torch=torch.__version__, threads=torch.get_num_threads(), num_samples=n, labels=labels, steps=args.steps,
+        torch=torch.__version__, threads=free_threads, num_samples=n, labels=labels, steps=args.steps,
         num_steps=N, variance=variance, cfg_scale=cfg_scale, guidance_channels=gc,
         drafter_cfg_scale=None if d_cfg is None else float(d_cfg), draft_length=args.draft_length,
         compare_length=args.compare_length, batch_size=bs,
