@@ -842,17 +842,25 @@ class _Run:
         tau = None
         if s.relax is not None and not s.relax.exact and Lr > 0:
             tau = s.relax.tau(diffusion, LVP[:, :Lr], I[:, :Lr], self.tables)
-        res = ops.speculative_accept(
-            MP, LVP, MQ, LVQ, noise_q, nd, det_last,
-            equal_variance=s.equal_variance, uniforms=uni, bonus_noise=bonus, residual_noise=resid_z,
-            residual_uniforms=resid_u, tau=tau, rng_state=self.rng_state,
-            backend=s.accept_backend, candidates_per_iter=s.residual_candidates_per_iter,
-            max_candidates=s.residual_max_candidates,
-            out=bufs["out"], num_accepted=bufs["n_acc"], log_ratio=bufs["log_ratio"],
-            residual_candidates=bufs["rc"], fallbacks=bufs["fb"])
-        n_acc = torch.where(active, res.num_accepted.long(), torch.zeros_like(idx))
+        if Lr > 0:
+            res = ops.speculative_accept(
+                MP, LVP, MQ, LVQ, noise_q, nd, det_last,
+                equal_variance=s.equal_variance, uniforms=uni, bonus_noise=bonus, residual_noise=resid_z,
+                residual_uniforms=resid_u, tau=tau, rng_state=self.rng_state,
+                backend=s.accept_backend, candidates_per_iter=s.residual_candidates_per_iter,
+                max_candidates=s.residual_max_candidates,
+                out=bufs["out"], num_accepted=bufs["n_acc"], log_ratio=bufs["log_ratio"],
+                residual_candidates=bufs["rc"], fallbacks=bufs["fb"])
+            n_acc = torch.where(active, res.num_accepted.long(), torch.zeros_like(idx))
+            out = res.out
+        else:
+            # nothing drafted: a plain ancestral step from the verified p (the accept op's bonus step, the
+            # baseline's rule: no noise at the last step), without the accept op's checks and buffers
+            keep = (~det_last).to(MP.dtype)[:, None]
+            out = MP[:, 0] + keep * torch.exp(0.5 * LVP[:, 0]) * bonus
+            n_acc = torch.zeros_like(idx)
         adv = torch.where(active, n_acc + 1, torch.zeros_like(idx))
-        x_new = torch.where(active[:, None, None, None], res.out.view(Ba, C, S, S).to(torch.float32), x)
+        x_new = torch.where(active[:, None, None, None], out.view(Ba, C, S, S).to(torch.float32), x)
         # exact features of each new state's parent: verification row (slot, n_acc)
         Ntok_H = h_all.shape[1:]
         if vrows is None:
@@ -882,11 +890,11 @@ class _Run:
             else:
                 self.prop_slot.index_add_(0, act, slot_prop)
                 self.acc_slot.index_add_(0, act, slot_acc)
-        rc = torch.where(active, res.residual_candidates.long(), torch.zeros_like(idx))
-        self.counters[0] += (active & (n_acc < nd)).sum()
-        self.counters[1] += rc.sum()
-        self.counters[2] = torch.maximum(self.counters[2], rc.max())
-        self.counters[3] += (res.fallbacks & active).sum()
+            rc = torch.where(active, res.residual_candidates.long(), torch.zeros_like(idx))
+            self.counters[0] += (active & (n_acc < nd)).sum()
+            self.counters[1] += rc.sum()
+            self.counters[2] = torch.maximum(self.counters[2], rc.max())
+            self.counters[3] += (res.fallbacks & active).sum()
 
         # ------------------------------------------------ write the slot state back
         if act is None:

@@ -237,3 +237,30 @@ def test_rounds_run_at_the_planned_thread_count_and_restore_it(targets, tmp_path
     finally:
         del t.forward_features
         torch.set_num_threads(n)
+
+
+class _PlainPlanner(DraftPlanner):
+    def start(self, sampler, B, G, dev):
+        plan = super().start(sampler, B, G, dev)
+        plan.choose = lambda idx: 0
+        return plan
+
+
+def test_plain_steps_skip_the_accept_op_and_match_the_baseline(targets, monkeypatch):
+    """L = 0 everywhere: plain ancestral steps (no accept op, no FREE bookkeeping), the baseline's law."""
+    from free_kernels import sampler as sampler_mod
+
+    t = targets[True]
+    d = fk.create_diffusion(STEPS, learn_sigma=True)
+    dr = FeatureDrafter.for_target(t, init="random", generator=torch.Generator().manual_seed(2))
+    s = fk.FreeSampler(t, dr, d, planner=_PlainPlanner(4, cost_model=CostModel.proportional(4)), clip_denoised=CLIP)
+
+    def no_accept(*a, **k):
+        raise AssertionError("the accept op ran on a round without drafts")
+
+    monkeypatch.setattr(sampler_mod.ops, "speculative_accept", no_accept)
+    noise, y = inputs(t)
+    out, st = s.sample(noise, y, cfg_scale=4.0, generator=torch.Generator().manual_seed(11))
+    assert st.rounds_by_draft_length[0] == st.rounds and st.target_calls == st.rounds
+    assert st.drafter_calls == 0 and st.residual_rejections == 0
+    assert same_distribution(out, base_samples(targets, True, 4.0))
