@@ -20,9 +20,9 @@ def test_expected_steps():
     assert expected_steps(np.zeros(20), np.array([10]), 6)[0] == 1.0
 
 
-def _plan(cost: CostModel, rates, Lmax=8):
+def _plan(cost: CostModel, rates, Lmax=8, min_gain=0.0):
     prof = AcceptanceProfile(len(rates), prior=rates, weight=1e9)
-    return _RunPlan(DraftPlanner(Lmax, calibrate=False), cost, prof, Lmax)
+    return _RunPlan(DraftPlanner(Lmax, calibrate=False, min_gain=min_gain), cost, prof, Lmax)
 
 
 def test_planner_drafts_only_where_it_pays():
@@ -41,6 +41,20 @@ def test_planner_drafts_only_where_it_pays():
     assert 0 < mid < 8
     # near the end of the schedule there is nothing to draft
     assert _plan(flat_verify, good).choose(np.array([0])) == 0
+
+
+def test_drafting_must_beat_a_plain_step_by_min_gain():
+    # L = 1 at acceptance 0.96 on a round costing 1.89 plain steps: 4% more steps per second, predicted
+    cost = CostModel("k", verify_s=[1.0], draft_s=0.0, accept_s=0.0, rounds_s=[1.0, 1.89, 2.8])
+    good = np.full(100, 0.96)
+    assert _plan(cost, good, Lmax=2).choose(np.array([50] * 10)) == 1
+    assert _plan(cost, good, Lmax=2, min_gain=0.1).choose(np.array([50] * 10)) == 0
+    assert DraftPlanner().min_gain == pytest.approx(0.10)
+    # a clear gain is taken whatever the margin
+    assert _plan(CostModel("k", verify_s=[1.0] * 9, draft_s=0.01, accept_s=0.0), np.full(100, 0.95),
+                 min_gain=0.1).choose(np.array([50])) == 8
+    with pytest.raises(ValueError, match="min_gain"):
+        DraftPlanner(min_gain=-1)
 
 
 def test_profile_learns_from_counts():
