@@ -7,7 +7,7 @@
    * the training-free frozen drafter (h = h_prev).
    Same x_T, labels and sampler seed for every drafter; steps per target call and acceptance
    (overall, early / middle / late thirds of the schedule).
-2. Cost: one draft step (embed_condition + drafter + head / transition through ``ops.draft_transition``)
+2. Cost: one draft step (the drafter's draft_condition + drafter + head / transition through ``ops.draft_transition``)
    against one target forward (forward_features + forward_head), batch 1 with CFG (2 rows), at 1 and 2
    threads: "before" = the drafter's module path computing its own conditioning (the draft step before
    the stride conditioning and the folded inference path), "after" = the folded path with the shared c
@@ -92,7 +92,7 @@ def cost(target, drafter, threads, iters, reps):
 
     def after():
         drafter.fast_inference = True
-        c = target.embed_condition(t, y)
+        c = drafter.draft_condition(t, y)  # what the sampler calls (a table lookup on this path)
         hh = ops.drafter_forward(drafter, h, xx, t, y, t_next=tn, c=c)
         return ops.draft_transition(target, dif, hh, c, x, idx, noise, cfg_scale=2.0)
 

@@ -497,7 +497,8 @@ def _time_parts(sampler, B: int, G: int, dev: torch.device, Lmax: int):
     noise = torch.randn(B, C, S, S, generator=g).to(dev)
 
     def draft():
-        c = t.embed_condition(tt, yy)
+        condition = getattr(sampler.drafter, "draft_condition", None)
+        c = condition(tt, yy) if callable(condition) else t.embed_condition(tt, yy)
         hn = ops.drafter_forward(sampler.drafter, h, x, tt, yy, t_next=tt, c=c)
         ops.draft_transition(t, sampler.diffusion, hn, c, xs, idx, noise, cfg_scale=2.0 if G > 1 else 1.0)
 

@@ -783,6 +783,9 @@ class _Run:
             hp = self.hp if act is None else self.hp[:, act]
             h = hp                                          # (G, rows drafting, Ntok, H)
             rows, rows_np = None, np.arange(Ba)             # rows None: every row of the round drafts
+            condition = getattr(drafter, "draft_condition", None)
+            if not callable(condition):
+                condition = target.embed_condition
             for j in range(Lr):
                 if nd_host is not None:                     # compact: only rows with more than j drafts
                     keep = np.nonzero(nd_host > j)[0]       # a subset of rows_np (nd > j implies nd > j - 1)
@@ -796,7 +799,7 @@ class _Run:
                 x_in = xj.repeat(G, 1, 1, 1) if G > 1 else xj
                 t_in = Tj.repeat(G) if G > 1 else Tj
                 t_nx = Tn.repeat(G) if G > 1 else Tn                      # the step being drafted
-                c = target.embed_condition(t_in, yG)                      # once: drafter and head share it
+                c = condition(t_in, yG)                                   # once: drafter and head share it
                 h = ops.drafter_forward(drafter, h.reshape(G * R, *h.shape[2:]), x_in.to(self.mdt), t_in, yG,
                                         t_next=t_nx, c=c).view(G, R, *h.shape[2:])
                 zj = pick(noise_q[:, j]).reshape(R, C, S, S)

@@ -159,3 +159,40 @@ def test_inference_path_skips_the_patch_embedding(monkeypatch):
         d.fast_inference = False
         d(h, x, t, y, t_next=t - 4)
     assert calls == [1]
+
+
+def test_draft_condition_is_the_targets_conditioning_from_a_table():
+    target = _target()
+    d = _drafter(target)
+    _, _, t, y = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(d.draft_condition(t, y), target.embed_condition(t, y), rtol=1e-5, atol=1e-5)
+        assert d._t_table[1].shape == (1000, 32)
+        # the table follows the target's weights
+        target.t_embedder.mlp[2].bias.add_(0.5)
+        torch.testing.assert_close(d.draft_condition(t, y), target.embed_condition(t, y), rtol=1e-5, atol=1e-5)
+        # outside the table's timesteps: the target's own embedder
+        far = torch.tensor([1500, 3, 7])
+        torch.testing.assert_close(d.draft_condition(far, y), target.embed_condition(far, y))
+    # with autograd (training) the target's embedder runs, so gradients reach it
+    c = d.draft_condition(t, y)
+    assert c.requires_grad and c.grad_fn is not None
+
+
+def test_sampler_draft_steps_use_the_drafters_condition(monkeypatch):
+    import free_kernels as fk
+
+    target = _target()
+    d = _drafter(target)
+    calls = []
+    orig = FeatureDrafter.draft_condition
+
+    def spy(self, t, y):
+        calls.append(t.shape[0])
+        return orig(self, t, y)
+
+    monkeypatch.setattr(FeatureDrafter, "draft_condition", spy)
+    s = fk.FreeSampler(target, d, fk.create_diffusion("10", learn_sigma=True), draft_length=3)
+    _, st = s.sample(torch.randn(2, 2, 8, 8), torch.tensor([0, 1]), cfg_scale=2.0,
+                     generator=torch.Generator().manual_seed(0))
+    assert len(calls) == st.drafter_calls and set(calls) <= {2, 4}  # G * rows drafting

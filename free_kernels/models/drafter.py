@@ -19,7 +19,9 @@ passed only to drafters that declare them (class attributes):
   state the transition from x drafts (x is at ``t``; the respaced stride is
   ``t - t_next``), so one drafter serves every respacing;
 * ``accepts_condition = True``: ``c`` (B, H) = ``embed_condition(t, y)``, which
-  the caller computes once per draft step for the drafter and the head.
+  the caller computes once per draft step for the drafter and the head; a drafter
+  with a ``draft_condition(t, y)`` method computes it for the caller (e.g. from a
+  table: :meth:`FeatureDrafter.draft_condition`).
 
 The target protocol (what a drafter and the sampler need of the target) is
 described in :mod:`free_kernels.models.protocol`.
@@ -274,6 +276,41 @@ class FeatureDrafter(nn.Module):
         for b in plan["blocks"]:
             h = self._fast_block(b, h, c_act)
         return h
+
+    def draft_condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The conditioning c of a draft step, ``target.embed_condition(t, y)`` (drafter protocol, optional).
+
+        On the inference path (CPU, no autograd, our DiT layout's ``t_embedder`` / ``y_embedder``, timesteps
+        0..999) the timestep embedding is a row of a table of the target's embedder over the 1000 training
+        timesteps, built once per target weights: one gather instead of a sinusoid and a two-layer MLP per
+        draft step.  Equal to ``embed_condition`` up to float rounding; a proposal only has to be the
+        distribution it is drawn from, which the caller's c defines for the drafter and the head alike.
+        """
+        target = self.target
+        table = None
+        if self.fast_inference and t.device.type == "cpu" and not torch.compiler.is_compiling() \
+                and not torch.is_grad_enabled() and not getattr(target, "training", False):
+            table = self._timestep_table(target)
+        if table is None or t.dtype not in (torch.int64, torch.int32) or t.numel() == 0 \
+                or int(t.min()) < 0 or int(t.max()) >= table.shape[0]:
+            return target.embed_condition(t, y)
+        return table[t] + target.y_embedder(y, False)
+
+    def _timestep_table(self, target) -> Optional[torch.Tensor]:
+        emb = getattr(target, "t_embedder", None)
+        if not isinstance(emb, nn.Module) or not isinstance(getattr(target, "y_embedder", None), nn.Module):
+            return None
+        params = list(emb.parameters())
+        if not params:
+            return None
+        key = tuple((q.data_ptr(), q._version, q.dtype, str(q.device)) for q in params)
+        cached = getattr(self, "_t_table", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.inference_mode(False), torch.no_grad():
+            table = emb(torch.arange(1000, device=params[0].device)).contiguous()
+        object.__setattr__(self, "_t_table", (key, table))
+        return table
 
     def flops_per_token(self) -> int:
         """Multiply-adds x2 of the drafter's linear layers per token (attention excluded)."""
