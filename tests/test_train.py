@@ -123,3 +123,24 @@ def test_one_respacing_run_keeps_the_stride_conditioning_at_zero_and_init_from_a
     args[args.index("--out") + 1] = str(tmp_path / "run2")
     rep = train.run(args)
     assert rep["init_sha256"] and rep["train_steps"] == 2
+
+
+def test_mlp_ratio_makes_a_narrower_drafter_and_is_part_of_the_run(tmp_path):
+    target = str(tmp_path / "dit")
+    _tiny_target(target)
+    rep = train.run(_args(tmp_path, target, ["--train-steps", "2", "--mlp-ratio", "2"]))
+    assert rep["mlp_ratio"] == 2.0
+    m = fk.DiT(**json.load(open(target + ".json"))["config"])
+    d = FeatureDrafter.load(str(tmp_path / "run" / "drafter"), target=m)
+    assert d.mlp_ratio == 2.0 and d.blocks[0].mlp.fc1.out_features == 64
+    # resuming with another ratio is another run
+    with pytest.raises(train.TrainError, match="mlp_ratio"):
+        train.run(_args(tmp_path, target, ["--train-steps", "4", "--mlp-ratio", "3"]))
+    # a run made without the option (the default ratio) has no such key in its identity
+    assert train.run_identity(train.parse_args(_args(tmp_path, target)), {}, train.RUN_KEYS)["mlp_ratio"] is None
+    # --init must have the ratio asked for
+    with pytest.raises(train.TrainError, match="--mlp-ratio 2"):
+        train.run(_args(tmp_path / "other", target, ["--train-steps", "2", "--init",
+                                                     str(tmp_path / "run" / "drafter.safetensors")]))
+    with pytest.raises(train.TrainError, match="--mlp-ratio"):
+        train.run(_args(tmp_path, target, ["--mlp-ratio", "0"]))

@@ -273,8 +273,9 @@ def target_identity(args) -> dict:
 
 # settings that change what is trained on or how: a resume / cache must match them
 # (respacings: None for a one-respacing run, so runs and caches made before it existed keep their identity)
+DEFAULT_MLP_RATIO = 4.0
 RUN_KEYS = ("steps", "respacings", "init_sha256", "variance", "cfg_scale", "guidance_channels", "num_trajectories",
-            "eval_trajectories", "seed", "depth", "loss", "feature_weight", "unroll", "batch_size", "lr")
+            "eval_trajectories", "seed", "depth", "mlp_ratio", "loss", "feature_weight", "unroll", "batch_size", "lr")
 CACHE_KEYS = ("steps", "respacings", "variance", "cfg_scale", "guidance_channels", "num_trajectories",
               "eval_trajectories", "seed")
 # settings that may change on resume (recorded in settings_history)
@@ -285,7 +286,10 @@ STATE_FORMAT = "free_kernels.train_state/2"
 
 
 def run_identity(args, target_id: dict, keys) -> dict:
-    return dict(target=target_id, **{k: getattr(args, k) for k in keys})
+    ident = {k: getattr(args, k, None) for k in keys}
+    if ident.get("mlp_ratio") == DEFAULT_MLP_RATIO:
+        ident["mlp_ratio"] = None  # runs made before --mlp-ratio existed have no such key: None matches them
+    return dict(target=target_id, **ident)
 
 
 def _differences(old: dict, new: dict) -> list:
@@ -330,8 +334,11 @@ def parse_args(argv=None):
     p.add_argument("--cache", default=None, help="trajectory cache file (created if missing)")
     p.add_argument("--init", default=None, help="a drafter file (.safetensors) to start from instead of the frozen "
                    "drafter, e.g. a one-respacing drafter fine-tuned on --respacings (its content hash joins the run "
-                   "identity; --depth must match it)")
+                   "identity; --depth and --mlp-ratio must match it)")
     p.add_argument("--depth", type=int, default=1)
+    p.add_argument("--mlp-ratio", type=float, default=DEFAULT_MLP_RATIO,
+                   help=f"hidden width of the drafter block's MLP / the target's width (default {DEFAULT_MLP_RATIO:g}, "
+                        "the DiT block's; smaller: a cheaper draft step)")
     p.add_argument("--loss", choices=LOSSES, default="kl+feature")
     p.add_argument("--feature-weight", type=float, default=1.0)
     p.add_argument("--unroll", type=int, default=4)
@@ -367,6 +374,7 @@ def _validate_args(args) -> None:
     args.draft_length = common.check_draft_length(args.draft_length, allow_auto=False)
     common.check_nonnegative(args.threads, "--threads")
     common.check_finite(args.lr, "--lr", above=0)
+    common.check_finite(args.mlp_ratio, "--mlp-ratio", above=0)
     common.check_finite(args.feature_weight, "--feature-weight", minimum=0)
     common.check_cfg_scale(args.cfg_scale)
     common.check_image_size(args.image_size)
@@ -533,15 +541,15 @@ def run(argv=None) -> dict:
     helds = {r: {k: (v[n_trains[r]:] if torch.is_tensor(v) else v) for k, v in trajs[r].items()} for r in respacings}
 
     # ---------------------------------------------------------------- drafter + resume
-    drafter = FeatureDrafter.for_target(target, depth=args.depth, init="identity")
+    drafter = FeatureDrafter.for_target(target, depth=args.depth, init="identity", mlp_ratio=args.mlp_ratio)
     if args.init is not None:
         try:
             start, _, _ = common.load_drafter(args.init, target, device, option="--init")
         except common.UsageError as e:
             raise TrainError(str(e)) from None
         if start.depth != args.depth or start.mlp_ratio != drafter.mlp_ratio:
-            raise TrainError(f"--init {args.init!r} has depth {start.depth}, mlp ratio {start.mlp_ratio}: "
-                             f"pass --depth {start.depth}")
+            raise TrainError(f"--init {args.init!r} has depth {start.depth}, mlp ratio {start.mlp_ratio:g}: "
+                             f"pass --depth {start.depth} --mlp-ratio {start.mlp_ratio:g}")
         drafter.load_state_dict(start.state_dict())
     # the stride conditioning is trained only on a mix of respacings; a one-respacing drafter keeps it at zero
     # (it would only see one stride) and its optimizer state is the one of runs made before it existed
@@ -645,7 +653,7 @@ def run(argv=None) -> dict:
         target=args.target, target_sha256=target_id["sha256"], steps=args.steps, num_steps=N,
         respacings=args.respacings,
         variance=args.variance, cfg_scale=args.cfg_scale,
-        guidance_channels=args.guidance_channels, depth=args.depth, loss=args.loss,
+        guidance_channels=args.guidance_channels, depth=args.depth, mlp_ratio=args.mlp_ratio, loss=args.loss,
         feature_weight=args.feature_weight, unroll=args.unroll, train_steps=step, batch_size=args.batch_size,
         init=args.init, init_sha256=args.init_sha256,
         lr=args.lr, num_trajectories=args.num_trajectories, eval_trajectories=args.eval_trajectories, seed=args.seed,
