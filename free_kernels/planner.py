@@ -96,11 +96,13 @@ class AcceptanceProfile:
         self.proposed = np.zeros(self.N)
         self._base_acc = np.zeros(self.N)   # counts of earlier runs of the same sampler
         self._base_pro = np.zeros(self.N)
+        self._rates: Optional[np.ndarray] = None  # rates() until the counts change
 
     def update(self, accepted: np.ndarray, proposed: np.ndarray) -> None:
         """This run's cumulative counts per index (as the sampler keeps them), added to earlier runs'."""
         self.accepted = self._base_acc + np.asarray(accepted, dtype=np.float64)
         self.proposed = self._base_pro + np.asarray(proposed, dtype=np.float64)
+        self._rates = None
 
     def finish_run(self) -> None:
         """Keep this run's counts for the next run (a sampler called once per image learns across calls)."""
@@ -110,9 +112,11 @@ class AcceptanceProfile:
         """Acceptance per index: the run's counts pooled over a window of neighbouring indices (about 1/25
         of the schedule: acceptance changes slowly along it, and one image judges each index about once),
         shrunk towards the prior."""
-        w = max(1, self.N // 50)
-        acc, pro = _window_sum(self.accepted, w), _window_sum(self.proposed, w)
-        return (acc + self.weight * self.prior) / (pro + self.weight)
+        if self._rates is None:
+            w = max(1, self.N // 50)
+            acc, pro = _window_sum(self.accepted, w), _window_sum(self.proposed, w)
+            self._rates = (acc + self.weight * self.prior) / (pro + self.weight)
+        return self._rates
 
 
 def _window_sum(x: np.ndarray, w: int) -> np.ndarray:
@@ -135,14 +139,17 @@ def resample_profile(p: np.ndarray, n: int) -> np.ndarray:
 
 def expected_steps(rates: np.ndarray, idx: np.ndarray, L: int) -> np.ndarray:
     """E[steps advanced] per sample at respaced indices ``idx`` with L drafts (vectorised)."""
-    idx = np.asarray(idx, dtype=np.int64)
-    out = np.ones(idx.shape, dtype=np.float64)
-    run = np.ones(idx.shape, dtype=np.float64)
-    for k in range(1, L + 1):
-        j = idx - (k - 1)
-        ok = j >= 1  # a draft needs a following step (index >= 1 has one)
-        run = run * np.where(ok, rates[np.clip(j, 0, len(rates) - 1)], 0.0)
-        out += run
+    return expected_steps_upto(rates, idx, L)[:, L]
+
+
+def expected_steps_upto(rates: np.ndarray, idx: np.ndarray, Lmax: int) -> np.ndarray:
+    """(samples, Lmax + 1): E[steps advanced] of each sample at respaced index ``idx`` with L = 0..Lmax drafts:
+    1 + sum_{k=1..L} prod_{j<k} a(idx - j), a draft needing a following step (index >= 1), in one pass."""
+    idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+    j = idx[:, None] - np.arange(Lmax)[None, :]                        # index of the k-th draft, k = 1..Lmax
+    a = np.where(j >= 1, rates[np.clip(j, 0, len(rates) - 1)], 0.0)
+    out = np.ones((idx.size, Lmax + 1), dtype=np.float64)
+    out[:, 1:] += np.cumsum(np.cumprod(a, axis=1), axis=1)
     return out
 
 
@@ -289,10 +296,11 @@ class _RunPlan:
         if idx.size == 0:
             return 0
         rates = self.profile.rates()
+        steps = expected_steps_upto(rates, idx, self.Lmax).sum(axis=0)   # per L, summed over the samples
         plain = float(idx.size) / self.round_cost[0]
         best, best_rate = 0, plain * (1.0 + self.planner.min_gain)  # drafting must beat a plain step by min_gain
         for L in range(1, self.Lmax + 1):
-            rate = float(expected_steps(rates, idx, L).sum()) / self.round_cost[L]
+            rate = float(steps[L]) / self.round_cost[L]
             if rate > best_rate * (1.0 + 1e-9):
                 best, best_rate = L, rate
         third = min(2, int(3 * (1.0 - float(np.mean(idx)) / max(self._N, 1))))
