@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -217,7 +218,7 @@ class FeatureDrafter(nn.Module):
         wt = self.fuse.weight
         if pos.dtype != wt.dtype or conv.weight.dtype != wt.dtype:
             return None
-        tensors = [*self.parameters(), conv.weight, conv.bias, pos]
+        tensors = [*_own_parameters(self), conv.weight, conv.bias, pos]
         key = (str(wt.device), wt.dtype, tuple((q.data_ptr(), q._version) for q in tensors))
         cached = getattr(self, "_fast_cache", None)
         if cached is not None and cached[0] == key:
@@ -300,7 +301,7 @@ class FeatureDrafter(nn.Module):
         emb = getattr(target, "t_embedder", None)
         if not isinstance(emb, nn.Module) or not isinstance(getattr(target, "y_embedder", None), nn.Module):
             return None
-        params = list(emb.parameters())
+        params = _own_parameters(emb)
         if not params:
             return None
         key = tuple((q.data_ptr(), q._version, q.dtype, str(q.device)) for q in params)
@@ -404,6 +405,20 @@ class FeatureDrafter(nn.Module):
 
 
 _META_KEY = "free_kernels.drafter_config"
+
+
+_PARAM_SLOTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _own_parameters(module: nn.Module) -> list:
+    """``list(module.parameters())`` without walking the module tree on every call: the (submodule, name)
+    slots are listed once per module (structure is fixed after construction); reading the slots each time
+    still sees a parameter that was replaced.  For the per-draft-step cache keys of the inference path."""
+    slots = _PARAM_SLOTS.get(module)
+    if slots is None:  # weak references: the table must not keep the module (its key) alive
+        slots = _PARAM_SLOTS[module] = [(weakref.ref(m), n) for m in module.modules()
+                                        for n, q in m._parameters.items() if q is not None]
+    return [r()._parameters[n] for r, n in slots]
 
 
 def _safetensors_metadata(path: str) -> dict:
