@@ -138,9 +138,19 @@ def test_mlp_ratio_makes_a_narrower_drafter_and_is_part_of_the_run(tmp_path):
         train.run(_args(tmp_path, target, ["--train-steps", "4", "--mlp-ratio", "3"]))
     # a run made without the option (the default ratio) has no such key in its identity
     assert train.run_identity(train.parse_args(_args(tmp_path, target)), {}, train.RUN_KEYS)["mlp_ratio"] is None
-    # --init must have the ratio asked for
-    with pytest.raises(train.TrainError, match="--mlp-ratio 2"):
-        train.run(_args(tmp_path / "other", target, ["--train-steps", "2", "--init",
-                                                     str(tmp_path / "run" / "drafter.safetensors")]))
+    # --init cannot be widened; narrowed, each block keeps its most important MLP units
+    init = str(tmp_path / "run" / "drafter.safetensors")
+    with pytest.raises(train.TrainError, match="--mlp-ratio of at most 2"):
+        train.run(_args(tmp_path / "other", target, ["--train-steps", "2", "--init", init]))
+    narrow = FeatureDrafter.for_target(m, mlp_ratio=1.0)
+    sd = train.narrowed_state(d, narrow)
+    narrow.load_state_dict(sd)
+    w1, w2 = d.blocks[0].mlp.fc1.weight, d.blocks[0].mlp.fc2.weight
+    units = (w1.norm(dim=1) * w2.norm(dim=0)).argsort(descending=True)[:32].sort().values
+    assert torch.equal(narrow.blocks[0].mlp.fc1.weight, w1[units])
+    assert torch.equal(narrow.blocks[0].mlp.fc2.weight, w2[:, units])
+    assert torch.equal(narrow.fuse.weight, d.fuse.weight)
+    rep = train.run(_args(tmp_path / "other", target, ["--train-steps", "2", "--init", init, "--mlp-ratio", "1"]))
+    assert rep["mlp_ratio"] == 1.0
     with pytest.raises(train.TrainError, match="--mlp-ratio"):
         train.run(_args(tmp_path, target, ["--mlp-ratio", "0"]))

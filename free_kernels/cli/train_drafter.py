@@ -334,7 +334,8 @@ def parse_args(argv=None):
     p.add_argument("--cache", default=None, help="trajectory cache file (created if missing)")
     p.add_argument("--init", default=None, help="a drafter file (.safetensors) to start from instead of the frozen "
                    "drafter, e.g. a one-respacing drafter fine-tuned on --respacings (its content hash joins the run "
-                   "identity; --depth and --mlp-ratio must match it)")
+                   "identity; --depth must match it, a smaller --mlp-ratio keeps each block's most important MLP "
+                   "units)")
     p.add_argument("--depth", type=int, default=1)
     p.add_argument("--mlp-ratio", type=float, default=DEFAULT_MLP_RATIO,
                    help=f"hidden width of the drafter block's MLP / the target's width (default {DEFAULT_MLP_RATIO:g}, "
@@ -457,6 +458,23 @@ def _filled(profile) -> list:
     return [round(float(vals[min(known, key=lambda k: abs(k - i))]), 4) for i in range(len(vals))]
 
 
+def narrowed_state(start: FeatureDrafter, drafter: FeatureDrafter) -> dict:
+    """``start``'s weights for ``drafter``, whose blocks' MLPs may be narrower: each block keeps the hidden units
+    with the largest |fc1 row| * |fc2 column| (the units whose removal changes the MLP's output least, to first
+    order), in their original order; every other tensor is copied as is."""
+    state = dict(start.state_dict())
+    for i, (a, b) in enumerate(zip(start.blocks, drafter.blocks)):
+        keep = b.mlp.fc1.out_features
+        w1, b1, w2 = a.mlp.fc1.weight, a.mlp.fc1.bias, a.mlp.fc2.weight
+        if keep == w1.shape[0]:
+            continue
+        units = (w1.norm(dim=1) * w2.norm(dim=0)).argsort(descending=True)[:keep].sort().values
+        state[f"blocks.{i}.mlp.fc1.weight"] = w1[units].detach().clone()
+        state[f"blocks.{i}.mlp.fc1.bias"] = b1[units].detach().clone()
+        state[f"blocks.{i}.mlp.fc2.weight"] = w2[:, units].detach().clone()
+    return state
+
+
 def load_state(path: str, expect: dict, device) -> dict:
     try:
         st = safe_torch_load(path, "checkpoint", map_location=device)
@@ -547,10 +565,10 @@ def run(argv=None) -> dict:
             start, _, _ = common.load_drafter(args.init, target, device, option="--init")
         except common.UsageError as e:
             raise TrainError(str(e)) from None
-        if start.depth != args.depth or start.mlp_ratio != drafter.mlp_ratio:
+        if start.depth != args.depth or start.mlp_ratio < drafter.mlp_ratio:
             raise TrainError(f"--init {args.init!r} has depth {start.depth}, mlp ratio {start.mlp_ratio:g}: "
-                             f"pass --depth {start.depth} --mlp-ratio {start.mlp_ratio:g}")
-        drafter.load_state_dict(start.state_dict())
+                             f"pass --depth {start.depth} and an --mlp-ratio of at most {start.mlp_ratio:g}")
+        drafter.load_state_dict(narrowed_state(start, drafter))
     # the stride conditioning is trained only on a mix of respacings; a one-respacing drafter keeps it at zero
     # (it would only see one stride) and its optimizer state is the one of runs made before it existed
     drafter.stride_proj.requires_grad_(multi)
