@@ -195,6 +195,16 @@ def test_plan_picks_the_thread_count_per_L_and_follows_measured_rounds():
     assert plan.record().online_scale["1"] == pytest.approx(1.0)
 
 
+def test_ordinary_noise_leaves_the_calibrated_plan_alone():
+    """Rounds 30% slower than calibrated (a shared machine's noise) do not move the plan: seeded runs reproduce."""
+    plan = _plan(_threaded_cost(), np.full(100, 0.95))
+    before = (list(plan.round_cost), [plan.threads(L) for L in range(9)])
+    for L in range(9):
+        plan.observe(L, plan.threads(L), 1.3 * plan.round_cost[L])
+    assert (list(plan.round_cost), [plan.threads(L) for L in range(9)]) == before
+    assert plan.record().online_scale["2"] == pytest.approx(1.3, rel=0.1)
+
+
 def test_plan_without_thread_alternatives_leaves_threads_alone():
     plan = _plan(CostModel("k", verify_s=[1.0] * 9, draft_s=0.01, accept_s=0.0), np.full(100, 0.95))
     assert plan.threads(3) is None
