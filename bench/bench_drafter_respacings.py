@@ -1,9 +1,9 @@
 """Benchmark: one drafter for every respacing, and the cost of a draft step (demo, CPU).
 
 1. Table: exact FREE (L = ``--draft-length``, CFG ``--cfg-scale``) at 50 / 100 / 250 / 1000 steps with
-   * the shipped multi-respacing drafter (stride-conditioned, ``free-train-drafter --respacings``),
-   * the previous shipped drafter, trained on 250-step trajectories only (read from git history,
-     commit ``--old-rev``: a per-schedule drafter),
+   * ``--drafter`` (default: the shipped demo drafter, stride-conditioned, ``free-train-drafter --respacings``),
+   * the demo drafter of git commit ``--old-rev`` (default: the one trained on 250-step trajectories
+     only, a per-schedule drafter; ``--old-rev 1be461a``: the full-width multi-respacing drafter),
    * the training-free frozen drafter (h = h_prev).
    Same x_T, labels and sampler seed for every drafter; steps per target call and acceptance
    (overall, early / middle / late thirds of the schedule).
@@ -154,9 +154,9 @@ def main(argv=None) -> int:
         rows = a.rows.split(",")
         drafters = {}
         if "new" in rows:
-            drafters["multi-respacing (shipped)"] = new
+            drafters[f"--drafter ({os.path.basename(a.drafter)})"] = new
         if "old" in rows:
-            drafters["250-step only (previous)"] = old_drafter(a.old_rev, target)
+            drafters[f"demo drafter of {a.old_rev[:8]}"] = old_drafter(a.old_rev, target)
         if "frozen" in rows:
             drafters["frozen"] = fk.FrozenFeatureDrafter(target)
         print(f"exact FREE, L = {a.draft_length}, CFG {a.cfg_scale}, {a.threads} thread(s)")

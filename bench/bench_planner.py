@@ -33,6 +33,9 @@ def main(argv=None):
     ap.add_argument("--cfg-scale", type=float, default=2.0)
     ap.add_argument("--max-length", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="FREE's thread cap (default 0: torch's default)")
+    ap.add_argument("--drafter", action="append", default=[], metavar="NAME=PATH",
+                    help="also run auto (at the cap) with this drafter file; repeatable")
+    ap.add_argument("--no-fixed", action="store_true", help="skip the fixed-L rows")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     try:
@@ -42,6 +45,12 @@ def main(argv=None):
     cap = args.threads or torch.get_num_threads()
     target, _ = load_target(None)  # the embedded demo DiT and its drafter
     drafter, _, _ = load_drafter(None, target, demo_target=True)
+    extra = []
+    for spec in args.drafter:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            ap.error(f"--drafter {spec!r}: expected NAME=PATH")
+        extra.append((name, load_drafter(path, target)[0]))
     d = fk.create_diffusion(args.steps)
     print(f"device cpu ({platform.machine()}), torch {torch.__version__}, FREE thread cap {cap}; demo, "
           f"{args.steps} steps, CFG {cfg}")
@@ -57,6 +66,8 @@ def main(argv=None):
         runs["auto"] = (fk.FreeSampler(target, drafter, d), cap)
         if cap > 1:
             runs["auto (1 thread)"] = (fk.FreeSampler(target, drafter, d), 1)
+        for name, dr in extra:
+            runs[f"auto ({name})"] = (fk.FreeSampler(target, dr, d), cap)
         calib = {}
         for k, (s, th) in runs.items():
             if s is not None:
@@ -64,7 +75,7 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 s.prepare(B, cfg)
                 calib[k] = time.perf_counter() - t0
-        for L in range(1, args.max_length + 1):
+        for L in range(1, 0 if args.no_fixed else args.max_length + 1):
             runs[f"L={L}"] = (fk.FreeSampler(target, drafter, d, draft_length=L), cap)
         wall = {k: 0.0 for k in runs}
         for a in range(0, n, B):
@@ -79,7 +90,8 @@ def main(argv=None):
                 wall[k] += time.perf_counter() - t0
         per = {k: v / n for k, v in wall.items()}
         base = min(v for k, v in per.items() if k.startswith("baseline"))
-        best_fixed = min((v, k) for k, v in per.items() if k.startswith("L="))
+        fixed = [(v, k) for k, v in per.items() if k.startswith("L=")]
+        best_fixed = min(fixed) if fixed else (float("nan"), None)
         results[B] = dict(per_image_s=per, calibration_s=calib, best_fixed=best_fixed[1],
                           auto_vs_best_fixed=best_fixed[0] / per["auto"],
                           speedup={k: base / v for k, v in per.items()})
@@ -89,8 +101,8 @@ def main(argv=None):
         print("|---|---|---|---|")
         for k, v in per.items():
             print(f"| {k} | {runs[k][1]} | {v:.3f} | {base / v:.2f}x |")
-        print(f"speed-up against the faster baseline; auto vs the best fixed L ({best_fixed[1]}): "
-              f"{best_fixed[0] / per['auto']:.2f}x")
+        print("speed-up against the faster baseline" + (f"; auto vs the best fixed L ({best_fixed[1]}): "
+                                                         f"{best_fixed[0] / per['auto']:.2f}x" if fixed else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
