@@ -27,11 +27,12 @@ not (on the demo at 2 threads, about 1.6 ms per drafted step against 2.4 ms at
 1 thread).  Round costs are made non-decreasing in L (:func:`lower_envelope`:
 a shared machine only adds time).  During the run every round of the
 calibrated shape reports its time, and each thread count keeps a running
-ratio of measured to calibrated time; once that ratio passes 1.5 (a machine
-that got busy, where synchronising threads loses most, not ordinary noise)
-its costs follow it, which moves the plan to 1 thread.  Below that the plan
-uses the calibrated costs alone, so a seeded run on a steady machine
-reproduces.
+ratio of measured to calibrated time; once that ratio is 1.5 times the one
+of its first 8 rounds in the run (a machine that got busy, where
+synchronising threads loses most, not ordinary noise nor the calibration's
+fastest-of-5 optimism) its costs follow it, which moves the plan to 1
+thread.  Below that the plan uses the calibrated costs alone, so a seeded
+run on a steady machine reproduces.
 
 L = 0 is a plain ancestral step (one target row per sample, no drafting), so
 a plan never costs more than the baseline beyond the one-off calibration.
@@ -70,9 +71,10 @@ def check_draft_length(value, name: str = "draft_length"):
 DEFAULT_PRIOR = 0.75
 # a round drafts only where its predicted steps per second beat a plain step's by this much: the measured
 # costs are minima on a noisy machine and the acceptance a smoothed estimate (the demo at batch 10 on the
-# 2-core CPU: L = 1 predicted 4% ahead of L = 0, measured 0.91x the baseline); where drafting pays, it
-# pays by far more (1.4-1.9x predicted early and mid-schedule at batch 1)
-MIN_GAIN = 0.10
+# 2-core CPU: L = 1 predicted 4% ahead of L = 0 measured 0.91x the baseline, L = 3 predicted 12% ahead ran
+# 0.88-0.91x against 0.96-0.98x for plain steps); where drafting pays, it pays by far more (1.4-1.9x
+# predicted early and mid-schedule at batch 1, where 0.1 and 0.2 measured the same 1.51x)
+MIN_GAIN = 0.20
 PRIOR_WEIGHT = 8.0   # pseudo-counts of the prior against the run's own counts
 
 
@@ -201,8 +203,8 @@ class PlanRecord:
     cost_source: str = ""
     profile_source: str = ""
     costs_ms: Dict[str, float] = field(default_factory=dict)
-    # CPU: intra-op threads of the rounds of each L (calibrated choice), and the run's measured/calibrated ratio
-    # of each thread count's rounds at the end (1.0: as calibrated; above: the machine got busier)
+    # CPU: intra-op threads of the rounds of each L (at the end of the run), and each thread count's slowdown at
+    # the end: running round time over that of its first rounds (1.0: steady; above 1.5 the plan followed it)
     threads_by_L: List[Optional[int]] = field(default_factory=list)
     online_scale: Dict[str, float] = field(default_factory=dict)
     # per third (early / middle / late): rounds, mean L, mean predicted acceptance
@@ -282,11 +284,13 @@ class DraftPlanner:
 
 ONLINE_WEIGHT = 0.2          # weight of one observed round in a thread count's running cost ratio
 ONLINE_CLIP = (0.25, 50.0)   # an observed/calibrated ratio outside this range is clipped (timer hiccups)
-# a thread count's costs move only once its running ratio is above this: a machine that got busy (2-3x on the
-# 2-core CPU with a neighbour), not the noise of a shared machine (10-30%), so that on a steady machine a
-# seeded run is planned from the calibrated costs alone and reproduces (the thread count of a round changes
-# the last bits of its GEMMs)
+# a thread count's costs move only once its running ratio is this far above the ratio of its first rounds in
+# the run: a machine that got busy (2-3x on the 2-core CPU with a neighbour), not the noise of a shared machine
+# (10-30%) nor the gap between the calibration's fastest rounds and typical ones (measured 1.3-1.6x at batch 10),
+# so that on a steady machine a seeded run is planned from the calibrated costs alone and reproduces (the
+# thread count of a round changes the last bits of its GEMMs)
 ONLINE_SLOWDOWN = 1.5
+ONLINE_REFERENCE_ROUNDS = 8  # a thread count's first rounds in a run: its reference ratio (their median)
 
 
 class _RunPlan:
@@ -294,6 +298,7 @@ class _RunPlan:
         self.planner, self.cost, self.profile, self.Lmax = planner, cost, profile, Lmax
         self._base = cost.alternatives(Lmax)                 # {threads: calibrated seconds per L}
         self._scale = {k: 1.0 for k in self._base}           # running measured / calibrated ratio per threads
+        self._first: Dict[Optional[int], List[float]] = {k: [] for k in self._base}  # the first rounds' ratios
         self._price()
         N = profile.N
         self._thirds = [dict(rounds=0, L_sum=0.0, acc_sum=0.0) for _ in range(3)]
@@ -321,11 +326,19 @@ class _RunPlan:
     def _price(self) -> None:
         """round_cost[L] = the cheapest thread count's expected seconds; _threads[L] = that count."""
         self.round_cost, self._threads = [], []
-        scale = {n: (v if v > ONLINE_SLOWDOWN else 1.0) for n, v in self._scale.items()}
+        scale = {n: (v if v > ONLINE_SLOWDOWN else 1.0) for n, v in self.slowdown().items()}
         for L in range(self.Lmax + 1):
             k = min(self._base, key=lambda n: self._base[n][L] * scale[n])
             self.round_cost.append(self._base[k][L] * scale[k])
             self._threads.append(k)
+
+    def slowdown(self) -> Dict[Optional[int], float]:
+        """Per thread count: its running ratio over the median ratio of its first rounds (1.0 until those)."""
+        out = {}
+        for k, first in self._first.items():
+            ref = float(np.median(first)) if len(first) >= ONLINE_REFERENCE_ROUNDS else None
+            out[k] = self._scale[k] / ref if ref else 1.0
+        return out
 
     def threads(self, L: int) -> Optional[int]:
         """CPU intra-op threads to run a round drafting L at (None: leave the setting as it is)."""
@@ -338,6 +351,11 @@ class _RunPlan:
         if threads not in self._base or L > self.Lmax or not seconds > 0:
             return
         r = min(max(seconds / max(self._base[threads][L], 1e-12), ONLINE_CLIP[0]), ONLINE_CLIP[1])
+        first = self._first[threads]
+        if len(first) < ONLINE_REFERENCE_ROUNDS:
+            first.append(r)
+            self._scale[threads] = float(np.median(first))
+            return
         self._scale[threads] = float(np.exp((1 - ONLINE_WEIGHT) * np.log(self._scale[threads])
                                             + ONLINE_WEIGHT * np.log(r)))
         self._price()
@@ -357,7 +375,7 @@ class _RunPlan:
         cpu = any(k is not None for k in self._base)
         return PlanRecord(cost_source=c.source, profile_source=self.profile.source, costs_ms=costs, thirds=thirds,
                           threads_by_L=list(self._threads) if cpu else [],
-                          online_scale={str(k): round(v, 3) for k, v in self._scale.items()} if cpu else {})
+                          online_scale={str(k): round(v, 3) for k, v in self.slowdown().items()} if cpu else {})
 
 
 # ------------------------------------------------------------ calibration

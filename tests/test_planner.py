@@ -49,7 +49,7 @@ def test_drafting_must_beat_a_plain_step_by_min_gain():
     good = np.full(100, 0.96)
     assert _plan(cost, good, Lmax=2).choose(np.array([50] * 10)) == 1
     assert _plan(cost, good, Lmax=2, min_gain=0.1).choose(np.array([50] * 10)) == 0
-    assert DraftPlanner().min_gain == pytest.approx(0.10)
+    assert DraftPlanner().min_gain == pytest.approx(0.20)
     # a clear gain is taken whatever the margin
     assert _plan(CostModel("k", verify_s=[1.0] * 9, draft_s=0.01, accept_s=0.0), np.full(100, 0.95),
                  min_gain=0.1).choose(np.array([50])) == 8
@@ -181,9 +181,13 @@ def test_plan_picks_the_thread_count_per_L_and_follows_measured_rounds():
     plan = _plan(_threaded_cost(), np.full(100, 0.95))
     assert plan.threads(0) == 1 and plan.threads(1) == 2 and plan.threads(8) == 2
     assert plan.choose(np.array([50])) >= 4   # long rounds are cheap at 2 threads
-    # the machine gets busy: rounds at 2 threads take 3x their calibrated time
+    # the run's first rounds at 2 threads take 1.4x the calibration's fastest: the reference, not a slowdown
+    for _ in range(8):
+        plan.observe(6, 2, 1.4 * (5.5 + 1.6 * 6))
+    assert plan.threads(6) == 2 and plan.record().online_scale["2"] == pytest.approx(1.0)
+    # then the machine gets busy: rounds at 2 threads take 3x that
     for _ in range(10):
-        plan.observe(6, 2, 3 * (5.5 + 1.6 * 6))
+        plan.observe(6, 2, 3 * 1.4 * (5.5 + 1.6 * 6))
     assert all(plan.threads(L) == 1 for L in range(9))
     assert plan.round_cost[6] == pytest.approx(5.0 + 2.4 * 6)
     rec = plan.record()
@@ -199,10 +203,12 @@ def test_ordinary_noise_leaves_the_calibrated_plan_alone():
     """Rounds 30% slower than calibrated (a shared machine's noise) do not move the plan: seeded runs reproduce."""
     plan = _plan(_threaded_cost(), np.full(100, 0.95))
     before = (list(plan.round_cost), [plan.threads(L) for L in range(9)])
-    for L in range(9):
-        plan.observe(L, plan.threads(L), 1.3 * plan.round_cost[L])
+    rng = np.random.default_rng(0)
+    for i in range(60):  # typical rounds 1.6x the calibration's fastest, +-30% noise
+        L = i % 9
+        plan.observe(L, plan.threads(L), 1.6 * rng.uniform(0.7, 1.3) * plan.round_cost[L])
     assert (list(plan.round_cost), [plan.threads(L) for L in range(9)]) == before
-    assert plan.record().online_scale["2"] == pytest.approx(1.3, rel=0.1)
+    assert plan.record().online_scale["2"] < 1.5
 
 
 def test_plan_without_thread_alternatives_leaves_threads_alone():
