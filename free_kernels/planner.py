@@ -26,13 +26,15 @@ too small for threads to share, a round verifying L + 1 states per sample is
 not (on the demo at 2 threads, about 1.6 ms per drafted step against 2.4 ms at
 1 thread).  Round costs are made non-decreasing in L (:func:`lower_envelope`:
 a shared machine only adds time).  During the run every round of the
-calibrated shape reports its time, and each thread count keeps a running
-ratio of measured to calibrated time; once that ratio is 1.5 times the one
-of its first 8 rounds in the run (a machine that got busy, where
-synchronising threads loses most, not ordinary noise nor the calibration's
-fastest-of-5 optimism) its costs follow it, which moves the plan to 1
-thread.  Below that the plan uses the calibrated costs alone, so a seeded
-run on a steady machine reproduces.
+calibrated shape can report its time (``DraftPlanner(adapt=True)``, off by
+default): each thread count keeps a running ratio of measured to calibrated
+time, and once that ratio is 1.5 times the one of its first 8 rounds in the
+run (a machine that got busy, where synchronising threads loses most) its
+costs follow it, which moves the plan to 1 thread.  Off by default because
+on the demo it misread the late schedule's short rounds, relatively slower
+than the long early ones that set the reference, as a slowdown (free-sample:
+1.34x against 1.51x without it); the plan then uses the calibrated costs
+alone, and a seeded run reproduces.
 
 L = 0 is a plain ancestral step (one target row per sample, no drafting), so
 a plan never costs more than the baseline beyond the one-off calibration.
@@ -218,7 +220,8 @@ class DraftPlanner:
     """Chooses the draft length of each round (see the module docstring)."""
 
     def __init__(self, max_draft_length: int = 8, calibrate: bool = True, cache_dir: Optional[str] = None,
-                 progress: bool = True, cost_model: Optional[CostModel] = None, min_gain: float = MIN_GAIN):
+                 progress: bool = True, cost_model: Optional[CostModel] = None, min_gain: float = MIN_GAIN,
+                 adapt: bool = False):
         if isinstance(max_draft_length, bool) or not isinstance(max_draft_length, (int, np.integer)) \
                 or max_draft_length < 0:
             raise ValueError(f"max_draft_length must be an int >= 0, got {max_draft_length!r}")
@@ -226,6 +229,7 @@ class DraftPlanner:
         if isinstance(min_gain, bool) or not isinstance(min_gain, (int, float)) or not 0 <= min_gain < 10:
             raise ValueError(f"min_gain must be a number in [0, 10), got {min_gain!r}")
         self.min_gain = float(min_gain)
+        self.adapt = bool(adapt)  # follow measured round times during a run (see _RunPlan.observe)
         self.calibrate = bool(calibrate) and os.environ.get("FREE_KERNELS_NO_CALIBRATION", "0") != "1"
         self.cache_dir = cache_dir
         self.progress = progress
@@ -348,7 +352,7 @@ class _RunPlan:
         """A round of the calibrated shape drafting L took ``seconds`` at ``threads``: update that thread
         count's running ratio to its calibrated costs (a machine that got busier moves the plan; every L of a
         thread count shares one ratio, so noise on one L does not steer the choice of L)."""
-        if threads not in self._base or L > self.Lmax or not seconds > 0:
+        if not self.planner.adapt or threads not in self._base or L > self.Lmax or not seconds > 0:
             return
         r = min(max(seconds / max(self._base[threads][L], 1e-12), ONLINE_CLIP[0]), ONLINE_CLIP[1])
         first = self._first[threads]
@@ -375,7 +379,8 @@ class _RunPlan:
         cpu = any(k is not None for k in self._base)
         return PlanRecord(cost_source=c.source, profile_source=self.profile.source, costs_ms=costs, thirds=thirds,
                           threads_by_L=list(self._threads) if cpu else [],
-                          online_scale={str(k): round(v, 3) for k, v in self.slowdown().items()} if cpu else {})
+                          online_scale={str(k): round(v, 3) for k, v in self.slowdown().items()}
+                          if cpu and self.planner.adapt else {})
 
 
 # ------------------------------------------------------------ calibration

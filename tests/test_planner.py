@@ -20,9 +20,9 @@ def test_expected_steps():
     assert expected_steps(np.zeros(20), np.array([10]), 6)[0] == 1.0
 
 
-def _plan(cost: CostModel, rates, Lmax=8, min_gain=0.0):
+def _plan(cost: CostModel, rates, Lmax=8, min_gain=0.0, adapt=True):
     prof = AcceptanceProfile(len(rates), prior=rates, weight=1e9)
-    return _RunPlan(DraftPlanner(Lmax, calibrate=False, min_gain=min_gain), cost, prof, Lmax)
+    return _RunPlan(DraftPlanner(Lmax, calibrate=False, min_gain=min_gain, adapt=adapt), cost, prof, Lmax)
 
 
 def test_planner_drafts_only_where_it_pays():
@@ -197,6 +197,15 @@ def test_plan_picks_the_thread_count_per_L_and_follows_measured_rounds():
     plan.observe(3, 4, 1.0)
     plan.observe(3, 1, 0.0)
     assert plan.record().online_scale["1"] == pytest.approx(1.0)
+
+
+def test_following_round_times_is_off_by_default():
+    assert DraftPlanner().adapt is False
+    plan = _plan(_threaded_cost(), np.full(100, 0.95), adapt=False)
+    before = [plan.threads(L) for L in range(9)]
+    for _ in range(30):
+        plan.observe(6, 2, 10 * (5.5 + 1.6 * 6))
+    assert [plan.threads(L) for L in range(9)] == before and plan.record().online_scale == {}
 
 
 def test_ordinary_noise_leaves_the_calibrated_plan_alone():

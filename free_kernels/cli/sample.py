@@ -36,8 +36,8 @@ runs small targets (the demo) on one thread, where a forward of one sample is
 too small for intra-op threads to pay; FREE gets all of torch's threads and its
 planner measures, for every draft length, whether a round is faster at 1 thread
 or at all of them (a round verifies L + 1 states per sample in one forward: work
-that threads can share), and follows the measured round times during the run
-(a machine that gets busy moves it back to 1 thread).  The baseline is then
+that threads can share; a machine that gets busy after the calibration needs
+``FREE_KERNELS_RECALIBRATE=1``).  The baseline is then
 also run at all threads (``baseline (ancestral, N threads)``), and speed-ups
 are against the faster of the two baseline rows.
 
