@@ -26,6 +26,7 @@ import json
 import platform
 import time
 
+import numpy as np
 import torch
 
 import free_kernels as fk
@@ -70,6 +71,9 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--n", type=int, default=32, help="samples per acceptance measurement")
     p.add_argument("--quality-n", type=int, default=500, help="samples per quality measurement")
+    p.add_argument("--quality-baselines", type=int, default=2,
+                   help="independent baseline runs in the quality section (>= 2; their pairwise FDs are the noise)")
+    p.add_argument("--quality-relax", default="0.5,2.0", help="relax strengths in the quality section ('' = none)")
     p.add_argument("--cfg-scale", type=float, default=None, help="default: the drafter's training CFG")
     p.add_argument("--drafter", action="append", default=[], help="NAME=PATH extra drafters to compare")
     p.add_argument("--quick", action="store_true")
@@ -185,11 +189,17 @@ def main(argv=None):
             base_a, _ = run_baseline(target, "250", qn, seed=100, cfg=cfg)
             _, y = _inputs(qn, 100, target.in_channels, target.input_size)
             runs = [("baseline run A", base_a, None)]
-            base_b, _ = run_baseline(target, "250", qn, seed=200, cfg=cfg)
-            runs.append(("baseline run B", base_b, None))
+            if args.quality_baselines < 2:
+                raise SystemExit("--quality-baselines must be >= 2")
+            bases = [base_a]
+            for k in range(1, args.quality_baselines):
+                bk, _ = run_baseline(target, "250", qn, seed=200 if k == 1 else 300 + 100 * k, cfg=cfg)
+                bases.append(bk)
+                runs.append((f"baseline run {chr(ord('A') + k)}", bk, None))
             out, st, _ = run_free(target, shipped, "250", 6, qn, seed=300, cfg=cfg)
             runs.append(("exact FREE (L=6)", out, st))
-            for lam in (0.5, 2.0):
+            lams = [float(v) for v in args.quality_relax.split(",") if v.strip()]
+            for lam in lams:
                 out, st, _ = run_free(target, shipped, "250", 6, qn, seed=300, cfg=cfg, relax=lam)
                 runs.append((f"FREE (relax {lam}, approximate)", out, st))
             for name, x, st in runs:
@@ -200,6 +210,14 @@ def main(argv=None):
                 print(f"| {name} | {st.steps_per_target_call if st else 1.0:.2f} | {q['accuracy']:.3f} | "
                       f"{q['fd']:.2f} | {fdb:.2f} |", flush=True)
             res["sections"]["quality"] = rows
+            if len(bases) > 2:  # the noise of the distance: every pair of baseline runs, and FREE to each
+                pairs = [fd_between(bases[i], bases[j], clf) for i in range(len(bases)) for j in range(i + 1, len(bases))]
+                exact = next(x for name, x, _ in runs if name.startswith("exact FREE"))
+                to_free = [fd_between(exact, b, clf) for b in bases]
+                print(f"\nFD between baseline runs ({len(pairs)} pairs): min {min(pairs):.2f}, median "
+                      f"{float(np.median(pairs)):.2f}, max {max(pairs):.2f}; exact FREE to each baseline run: min "
+                      f"{min(to_free):.2f}, median {float(np.median(to_free)):.2f}, max {max(to_free):.2f}")
+                res["sections"]["quality_noise"] = dict(baseline_pairs=pairs, exact_free_to_baselines=to_free)
             print()
 
     if args.out:
