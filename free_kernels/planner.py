@@ -25,16 +25,11 @@ each L runs at the count that measured fastest: a plain step of one sample is
 too small for threads to share, a round verifying L + 1 states per sample is
 not (on the demo at 2 threads, about 1.6 ms per drafted step against 2.4 ms at
 1 thread).  Round costs are made non-decreasing in L (:func:`lower_envelope`:
-a shared machine only adds time).  During the run every round of the
-calibrated shape can report its time (``DraftPlanner(adapt=True)``, off by
-default): each thread count keeps a running ratio of measured to calibrated
-time, and once that ratio is 1.5 times the one of its first 8 rounds in the
-run (a machine that got busy, where synchronising threads loses most) its
-costs follow it, which moves the plan to 1 thread.  Off by default because
-on the demo it misread the late schedule's short rounds, relatively slower
-than the long early ones that set the reference, as a slowdown (free-sample:
-1.34x against 1.51x without it); the plan then uses the calibrated costs
-alone, and a seeded run reproduces.
+a shared machine only adds time).  The plan uses the calibrated costs alone
+(two ways of following measured round times during a run misfired on the
+noisy 2-core CPU, bench/RESULTS.md), so a seeded run reproduces (the thread
+count of a round changes the last bits of its GEMMs); a machine that got busy
+after the calibration needs ``FREE_KERNELS_RECALIBRATE=1``.
 
 L = 0 is a plain ancestral step (one target row per sample, no drafting), so
 a plan never costs more than the baseline beyond the one-off calibration.
@@ -170,8 +165,7 @@ class CostModel:
     accept_s: float                  # the accept op
     source: str = "calibrated"
     rounds_s: Optional[List[float]] = None  # measured whole rounds of the sampler, L = 0..Lmax (what is used)
-    # CPU: the intra-op thread count that measured fastest for each L, and every count's rounds (keys str(n))
-    threads: Optional[List[Optional[int]]] = None
+    # CPU: every candidate intra-op thread count's rounds, L = 0..Lmax (keys str(n)); rounds_s is their minimum
     rounds_by_threads: Optional[Dict[str, List[float]]] = None
 
     def covers(self, Lmax: int) -> bool:
@@ -205,10 +199,8 @@ class PlanRecord:
     cost_source: str = ""
     profile_source: str = ""
     costs_ms: Dict[str, float] = field(default_factory=dict)
-    # CPU: intra-op threads of the rounds of each L (at the end of the run), and each thread count's slowdown at
-    # the end: running round time over that of its first rounds (1.0: steady; above 1.5 the plan followed it)
+    # CPU: the intra-op thread count the rounds of each L ran at
     threads_by_L: List[Optional[int]] = field(default_factory=list)
-    online_scale: Dict[str, float] = field(default_factory=dict)
     # per third (early / middle / late): rounds, mean L, mean predicted acceptance
     thirds: List[Dict[str, float]] = field(default_factory=list)
 
@@ -220,8 +212,7 @@ class DraftPlanner:
     """Chooses the draft length of each round (see the module docstring)."""
 
     def __init__(self, max_draft_length: int = 8, calibrate: bool = True, cache_dir: Optional[str] = None,
-                 progress: bool = True, cost_model: Optional[CostModel] = None, min_gain: float = MIN_GAIN,
-                 adapt: bool = False):
+                 progress: bool = True, cost_model: Optional[CostModel] = None, min_gain: float = MIN_GAIN):
         if isinstance(max_draft_length, bool) or not isinstance(max_draft_length, (int, np.integer)) \
                 or max_draft_length < 0:
             raise ValueError(f"max_draft_length must be an int >= 0, got {max_draft_length!r}")
@@ -229,7 +220,6 @@ class DraftPlanner:
         if isinstance(min_gain, bool) or not isinstance(min_gain, (int, float)) or not 0 <= min_gain < 10:
             raise ValueError(f"min_gain must be a number in [0, 10), got {min_gain!r}")
         self.min_gain = float(min_gain)
-        self.adapt = bool(adapt)  # follow measured round times during a run (see _RunPlan.observe)
         self.calibrate = bool(calibrate) and os.environ.get("FREE_KERNELS_NO_CALIBRATION", "0") != "1"
         self.cache_dir = cache_dir
         self.progress = progress
@@ -286,24 +276,13 @@ class DraftPlanner:
         return cm
 
 
-ONLINE_WEIGHT = 0.2          # weight of one observed round in a thread count's running cost ratio
-ONLINE_CLIP = (0.25, 50.0)   # an observed/calibrated ratio outside this range is clipped (timer hiccups)
-# a thread count's costs move only once its running ratio is this far above the ratio of its first rounds in
-# the run: a machine that got busy (2-3x on the 2-core CPU with a neighbour), not the noise of a shared machine
-# (10-30%) nor the gap between the calibration's fastest rounds and typical ones (measured 1.3-1.6x at batch 10),
-# so that on a steady machine a seeded run is planned from the calibrated costs alone and reproduces (the
-# thread count of a round changes the last bits of its GEMMs)
-ONLINE_SLOWDOWN = 1.5
-ONLINE_REFERENCE_ROUNDS = 8  # a thread count's first rounds in a run: its reference ratio (their median)
-
-
 class _RunPlan:
     def __init__(self, planner: DraftPlanner, cost: CostModel, profile: AcceptanceProfile, Lmax: int):
         self.planner, self.cost, self.profile, self.Lmax = planner, cost, profile, Lmax
-        self._base = cost.alternatives(Lmax)                 # {threads: calibrated seconds per L}
-        self._scale = {k: 1.0 for k in self._base}           # running measured / calibrated ratio per threads
-        self._first: Dict[Optional[int], List[float]] = {k: [] for k in self._base}  # the first rounds' ratios
-        self._price()
+        # per L the cheapest thread count's calibrated seconds, and that count (None: as set)
+        alt = cost.alternatives(Lmax)
+        self._threads = [min(alt, key=lambda n: alt[n][L]) for L in range(Lmax + 1)]
+        self.round_cost = [alt[k][L] for L, k in enumerate(self._threads)]
         N = profile.N
         self._thirds = [dict(rounds=0, L_sum=0.0, acc_sum=0.0) for _ in range(3)]
         self._N = N
@@ -327,42 +306,9 @@ class _RunPlan:
         t["acc_sum"] += float(np.mean(rates[np.clip(idx, 0, self._N - 1)]))
         return best
 
-    def _price(self) -> None:
-        """round_cost[L] = the cheapest thread count's expected seconds; _threads[L] = that count."""
-        self.round_cost, self._threads = [], []
-        scale = {n: (v if v > ONLINE_SLOWDOWN else 1.0) for n, v in self.slowdown().items()}
-        for L in range(self.Lmax + 1):
-            k = min(self._base, key=lambda n: self._base[n][L] * scale[n])
-            self.round_cost.append(self._base[k][L] * scale[k])
-            self._threads.append(k)
-
-    def slowdown(self) -> Dict[Optional[int], float]:
-        """Per thread count: its running ratio over the median ratio of its first rounds (1.0 until those)."""
-        out = {}
-        for k, first in self._first.items():
-            ref = float(np.median(first)) if len(first) >= ONLINE_REFERENCE_ROUNDS else None
-            out[k] = self._scale[k] / ref if ref else 1.0
-        return out
-
     def threads(self, L: int) -> Optional[int]:
         """CPU intra-op threads to run a round drafting L at (None: leave the setting as it is)."""
         return self._threads[min(L, self.Lmax)]
-
-    def observe(self, L: int, threads: Optional[int], seconds: float) -> None:
-        """A round of the calibrated shape drafting L took ``seconds`` at ``threads``: update that thread
-        count's running ratio to its calibrated costs (a machine that got busier moves the plan; every L of a
-        thread count shares one ratio, so noise on one L does not steer the choice of L)."""
-        if not self.planner.adapt or threads not in self._base or L > self.Lmax or not seconds > 0:
-            return
-        r = min(max(seconds / max(self._base[threads][L], 1e-12), ONLINE_CLIP[0]), ONLINE_CLIP[1])
-        first = self._first[threads]
-        if len(first) < ONLINE_REFERENCE_ROUNDS:
-            first.append(r)
-            self._scale[threads] = float(np.median(first))
-            return
-        self._scale[threads] = float(np.exp((1 - ONLINE_WEIGHT) * np.log(self._scale[threads])
-                                            + ONLINE_WEIGHT * np.log(r)))
-        self._price()
 
     def finish(self) -> None:
         self.profile.finish_run()
@@ -376,11 +322,9 @@ class _RunPlan:
             r = t["rounds"]
             thirds.append(dict(third=name, rounds=r, mean_L=t["L_sum"] / r if r else None,
                                predicted_acceptance=t["acc_sum"] / r if r else None))
-        cpu = any(k is not None for k in self._base)
+        cpu = any(k is not None for k in self._threads)
         return PlanRecord(cost_source=c.source, profile_source=self.profile.source, costs_ms=costs, thirds=thirds,
-                          threads_by_L=list(self._threads) if cpu else [],
-                          online_scale={str(k): round(v, 3) for k, v in self.slowdown().items()}
-                          if cpu and self.planner.adapt else {})
+                          threads_by_L=list(self._threads) if cpu else [])
 
 
 # ------------------------------------------------------------ calibration
@@ -436,7 +380,7 @@ def intra_op_threads(n: Optional[int]):
 
 
 CALIBRATION_REPS = 5  # timed passes over every (L, threads); the fastest counts (a shared machine's noise is additive)
-COST_FORMAT = 2  # 2: CPU rounds timed at several intra-op thread counts
+COST_FORMAT = 3  # 2, 3: CPU rounds timed at several intra-op thread counts (3: no derived per-L thread list)
 
 
 def thread_candidates(dev: torch.device) -> List[Optional[int]]:
@@ -502,11 +446,9 @@ def calibrate(sampler, B: int, G: int, dev: torch.device, Lmax: int, key: str, p
         draft_s, verify, accept_s = _time_parts(sampler, B, G, dev, Lmax)
     if progress:
         print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    cpu = dev.type == "cpu"
     return CostModel(key=key, verify_s=verify, draft_s=draft_s, accept_s=accept_s,
                      rounds_s=[grid[k][L] for L, k in enumerate(pick)],
-                     threads=[threads[k] for k in pick] if cpu else None,
-                     rounds_by_threads={str(n): grid[k] for k, n in enumerate(threads)} if cpu else None)
+                     rounds_by_threads={str(n): grid[k] for k, n in enumerate(threads)} if dev.type == "cpu" else None)
 
 
 def lower_envelope(seconds: Sequence[float]) -> List[float]:

@@ -720,18 +720,13 @@ class _Run:
         vrows = np.nonzero(valid.reshape(-1))[0]
         full = vrows.size == valid.size
         act = None if act_np.size == self.B else torch.as_tensor(act_np, device=self.dev)
-        # CPU: the round runs at the intra-op thread count the planner measured fastest for this L; a round of
-        # the calibrated shape (every slot live, all drafting L) reports its time back (the cost model follows
-        # a machine that got busier); on a GPU rounds are asynchronous and threads do not apply
-        cpu = self.dev.type == "cpu"
-        threads = self.plan.threads(Lr) if planned and cpu else None
-        t0 = time.perf_counter()
+        # CPU: the round runs at the intra-op thread count the planner measured fastest for this L (on a GPU
+        # threads do not apply)
+        threads = self.plan.threads(Lr) if planned and self.dev.type == "cpu" else None
         with intra_op_threads(threads):
             self._round_body(act, None if full else torch.as_tensor(vrows, device=self.dev), Lr,
                              None if full else torch.as_tensor(valid, device=self.dev),
                              None if act is None else act_np.tolist(), nd)
-        if planned and cpu and act is None and full and Lr == L:
-            self.plan.observe(Lr, threads, time.perf_counter() - t0)
         self.has_host[act_np] = True
         self._count(act_np.size, Lr, int(vrows.size), drafter_rows=int(np.minimum(nd, Lr).sum()))
 

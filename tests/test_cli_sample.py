@@ -264,4 +264,4 @@ def test_default_threads_give_each_method_its_best_and_compare_fairly(tmp_path, 
     assert free["speedup"] == pytest.approx(fastest / free["wall_s"])
     assert max(base["speedup"], both["speedup"]) == pytest.approx(1.0)
     assert rec["grid_rows"] == {"baseline": [0], "free": [1]}
-    assert free["stats"]["plan"]["threads_by_L"] and free["stats"]["plan"]["online_scale"] == {}  # adapt is opt-in
+    assert set(free["stats"]["plan"]["threads_by_L"]) <= {1, 2}

@@ -20,9 +20,9 @@ def test_expected_steps():
     assert expected_steps(np.zeros(20), np.array([10]), 6)[0] == 1.0
 
 
-def _plan(cost: CostModel, rates, Lmax=8, min_gain=0.0, adapt=True):
+def _plan(cost: CostModel, rates, Lmax=8, min_gain=0.0):
     prof = AcceptanceProfile(len(rates), prior=rates, weight=1e9)
-    return _RunPlan(DraftPlanner(Lmax, calibrate=False, min_gain=min_gain, adapt=adapt), cost, prof, Lmax)
+    return _RunPlan(DraftPlanner(Lmax, calibrate=False, min_gain=min_gain), cost, prof, Lmax)
 
 
 def test_planner_drafts_only_where_it_pays():
@@ -173,59 +173,20 @@ def _threaded_cost():
     one = [5.0 + 2.4 * L for L in range(9)]
     two = [5.5 + 1.6 * L for L in range(9)]
     return CostModel("k", verify_s=[1.0], draft_s=0.1, accept_s=0.0, rounds_s=[min(a, b) for a, b in zip(one, two)],
-                     threads=[1 if a <= b else 2 for a, b in zip(one, two)],
                      rounds_by_threads={"1": one, "2": two})
 
 
-def test_plan_picks_the_thread_count_per_L_and_follows_measured_rounds():
+def test_plan_picks_the_thread_count_per_L():
     plan = _plan(_threaded_cost(), np.full(100, 0.95))
     assert plan.threads(0) == 1 and plan.threads(1) == 2 and plan.threads(8) == 2
+    assert plan.round_cost[0] == pytest.approx(5.0) and plan.round_cost[6] == pytest.approx(5.5 + 1.6 * 6)
     assert plan.choose(np.array([50])) >= 4   # long rounds are cheap at 2 threads
-    # the run's first rounds at 2 threads take 1.4x the calibration's fastest: the reference, not a slowdown
-    for _ in range(8):
-        plan.observe(6, 2, 1.4 * (5.5 + 1.6 * 6))
-    assert plan.threads(6) == 2 and plan.record().online_scale["2"] == pytest.approx(1.0)
-    # then the machine gets busy: rounds at 2 threads take 3x that
-    for _ in range(10):
-        plan.observe(6, 2, 3 * 1.4 * (5.5 + 1.6 * 6))
-    assert all(plan.threads(L) == 1 for L in range(9))
-    assert plan.round_cost[6] == pytest.approx(5.0 + 2.4 * 6)
-    rec = plan.record()
-    assert rec.threads_by_L == [1] * 9 and rec.online_scale["2"] > 2.5 and rec.online_scale["1"] == 1.0
-    # rounds at 1 thread as calibrated leave that count's costs alone; nonsense observations are ignored
-    plan.observe(3, 1, 5.0 + 2.4 * 3)
-    plan.observe(3, 4, 1.0)
-    plan.observe(3, 1, 0.0)
-    assert plan.record().online_scale["1"] == pytest.approx(1.0)
-
-
-def test_following_round_times_is_off_by_default():
-    assert DraftPlanner().adapt is False
-    plan = _plan(_threaded_cost(), np.full(100, 0.95), adapt=False)
-    before = [plan.threads(L) for L in range(9)]
-    for _ in range(30):
-        plan.observe(6, 2, 10 * (5.5 + 1.6 * 6))
-    assert [plan.threads(L) for L in range(9)] == before and plan.record().online_scale == {}
-
-
-def test_ordinary_noise_leaves_the_calibrated_plan_alone():
-    """Rounds 30% slower than calibrated (a shared machine's noise) do not move the plan: seeded runs reproduce."""
-    plan = _plan(_threaded_cost(), np.full(100, 0.95))
-    before = (list(plan.round_cost), [plan.threads(L) for L in range(9)])
-    rng = np.random.default_rng(0)
-    for i in range(60):  # typical rounds 1.6x the calibration's fastest, +-30% noise
-        L = i % 9
-        plan.observe(L, plan.threads(L), 1.6 * rng.uniform(0.7, 1.3) * plan.round_cost[L])
-    assert (list(plan.round_cost), [plan.threads(L) for L in range(9)]) == before
-    assert plan.record().online_scale["2"] < 1.5
+    assert plan.record().threads_by_L == [1] + [2] * 8
 
 
 def test_plan_without_thread_alternatives_leaves_threads_alone():
     plan = _plan(CostModel("k", verify_s=[1.0] * 9, draft_s=0.01, accept_s=0.0), np.full(100, 0.95))
-    assert plan.threads(3) is None
-    plan.observe(3, None, 10.0)  # a GPU / uncalibrated model: one alternative, the ratio still follows
-    rec = plan.record()
-    assert rec.threads_by_L == [] and rec.online_scale == {}
+    assert plan.threads(3) is None and plan.record().threads_by_L == []
 
 
 def test_calibration_times_rounds_at_1_thread_and_the_cap(targets, tmp_path):
@@ -240,8 +201,8 @@ def test_calibration_times_rounds_at_1_thread_and_the_cap(targets, tmp_path):
         cm = plan.cost
         assert sorted(cm.rounds_by_threads) == ["1", "2"] and all(len(v) == 4 for v in cm.rounds_by_threads.values())
         for L in range(4):
-            k = str(cm.threads[L])
-            assert cm.rounds_s[L] == cm.rounds_by_threads[k][L] == min(v[L] for v in cm.rounds_by_threads.values())
+            assert cm.rounds_s[L] == min(v[L] for v in cm.rounds_by_threads.values())
+            assert cm.rounds_by_threads[str(plan.threads(L))][L] == cm.rounds_s[L]
         for v in cm.rounds_by_threads.values():
             assert all(a <= b for a, b in zip(v, v[1:]))  # lower envelope: non-decreasing in L
         assert torch.get_num_threads() == 2  # the calibration restores the setting
@@ -254,8 +215,7 @@ def test_rounds_run_at_the_planned_thread_count_and_restore_it(targets, tmp_path
     d = fk.create_diffusion("20", learn_sigma=True)
     dr = FeatureDrafter.for_target(t, init="random", generator=torch.Generator().manual_seed(2))
     cm = CostModel("k", verify_s=[1.0], draft_s=0.1, accept_s=0.0, rounds_s=[1.0 + 0.1 * L for L in range(5)],
-                   threads=[1] * 5, rounds_by_threads={"1": [1.0 + 0.1 * L for L in range(5)],
-                                                       "2": [9.0 + L for L in range(5)]})
+                   rounds_by_threads={"1": [1.0 + 0.1 * L for L in range(5)], "2": [9.0 + L for L in range(5)]})
     s = fk.FreeSampler(t, dr, d, planner=DraftPlanner(4, cost_model=cm))
     seen = []
     fwd = t.forward_features

@@ -413,10 +413,7 @@ def format_plan(m: dict) -> str:
     return (f"planner ({m['label']}): chose {thirds}\n"
             f"  measured costs ({plan['cost_source']}): target forward {v1:.2f} ms, draft step {c['draft_step_ms']:.2f} "
             f"ms ({c['draft_step_ms'] / max(v1, 1e-9):.2f} of a forward), accept {c['accept_ms']:.2f} ms; round "
-            + ", ".join(rounds) + (" (thr: intra-op threads" if thr else "")
-            + ("; round time at the end / in the run's first rounds: "
-               + ", ".join(f"{k} thr {v:.2f}" for k, v in plan["online_scale"].items()) if plan.get("online_scale")
-               else "") + (")" if thr else "")
+            + ", ".join(rounds) + (" (thr: intra-op threads)" if thr else "")
             + f"\n  acceptance prior: {plan['profile_source']}, updated from the run's own "
             f"accept counts; L = 0 is a plain ancestral step")
 
