@@ -14,8 +14,14 @@ statistics accumulators; round buffers (parents, drafted transitions, target
 transitions, noise) are allocated once per shape and written through ``out=``.
 Randomness is keyed per sample (see :mod:`free_kernels.reference.philox`), so
 a sample's result depends only on its own seed, never on its slot or its
-neighbours.  The host reads one small tensor per check (every
-``check_every`` rounds): which slots are still running.
+neighbours.  (On the CPU, per-sample generators: a residual that needs more
+than the round's K candidates goes on drawing from its own sample's stream.
+Keyed Philox, the CUDA default: the accept kernel draws candidates past the K
+from the run's counter-based ``rng_state``, which the batch shares; such a
+sample's result may depend on its slot.)  The host reads one small tensor per
+check (every ``check_every`` rounds): which slots are still running; after a
+compact round of plain steps (nothing drafted) it reads nothing, every slot
+having advanced one step.
 
 Two layouts of the same round:
 
@@ -545,6 +551,8 @@ class _Run:
         self.rng_state = torch.tensor([overflow_seed, 0], dtype=torch.int64, device=dev)
         # host mirrors (written by the host only at insertions and checks)
         self.plan = s.planner.start(s, B, self.G, dev) if with_plan and s.planner is not None and B > 0 else None
+        # a plan that never drafts (no L can pay on this device and batch) needs no parent features
+        self.keep_features = self.plan is None or self.plan.drafts_ever
         self.rounds_by_L = [0] * (self.L + 1)
         self.live = np.zeros(B, dtype=bool)
         self.has_host = np.zeros(B, dtype=bool)
@@ -587,11 +595,22 @@ class _Run:
         done_steps = 0
         static = self.layout == "static"
         idx_known = None  # respaced index of every slot as of the last check (host)
+        plain = False     # the last round was a plain step of every live slot (compact layout)
         while self.live.any():
             if static:
                 for _ in range(self.s.check_every):
                     self._round_static(self._choose(idx_known) if self.any_features else 0)
                     self.any_features = True
+            elif plain:
+                # every live slot advanced exactly one step and nothing was judged: the host knows the
+                # indices without a read, unless a slot finished (its counts are read with the snapshot)
+                idx_known = idx_known.copy()
+                idx_known[self.live] -= 1
+                if not (idx_known[self.live] < 0).any():
+                    if bar is not None:
+                        bar.update(int(self.live.sum()))
+                    plain = self._round_compact(idx_known) == 0
+                    continue
             snap = self._snapshot()
             finished = np.nonzero(self.live & (snap[0] < 0))[0]
             if bar is not None:
@@ -606,7 +625,7 @@ class _Run:
                     snap[0][slot] = self.N - 1
             idx_known = snap[0]
             if not static and self.live.any():
-                self._round_compact(snap[0])
+                plain = self._round_compact(snap[0]) == 0
         self.elapsed = time.perf_counter() - t_start
         if self.plan is not None:
             if self.n_rounds:
@@ -649,16 +668,21 @@ class _Run:
         return t.cpu().numpy()
 
     # ------------------------------------------------------------ randomness
-    def _draw(self, rows: Optional[torch.Tensor], rows_host: Optional[List[int]], Lr: int):
+    def _draw(self, rows: Optional[torch.Tensor], rows_host: Optional[List[int]], Lr: int,
+              nd_host: Optional[np.ndarray] = None):
         """This round's randomness of the rows, each from its own stream.
 
         Returns (draft noise (R, Lr, D), bonus noise (R, D), residual candidates
         (R, K, D) or None, acceptance uniforms (R, Lr), residual uniforms (R, K) or None).
         Keyed Philox: one stream per kind, so what a round draws of one kind does
-        not move another.  Per-sample generators (CPU compact layout): the full
-        row for L drafts every round, whatever Lr.
+        not move another.  Per-sample generators (CPU compact layout): each row
+        draws what its own drafts need (``nd_host``: drafts per row), in the same
+        order whatever the rest of the batch drafts: the bonus noise, then with
+        drafts their noise, K residual candidates, their acceptance uniforms and
+        the candidates' uniforms.  Entries a row does not draw keep finite values
+        (unused: positions past a row's drafts are never judged).
         """
-        L, K, D = self.L, self.K, self.D
+        K, D = self.K, self.D
         Kr = K if Lr > 0 else 0
         if self.keyed_philox:
             keys = self.keys if rows is None else self.keys[rows]
@@ -668,18 +692,52 @@ class _Run:
             ua, ur = keyed_parts(keys, draws, [(_TAG_U_ACCEPT, Lr), (_TAG_U_RESID, Kr)], normal=False)
             R = keys.shape[0]
             return (zd.view(R, Lr, D), zb, zr.view(R, Kr, D) if Kr else None, ua, ur if Kr else None)
-        nn_, nu = (L + 1 + K) * D, L + K
         slots = list(range(self.B)) if rows_host is None else rows_host
         n_rows = len(slots)
-        buf = self._buf(("draw", n_rows), lambda: dict(z=torch.empty(n_rows, nn_), u=torch.empty(n_rows, nu)))
+        nd = [Lr] * n_rows if nd_host is None else np.minimum(nd_host, Lr).tolist()
+        # z: [bonus | Lr drafts | Kr candidates] per row; u: [Lr acceptance | Kr candidates]
+        buf = self._buf(("draw", n_rows, Lr), lambda: dict(z=torch.zeros(n_rows, 1 + Lr + Kr, D),
+                                                           u=torch.zeros(n_rows, Lr + Kr)))
         z, u = buf["z"], buf["u"]
+        if Lr:
+            u.zero_()  # -> 1 below: entries no row drew stay valid uniforms
         for r, slot in enumerate(slots):
-            g = self.gens[slot]
-            torch.randn(nn_, generator=g, out=z[r])
-            torch.rand(nu, generator=g, out=u[r])
-        u.neg_().add_(1.0)  # (0, 1]: never log(0)
-        return (z[:, : L * D].view(n_rows, L, D)[:, :Lr], z[:, L * D:(L + 1) * D],
-                z[:, (L + 1) * D:].view(n_rows, K, D) if Kr else None, u[:, :Lr], u[:, L:] if Kr else None)
+            g, m = self.gens[slot], nd[r]
+            torch.randn((1 + m) * D, generator=g, out=z[r, :1 + m].view(-1))
+            if m:
+                torch.randn(K * D, generator=g, out=z[r, 1 + Lr:].view(-1))
+                torch.rand(m, generator=g, out=u[r, :m])
+                torch.rand(K, generator=g, out=u[r, Lr:])
+        if Lr:
+            u.neg_().add_(1.0)  # (0, 1]: never log(0)
+        return (z[:, 1:1 + Lr], z[:, 0], z[:, 1 + Lr:] if Kr else None, u[:, :Lr], u[:, Lr:] if Kr else None)
+
+    def _more_residuals(self, res, slots: List[int], used: int, args: tuple, kw: dict) -> None:
+        """Per-sample streams: rows whose ``used`` candidates were all rejected (``res.fallbacks``) go on
+        sampling the residual from their own samples' streams, K candidates at a time, up to
+        ``residual_max_candidates`` in all, so that no draw comes from a stream the batch shares (a sample's
+        result stays a function of its seed).  ``args`` / ``kw``: the round's accept call (the same uniforms:
+        the same drafts are rejected).  Per-sample streams exist on the CPU only, where reading which rows
+        need more is no device synchronisation."""
+        K, D, cap = self.K, self.D, self.s.residual_max_candidates
+        need = res.fallbacks.nonzero().flatten()
+        while need.numel() and used < cap:
+            k = min(K, cap - used)
+            z, u = torch.empty(need.numel(), k, D), torch.empty(need.numel(), k)
+            for i, r in enumerate(need.tolist()):
+                g = self.gens[slots[r]]
+                torch.randn(k * D, generator=g, out=z[i].view(-1))
+                torch.rand(k, generator=g, out=u[i])
+            u.neg_().add_(1.0)
+            sub = ops.speculative_accept(*(a[need] for a in args),
+                                         **{n: (v[need] if isinstance(v, torch.Tensor) and n != "rng_state" else v)
+                                            for n, v in kw.items()},
+                                         residual_noise=z, residual_uniforms=u, max_candidates=k)
+            res.out[need] = sub.out
+            res.residual_candidates[need] += sub.residual_candidates
+            res.fallbacks[need] = sub.fallbacks
+            used += k
+            need = need[sub.fallbacks]
 
     def _buf(self, key, make):
         b = self._bufs.get(key)
@@ -710,7 +768,9 @@ class _Run:
         g = self.s.graphs
         return self.dev.type == "cuda" and (g is True or g == "auto") and not self.s.profile
 
-    def _round_compact(self, idx_host: np.ndarray, L: Optional[int] = None) -> None:
+    def _round_compact(self, idx_host: np.ndarray, L: Optional[int] = None) -> int:
+        """One round of the compact layout on the live slots (at respaced indices ``idx_host``); returns the
+        round's draft length (0: every live slot took one plain step)."""
         act_np = np.nonzero(self.live)[0]
         planned = L is None and self.plan is not None and idx_host is not None
         L = self._choose(idx_host) if L is None else L
@@ -724,11 +784,15 @@ class _Run:
         # threads do not apply)
         threads = self.plan.threads(Lr) if planned and self.dev.type == "cpu" else None
         with intra_op_threads(threads):
-            self._round_body(act, None if full else torch.as_tensor(vrows, device=self.dev), Lr,
-                             None if full else torch.as_tensor(valid, device=self.dev),
-                             None if act is None else act_np.tolist(), nd)
-        self.has_host[act_np] = True
+            if Lr == 0:
+                self._plain_round(act, None if act is None else act_np.tolist())
+            else:
+                self._round_body(act, None if full else torch.as_tensor(vrows, device=self.dev), Lr,
+                                 None if full else torch.as_tensor(valid, device=self.dev),
+                                 None if act is None else act_np.tolist(), nd)
+        self.has_host[act_np] = self.keep_features
         self._count(act_np.size, Lr, int(vrows.size), drafter_rows=int(np.minimum(nd, Lr).sum()))
+        return Lr
 
     def _count(self, rows_d: int, Lr: int, rows_v: int, drafter_rows: Optional[int] = None) -> None:
         self.n_rounds += 1
@@ -737,6 +801,67 @@ class _Run:
         if Lr > 0:
             self.drafter_calls += Lr
             self.drafter_rows += rows_d * Lr if drafter_rows is None else drafter_rows
+
+    def _plain_round(self, act: Optional[torch.Tensor], act_host: Optional[List[int]]) -> None:
+        """Compact layout, nothing drafted: every slot in ``act`` (None: all B; all live) takes one plain
+        ancestral step, the baseline's: one target row per sample (two with guidance), its transition and
+        the bonus noise of the round (the same numbers, from the same streams, as a round drafting 0 in
+        ``_round_body``), no acceptance and no draft buffers."""
+        s, G, timed = self.s, self.G, self.timed
+        t0 = time.perf_counter() if timed else 0.0
+        sel = (lambda t: t) if act is None else (lambda t: t[act])
+        x, idx, y = sel(self.x), sel(self.idx), sel(self.y)
+        if self.keyed_philox:
+            noise = keyed_parts(sel(self.keys), sel(self.draws), [(_TAG_BONUS, self.D)], normal=True)[0]
+            if act is None:
+                self.draws.add_(1)
+            else:
+                self.draws.index_add_(0, act, torch.ones_like(act))
+        else:
+            noise = self._draw(act, act_host, 0)[1]
+        t1 = self._tick(timed)
+        nvtx_phase("verify")
+        T = self.tmap[idx]
+        if self.cfg:
+            XX, TT, YY = torch.cat([x, x]), torch.cat([T, T]), torch.cat([y, torch.full_like(y, self.null)])
+        else:
+            XX, TT, YY = x, T, y
+        h_all, c_all = s.target.forward_features(XX.to(self.mdt), TT, YY)
+        mean, logvar = ops.verify_transition(s.target, s.diffusion, h_all, c_all, x, idx, cfg_scale=self.cfg_scale,
+                                             guidance_channels=self.gc, clip_denoised=s.clip_denoised)
+        t2 = self._tick(timed)
+        nvtx_phase("accept")
+        Ba = x.shape[0]
+        keep = (idx != 0).to(mean.dtype).view(Ba, 1, 1, 1)     # the baseline's rule: no noise at the last step
+        mean, logvar = mean.to(torch.float32), logvar.to(torch.float32)
+        x_new = mean + keep * torch.exp(0.5 * logvar) * noise.view_as(mean)
+        if act is None:
+            self.x.copy_(x_new)
+            self.idx.sub_(1)
+            self.rounds.add_(1)
+            self.steps.add_(1)
+        else:
+            one = torch.ones_like(act)
+            self.x.index_copy_(0, act, x_new)
+            self.idx.index_add_(0, act, -one)
+            self.rounds.index_add_(0, act, one)
+            self.steps.index_add_(0, act, one)
+        if self.keep_features:
+            h = h_all.view(G, Ba, *h_all.shape[1:])
+            if self.hp is None:
+                self.hp = torch.zeros(G, self.B, *h_all.shape[1:], device=self.dev, dtype=h_all.dtype)
+            if act is None:
+                self.hp.copy_(h)
+                self.has_h.fill_(True)
+            else:
+                self.hp.index_copy_(1, act, h)
+                self.has_h.index_fill_(0, act, True)
+        t3 = self._tick(timed)
+        nvtx_phase(None)
+        if timed:
+            self.t_draft += t1 - t0
+            self.t_verify += t2 - t1
+            self.t_accept += t3 - t2
 
     def _round_body(self, act: Optional[torch.Tensor], vrows: Optional[torch.Tensor], Lr: int,
                     valid: Optional[torch.Tensor], act_host: Optional[List[int]] = None,
@@ -759,7 +884,7 @@ class _Run:
         nd = torch.where(has_h & active, torch.clamp(idx, max=Lr), torch.zeros_like(idx))
         I = (idx[:, None] - self.jr[None, : Lr + 1]).clamp(min=0)      # (Ba, Lr + 1) respaced index per slot
         T = self.tmap[I]
-        noise_q, bonus, resid_z, uni, resid_u = self._draw(act, act_host, Lr)
+        noise_q, bonus, resid_z, uni, resid_u = self._draw(act, act_host, Lr, nd_host)
         self.draws[act if act is not None else slice(None)] += active.to(torch.int64)
         bufs = self._buf(("round", Ba, Lr), lambda: dict(
             # zeros: positions a round does not draft keep finite values (the CPU accept checks every input)
@@ -841,14 +966,20 @@ class _Run:
         if s.relax is not None and not s.relax.exact and Lr > 0:
             tau = s.relax.tau(diffusion, LVP[:, :Lr], I[:, :Lr], self.tables)
         if Lr > 0:
+            # per-sample streams (CPU compact): the op takes only the K candidates drawn for the round and
+            # _more_residuals continues a residual past them from the sample's own stream
+            own = not self.keyed_philox and self.K > 0
+            args = (MP, LVP, MQ, LVQ, noise_q, nd, det_last)
+            kw = dict(equal_variance=s.equal_variance, uniforms=uni, bonus_noise=bonus, tau=tau,
+                      rng_state=self.rng_state, backend=s.accept_backend,
+                      candidates_per_iter=s.residual_candidates_per_iter)
+            cap = min(self.K, s.residual_max_candidates) if own else s.residual_max_candidates
             res = ops.speculative_accept(
-                MP, LVP, MQ, LVQ, noise_q, nd, det_last,
-                equal_variance=s.equal_variance, uniforms=uni, bonus_noise=bonus, residual_noise=resid_z,
-                residual_uniforms=resid_u, tau=tau, rng_state=self.rng_state,
-                backend=s.accept_backend, candidates_per_iter=s.residual_candidates_per_iter,
-                max_candidates=s.residual_max_candidates,
+                *args, **kw, residual_noise=resid_z, residual_uniforms=resid_u, max_candidates=cap,
                 out=bufs["out"], num_accepted=bufs["n_acc"], log_ratio=bufs["log_ratio"],
                 residual_candidates=bufs["rc"], fallbacks=bufs["fb"])
+            if own and cap < s.residual_max_candidates:
+                self._more_residuals(res, list(range(self.B)) if act_host is None else act_host, cap, args, kw)
             n_acc = torch.where(active, res.num_accepted.long(), torch.zeros_like(idx))
             out = res.out
         else:
@@ -860,17 +991,21 @@ class _Run:
         adv = torch.where(active, n_acc + 1, torch.zeros_like(idx))
         x_new = torch.where(active[:, None, None, None], out.view(Ba, C, S, S).to(torch.float32), x)
         # exact features of each new state's parent: verification row (slot, n_acc)
-        Ntok_H = h_all.shape[1:]
-        if vrows is None:
-            h_rows = h_all.view(G, Ba, Lr + 1, *Ntok_H)[:, torch.arange(Ba, device=dev), n_acc]
-        else:
-            pos = torch.cumsum(valid.reshape(-1).to(torch.int64), 0).view(Ba, Lr + 1) - 1
-            rowpos = pos[torch.arange(Ba, device=dev), n_acc]
-            h_rows = h_all.view(G, -1, *Ntok_H)[:, rowpos]
-        if self.hp is None:
-            self.hp = torch.zeros(G, self.B, *Ntok_H, device=dev, dtype=h_all.dtype)
-        hp_old = self.hp if act is None else self.hp[:, act]
-        hp_new = torch.where(active[None, :, None, None], h_rows, hp_old)
+        hp_new = None
+        if self.keep_features:
+            Ntok_H = h_all.shape[1:]
+            if Lr == 0:
+                h_rows = h_all.view(G, Ba, *Ntok_H)
+            elif vrows is None:
+                h_rows = h_all.view(G, Ba, Lr + 1, *Ntok_H)[:, torch.arange(Ba, device=dev), n_acc]
+            else:
+                pos = torch.cumsum(valid.reshape(-1).to(torch.int64), 0).view(Ba, Lr + 1) - 1
+                rowpos = pos[torch.arange(Ba, device=dev), n_acc]
+                h_rows = h_all.view(G, -1, *Ntok_H)[:, rowpos]
+            if self.hp is None:
+                self.hp = torch.zeros(G, self.B, *Ntok_H, device=dev, dtype=h_all.dtype)
+            hp_old = self.hp if act is None else self.hp[:, act]
+            hp_new = torch.where(active[None, :, None, None], h_rows, hp_old)
 
         # ------------------------------------------------ statistics (device accumulators)
         if Lr > 0:
@@ -897,16 +1032,18 @@ class _Run:
         # ------------------------------------------------ write the slot state back
         if act is None:
             self.x.copy_(x_new)
-            self.hp.copy_(hp_new)
             self.idx.sub_(adv)
-            self.has_h.logical_or_(active)
+            if hp_new is not None:
+                self.hp.copy_(hp_new)
+                self.has_h.logical_or_(active)
             self.rounds.add_(active.to(torch.int64))
             self.steps.add_(adv)
         else:
             self.x.index_copy_(0, act, x_new)
-            self.hp.index_copy_(1, act, hp_new)
             self.idx.index_copy_(0, act, idx - adv)
-            self.has_h.index_copy_(0, act, has_h | active)
+            if hp_new is not None:
+                self.hp.index_copy_(1, act, hp_new)
+                self.has_h.index_copy_(0, act, has_h | active)
             self.rounds.index_add_(0, act, active.to(torch.int64))
             self.steps.index_add_(0, act, adv)
         t3 = self._tick(timed)

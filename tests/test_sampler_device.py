@@ -43,7 +43,9 @@ class _HostReadCounter:
             caller = inspect.currentframe().f_back
             if caller is not None and os.path.abspath(caller.f_code.co_filename) == SAMPLER_FILE \
                     and caller.f_code.co_name not in ("_read", "sample", "sample_stream", "insert", "_check_labels",
-                                                      "_check_output", "stats", "take"):
+                                                      "_check_output", "stats", "take",
+                                                      # per-sample streams: CPU only, no device to wait for
+                                                      "_more_residuals"):
                 counter.count += 1
             return orig(self_, *a, **k)
 
@@ -64,7 +66,8 @@ def test_at_most_one_host_read_per_round(targets, layout, check_every, monkeypat
     if layout == "static":
         assert st.host_reads == math.ceil(st.rounds / check_every)
     else:
-        assert st.host_reads == st.rounds + 1
+        # a round of plain steps (no slot drafted) needs no read after it: every slot advanced by one
+        assert st.host_reads <= st.rounds + 1
     assert st.host_reads / st.rounds <= 1.0 + 1.0 / st.rounds
     assert st.layout == layout
 
@@ -99,11 +102,15 @@ def _requests(n, num_classes=5, base=100):
     return [(base + 7 * i, i % num_classes) for i in range(n)]
 
 
-@pytest.mark.parametrize("learn", [True, False], ids=["learned-var", "fixed-var"])
-def test_stream_result_depends_only_on_its_seed(targets, learn):
+@pytest.mark.parametrize("learn,candidates", [(True, 8), (True, 1), (False, 8)],
+                         ids=["learned-var", "learned-var-1-candidate", "fixed-var"])
+def test_stream_result_depends_only_on_its_seed(targets, learn, candidates):
     t = targets[learn]
     d = fk.create_diffusion("20", learn_sigma=learn)
-    s = fk.FreeSampler(t, _drafter(t), d, draft_length=3, clip_denoised=CLIP)
+    # one residual candidate per sample and round: nearly every rejection samples its residual past the
+    # round's candidates, which must come from the sample's own stream too, never from one the batch shares
+    s = fk.FreeSampler(t, _drafter(t), d, draft_length=3, clip_denoised=CLIP,
+                       residual_candidates_per_iter=candidates)
     reqs = _requests(7)
     by_b = {}
     for bs, order in ((1, reqs), (3, reqs), (4, reqs[::-1])):
@@ -111,6 +118,8 @@ def test_stream_result_depends_only_on_its_seed(targets, learn):
         assert sorted(r.index for r in res) == list(range(len(order)))
         by_b[bs] = {(r.seed, r.label): r.sample for r in res}
         assert all(r.steps == d.num_timesteps for r in res)
+        if learn:
+            assert s.last_stats.residual_max_candidates > candidates  # the continuation ran
     # equal up to the rounding of a batched GEMM (a row's result may change in the last bits with
     # the batch size); every accept decision and every random number is the same
     for key, x in by_b[1].items():
