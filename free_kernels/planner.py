@@ -33,6 +33,11 @@ after the calibration needs ``FREE_KERNELS_RECALIBRATE=1``.
 
 L = 0 is a plain ancestral step (one target row per sample, no drafting), so
 a plan never costs more than the baseline beyond the one-off calibration.
+Where no L could beat a plain step by the margin even if every draft were
+accepted (a sample advances at most L + 1 steps in a round drafting L; the
+batched demo on the CPU, whose forward costs in proportion to its rows), the
+run is plain steps only (``_RunPlan.drafts_ever``): the sampler then keeps no
+parent features and reads nothing back between rounds.
 
 Exactness: the plan of a round depends only on what is known before the round
 (indices, past accept counts, costs), never on that round's random numbers, so
@@ -102,8 +107,12 @@ class AcceptanceProfile:
 
     def update(self, accepted: np.ndarray, proposed: np.ndarray) -> None:
         """This run's cumulative counts per index (as the sampler keeps them), added to earlier runs'."""
-        self.accepted = self._base_acc + np.asarray(accepted, dtype=np.float64)
-        self.proposed = self._base_pro + np.asarray(proposed, dtype=np.float64)
+        accepted = self._base_acc + np.asarray(accepted, dtype=np.float64)
+        proposed = self._base_pro + np.asarray(proposed, dtype=np.float64)
+        if self._rates is not None and np.array_equal(proposed, self.proposed) \
+                and np.array_equal(accepted, self.accepted):
+            return  # nothing judged since the last update (plain rounds): the smoothed rates stand
+        self.accepted, self.proposed = accepted, proposed
         self._rates = None
 
     def finish_run(self) -> None:
@@ -203,6 +212,8 @@ class PlanRecord:
     threads_by_L: List[Optional[int]] = field(default_factory=list)
     # per third (early / middle / late): rounds, mean L, mean predicted acceptance
     thirds: List[Dict[str, float]] = field(default_factory=list)
+    # False: no L beats a plain step by the margin even at acceptance 1 (the run took plain steps only)
+    drafting_can_pay: bool = True
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -286,12 +297,20 @@ class _RunPlan:
         N = profile.N
         self._thirds = [dict(rounds=0, L_sum=0.0, acc_sum=0.0) for _ in range(3)]
         self._N = N
+        # a sample advances at most L + 1 steps in a round drafting L: where no L beats a plain step by the
+        # margin even at acceptance 1, the run never drafts (the batched demo on the CPU), and the sampler
+        # runs plain steps without keeping the features a draft would start from
+        plain = (1.0 + planner.min_gain) / self.round_cost[0]
+        self.drafts_ever = any((1.0 + L) / self.round_cost[L] > plain * (1.0 + 1e-9) for L in range(1, Lmax + 1))
 
     def choose(self, idx: np.ndarray) -> int:
         """Draft length for the next round of the live samples at respaced indices ``idx``."""
         if idx.size == 0:
             return 0
         rates = self.profile.rates()
+        if not self.drafts_ever:
+            self._note(idx, rates, 0)
+            return 0
         steps = expected_steps_upto(rates, idx, self.Lmax).sum(axis=0)   # per L, summed over the samples
         plain = float(idx.size) / self.round_cost[0]
         best, best_rate = 0, plain * (1.0 + self.planner.min_gain)  # drafting must beat a plain step by min_gain
@@ -299,12 +318,15 @@ class _RunPlan:
             rate = float(steps[L]) / self.round_cost[L]
             if rate > best_rate * (1.0 + 1e-9):
                 best, best_rate = L, rate
-        third = min(2, int(3 * (1.0 - float(np.mean(idx)) / max(self._N, 1))))
-        t = self._thirds[third]
-        t["rounds"] += 1
-        t["L_sum"] += best
-        t["acc_sum"] += float(np.mean(rates[np.clip(idx, 0, self._N - 1)]))
+        self._note(idx, rates, best)
         return best
+
+    def _note(self, idx: np.ndarray, rates: np.ndarray, L: int) -> None:
+        """Count the round in its third of the schedule (what free-sample reports)."""
+        t = self._thirds[min(2, int(3 * (1.0 - float(np.mean(idx)) / max(self._N, 1))))]
+        t["rounds"] += 1
+        t["L_sum"] += L
+        t["acc_sum"] += float(np.mean(rates[np.clip(idx, 0, self._N - 1)]))
 
     def threads(self, L: int) -> Optional[int]:
         """CPU intra-op threads to run a round drafting L at (None: leave the setting as it is)."""
@@ -324,7 +346,7 @@ class _RunPlan:
                                predicted_acceptance=t["acc_sum"] / r if r else None))
         cpu = any(k is not None for k in self._threads)
         return PlanRecord(cost_source=c.source, profile_source=self.profile.source, costs_ms=costs, thirds=thirds,
-                          threads_by_L=list(self._threads) if cpu else [])
+                          threads_by_L=list(self._threads) if cpu else [], drafting_can_pay=self.drafts_ever)
 
 
 # ------------------------------------------------------------ calibration
@@ -338,6 +360,22 @@ def _device_name(dev: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo) and the vector ISA torch's CPU kernels use: two machines
+    that both call themselves x86_64 (an AVX2 and an AVX-512 one) differ about 2x in a GEMM."""
+    name = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cap = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: "?")()
+    return f"{name or platform.machine()} ({cap})"
+
+
 def _package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -348,8 +386,8 @@ def _package_version() -> str:
 
 
 def cost_key(sampler, B: int, G: int, dev: torch.device) -> str:
-    """Device (and CPU thread count), target (signature, size, dtype), drafter type, batch, guidance, layout,
-    torch and free_kernels versions."""
+    """Device (on the CPU its model, vector ISA and thread count), target (signature, size, dtype), drafter
+    type, batch, guidance, layout, torch and free_kernels versions."""
     t = sampler.target
     params = [p for p in t.parameters()] if isinstance(t, torch.nn.Module) else []
     sig = dict(cls=type(t).__name__, n_params=sum(p.numel() for p in params),
@@ -361,7 +399,8 @@ def cost_key(sampler, B: int, G: int, dev: torch.device) -> str:
     raw = json.dumps(dict(format=COST_FORMAT, device=_device_name(dev), target=sig, B=B, G=G, layout=sampler.layout,
                           torch=torch.__version__, package=_package_version(),
                           # a CPU round's cost depends on the intra-op thread count as much as on the device
-                          threads=torch.get_num_threads() if dev.type == "cpu" else None), sort_keys=True)
+                          threads=torch.get_num_threads() if dev.type == "cpu" else None,
+                          cpu=_cpu_model() if dev.type == "cpu" else None), sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 

@@ -108,6 +108,7 @@ class _ErraticPlan(_RunPlan):
     def __init__(self, *a, **k):
         super().__init__(*a, **k)
         self.rng = np.random.default_rng(123)
+        self.drafts_ever = True  # the sampler keeps parent features only for a plan that may draft
 
     def choose(self, idx):
         return int(self.rng.integers(0, self.Lmax + 1))
@@ -135,6 +136,21 @@ def test_auto_matches_baseline_in_distribution(targets, kind, tmp_path):
     assert same_distribution(out, base_samples(targets, True, 4.0))
 
 
+def test_a_plan_that_cannot_pay_runs_plain_steps_of_the_baseline_law(targets):
+    """Where no L beats a plain step even at acceptance 1 (a forward of L + 1 rows per sample costing L + 1
+    plain ones), the run takes plain steps only, reads the host about once, and keeps the baseline's law."""
+    t = targets[True]
+    d = fk.create_diffusion(STEPS, learn_sigma=True)
+    noise, y = inputs(t)
+    dr = FeatureDrafter.for_target(t, init="random", generator=torch.Generator().manual_seed(2))
+    rows = CostModel("test", verify_s=[float(k + 1) for k in range(5)], draft_s=0.05, accept_s=0.0)
+    s = fk.FreeSampler(t, dr, d, planner=DraftPlanner(4, cost_model=rows), clip_denoised=CLIP)
+    out, st = s.sample(noise, y, cfg_scale=4.0, generator=torch.Generator().manual_seed(11))
+    assert st.rounds_by_draft_length[0] == st.rounds == d.num_timesteps and st.drafter_calls == 0
+    assert st.host_reads <= 3  # every slot advances one step a round: the host knows where each stands
+    assert same_distribution(out, base_samples(targets, True, 4.0))
+
+
 def test_stored_profile_with_gaps_and_other_schedule_length():
     """A drafter's stored profile ({steps: [per index]}, None where nothing was judged) seeds the prior."""
     p = AcceptanceProfile(10, prior=[None, 0.5, None, 0.9, None])
@@ -159,6 +175,21 @@ def test_cost_key_follows_cpu_threads_and_batch(targets):
         assert cost_key(s, 1, 2, dev) != one   # a cost measured at 1 thread is not reused at 2
     finally:
         torch.set_num_threads(n)
+
+
+def test_cost_key_follows_the_cpu_model(targets, monkeypatch):
+    """Costs measured on an AVX-512 machine are not reused on an AVX2 one of the same architecture name."""
+    from free_kernels import planner
+
+    t = targets[True]
+    s = fk.FreeSampler(t, fk.FrozenFeatureDrafter(t), fk.create_diffusion("20", learn_sigma=True), draft_length=2)
+    dev = torch.device("cpu")
+    real = planner._cpu_model()
+    assert real.endswith(")") and not real.startswith("(")  # "<model name> (<vector ISA>)"
+    monkeypatch.setattr(planner, "_cpu_model", lambda: "AMD EPYC (AVX512)")
+    a = planner.cost_key(s, 1, 2, dev)
+    monkeypatch.setattr(planner, "_cpu_model", lambda: "AMD EPYC (AVX2)")
+    assert planner.cost_key(s, 1, 2, dev) != a
 
 
 def test_lower_envelope_takes_disturbed_costs_down():

@@ -415,7 +415,9 @@ def format_plan(m: dict) -> str:
             f"ms ({c['draft_step_ms'] / max(v1, 1e-9):.2f} of a forward), accept {c['accept_ms']:.2f} ms; round "
             + ", ".join(rounds) + (" (thr: intra-op threads)" if thr else "")
             + f"\n  acceptance prior: {plan['profile_source']}, updated from the run's own "
-            f"accept counts; L = 0 is a plain ancestral step")
+            f"accept counts; L = 0 is a plain ancestral step"
+            + ("" if plan.get("drafting_can_pay", True) else
+               "\n  no L beats a plain step here even if every draft were accepted: plain steps only"))
 
 
 # ------------------------------------------------------------------ main
