@@ -8,7 +8,8 @@ For each batch size: the baseline ancestral sampler at 1 thread and at
 at ``--threads`` (its planner picks 1 thread or all per round) and at 1 thread
 (after their calibrations, reported separately) and exact FREE with every fixed
 L in 1..8 at ``--threads``, on the same images (x_T and labels), interleaved
-per image batch so that load from other jobs hits every method alike.  Prints
+per image batch (the order rotating from batch to batch) so that load from other
+jobs hits every method alike; ``--repeats`` image batches at batch sizes above 1.  Prints
 seconds per image, the speed-up over the faster baseline and auto's ratio to
 the best fixed L.
 """
@@ -28,6 +29,9 @@ from free_kernels.cli.common import UsageError, check_cfg_scale, load_drafter, l
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=2, help="images at batch 1 (default 2)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="image batches at every batch size above 1 (default 3; a run of one batch per method "
+                         "is at the mercy of a few seconds of load)")
     ap.add_argument("--batches", default="1,10")
     ap.add_argument("--steps", default="250")
     ap.add_argument("--cfg-scale", type=float, default=2.0)
@@ -42,6 +46,10 @@ def main(argv=None):
         cfg = check_cfg_scale(args.cfg_scale)  # guidance above 1, in the baseline and in FREE alike
     except UsageError as e:
         ap.error(str(e))
+    if args.images < 1:
+        ap.error(f"--images must be >= 1, got {args.images}")
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
     cap = args.threads or torch.get_num_threads()
     target, _ = load_target(None)  # the embedded demo DiT and its drafter
     drafter, _, _ = load_drafter(None, target, demo_target=True)
@@ -56,7 +64,7 @@ def main(argv=None):
           f"{args.steps} steps, CFG {cfg}")
     results = {}
     for B in [int(b) for b in args.batches.split(",")]:
-        n = args.images if B == 1 else B
+        n = args.images if B == 1 else B * args.repeats
         g = torch.Generator().manual_seed(B)
         noise = torch.randn(n, 1, 16, 16, generator=g)
         y = torch.arange(n) % 10
@@ -80,7 +88,10 @@ def main(argv=None):
         wall = {k: 0.0 for k in runs}
         for a in range(0, n, B):
             z, yy = noise[a:a + B], y[a:a + B]
-            for k, (s, th) in runs.items():
+            names = list(runs)
+            r = (a // B) % len(names)  # each batch starts the rotation at another method: no method always first
+            for k in names[r:] + names[:r]:
+                s, th = runs[k]
                 torch.set_num_threads(th)
                 t0 = time.perf_counter()
                 if s is None:
