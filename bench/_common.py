@@ -165,3 +165,23 @@ def write_json(path: Optional[str], doc: Dict) -> None:
         json.dump(doc, f, indent=1, default=str)
     os.replace(tmp, path)
     print(f"wrote {path}")
+
+
+# ------------------------------------------------------------------ comparisons
+def sampler_of_revision(rev: str):
+    """``FreeSampler`` as of git revision ``rev``: that revision's free_kernels/sampler.py (from ``git show``),
+    loaded inside this package (its ops, models and planner are the working tree's)."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    src = subprocess.run(["git", "show", f"{rev}:free_kernels/sampler.py"], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    path = os.path.join(tempfile.mkdtemp(), "sampler.py")
+    with open(path, "w") as f:
+        f.write(src)
+    spec = importlib.util.spec_from_file_location(f"free_kernels._sampler_{rev}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod.FreeSampler

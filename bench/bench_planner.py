@@ -2,6 +2,7 @@
 
     python bench/bench_planner.py                               # demo, 250 steps, CFG 2, batch 1 (2 images) and 10
     python bench/bench_planner.py --images 4 --batches 1 --json runs/planner.json
+    python bench/bench_planner.py --no-fixed --compare-rev HEAD~3    # also auto with an earlier sampler
 
 For each batch size: the baseline ancestral sampler at 1 thread and at
 ``--threads`` (default: torch's default, all cores), exact FREE with the planner
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import sys
 import time
 
 import torch
@@ -40,6 +43,8 @@ def main(argv=None):
     ap.add_argument("--drafter", action="append", default=[], metavar="NAME=PATH",
                     help="also run auto (at the cap) with this drafter file; repeatable")
     ap.add_argument("--no-fixed", action="store_true", help="skip the fixed-L rows")
+    ap.add_argument("--compare-rev", default=None, metavar="REV",
+                    help="also run auto (at the cap) with the sampler of this git revision (its sampler.py only)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     try:
@@ -59,6 +64,12 @@ def main(argv=None):
         if not sep or not name or not path:
             ap.error(f"--drafter {spec!r}: expected NAME=PATH")
         extra.append((name, load_drafter(path, target)[0]))
+    old_sampler = None
+    if args.compare_rev:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from _common import sampler_of_revision
+
+        old_sampler = sampler_of_revision(args.compare_rev)
     d = fk.create_diffusion(args.steps)
     print(f"device cpu ({platform.machine()}), torch {torch.__version__}, FREE thread cap {cap}; demo, "
           f"{args.steps} steps, CFG {cfg}")
@@ -76,6 +87,8 @@ def main(argv=None):
             runs["auto (1 thread)"] = (fk.FreeSampler(target, drafter, d), 1)
         for name, dr in extra:
             runs[f"auto ({name})"] = (fk.FreeSampler(target, dr, d), cap)
+        if old_sampler is not None:
+            runs[f"auto (sampler of {args.compare_rev})"] = (old_sampler(target, drafter, d), cap)
         calib = {}
         for k, (s, th) in runs.items():
             if s is not None:

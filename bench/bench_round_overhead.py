@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -28,6 +29,9 @@ import torch
 import free_kernels as fk
 from free_kernels import ops
 from free_kernels.cli.common import load_drafter, load_target
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import sampler_of_revision  # noqa: E402
 
 
 class _Clock:
@@ -53,27 +57,6 @@ class _Clock:
                 self.depth -= 1
 
         return timed
-
-
-def sampler_of_revision(rev: str):
-    """``FreeSampler`` as of git revision ``rev`` (loaded from ``git show``, inside this package)."""
-    import importlib.util
-    import os
-    import subprocess
-    import tempfile
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    src = subprocess.run(["git", "show", f"{rev}:free_kernels/sampler.py"], cwd=root, check=True,
-                         capture_output=True, text=True).stdout
-    path = os.path.join(tempfile.mkdtemp(), "sampler.py")
-    with open(path, "w") as f:
-        f.write(src)
-    spec = importlib.util.spec_from_file_location(f"free_kernels._sampler_{rev}", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    mod.ops = ops  # the timed ops below are looked up through this name
-    return mod.FreeSampler
 
 
 def measure(batch: int, steps: str, L: int, cfg: float, device: str, seed: int = 0, sampler_cls=None) -> dict:
