@@ -856,12 +856,7 @@ class _Run:
             else:
                 self.hp.index_copy_(1, act, h)
                 self.has_h.index_fill_(0, act, True)
-        t3 = self._tick(timed)
-        nvtx_phase(None)
-        if timed:
-            self.t_draft += t1 - t0
-            self.t_verify += t2 - t1
-            self.t_accept += t3 - t2
+        self._end_round(timed, t0, t1, t2)
 
     def _round_body(self, act: Optional[torch.Tensor], vrows: Optional[torch.Tensor], Lr: int,
                     valid: Optional[torch.Tensor], act_host: Optional[List[int]] = None,
@@ -1046,6 +1041,10 @@ class _Run:
                 self.has_h.index_copy_(0, act, has_h | active)
             self.rounds.index_add_(0, act, active.to(torch.int64))
             self.steps.index_add_(0, act, adv)
+        self._end_round(timed, t0, t1, t2)
+
+    def _end_round(self, timed: bool, t0: float, t1: float, t2: float) -> None:
+        """Close the round's phases: draft t0..t1, verify t1..t2, accept t2..now (when timed)."""
         t3 = self._tick(timed)
         nvtx_phase(None)
         if timed:
