@@ -195,7 +195,9 @@ class FreeSampler:
     clip_denoised: as the baseline sampler (the DiT scripts use False).
     residual_candidates_per_iter: residual-sampler candidates drawn from each
         sample's own stream per round (learned variance); a residual draw that
-        needs more continues from the batch's shared stream.
+        needs more continues K at a time from the sample's own stream on the CPU
+        (per-sample generators), from the batch's shared ``rng_state`` with keyed
+        Philox (CUDA).
     residual_max_candidates: cap of the residual sampler (see the README).
     layout: "auto" (static on CUDA, compact elsewhere), "static" or "compact".
     graphs: capture the static round as a CUDA graph: "auto" (on CUDA), True, False.
