@@ -127,6 +127,29 @@ def test_stream_result_depends_only_on_its_seed(targets, learn, candidates):
             torch.testing.assert_close(by_b[bs][key], x, rtol=1e-4, atol=1e-4)
 
 
+def test_stream_of_plain_steps_refills_without_reading_every_round(targets):
+    """A plan that never drafts: slots finish and are refilled where the host expects (no read between),
+    every request takes one round per step, and a result depends only on its seed."""
+    from free_kernels.planner import CostModel, DraftPlanner
+
+    t = targets[True]
+    d = fk.create_diffusion("20", learn_sigma=True)
+    rows = CostModel("test", verify_s=[float(k + 1) for k in range(4)], draft_s=0.05, accept_s=0.0)
+    s = fk.FreeSampler(t, _drafter(t), d, planner=DraftPlanner(3, cost_model=rows), clip_denoised=CLIP)
+    reqs = _requests(7)
+    by_b = {}
+    for bs in (1, 3):
+        res = list(s.sample_stream(reqs, batch_size=bs, cfg_scale=2.0))
+        st = s.last_stats
+        assert sorted(r.index for r in res) == list(range(7))
+        assert all(r.steps == r.rounds == d.num_timesteps and r.proposed == 0 for r in res)
+        assert st.drafter_calls == 0 and st.rounds == math.ceil(7 / bs) * d.num_timesteps
+        assert st.host_reads <= math.ceil(7 / bs) + 2  # one read per wave of finishing slots (+ start, end)
+        by_b[bs] = {r.seed: r.sample for r in res}
+    for seed, x in by_b[1].items():
+        torch.testing.assert_close(by_b[3][seed], x, rtol=1e-4, atol=1e-4)
+
+
 def test_stream_keeps_the_batch_full_and_reports_stats(targets):
     t = targets[True]
     d = fk.create_diffusion("20", learn_sigma=True)
