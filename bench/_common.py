@@ -175,8 +175,11 @@ def sampler_of_revision(rev: str):
     import subprocess
     import tempfile
 
-    src = subprocess.run(["git", "show", f"{rev}:free_kernels/sampler.py"], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout
+    got = subprocess.run(["git", "show", f"{rev}:free_kernels/sampler.py"], cwd=ROOT, capture_output=True,
+                         text=True)
+    if got.returncode != 0:
+        raise ValueError(f"revision {rev!r}: no free_kernels/sampler.py there ({got.stderr.strip()[:120]})")
+    src = got.stdout
     path = os.path.join(tempfile.mkdtemp(), "sampler.py")
     with open(path, "w") as f:
         f.write(src)

@@ -69,7 +69,10 @@ def main(argv=None):
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from _common import sampler_of_revision
 
-        old_sampler = sampler_of_revision(args.compare_rev)
+        try:
+            old_sampler = sampler_of_revision(args.compare_rev)
+        except ValueError as e:
+            ap.error(f"--compare-rev: {e}")
     d = fk.create_diffusion(args.steps)
     print(f"device cpu ({platform.machine()}), torch {torch.__version__}, FREE thread cap {cap}; demo, "
           f"{args.steps} steps, CFG {cfg}")

@@ -813,14 +813,9 @@ class _Run:
         t0 = time.perf_counter() if timed else 0.0
         sel = (lambda t: t) if act is None else (lambda t: t[act])
         x, idx, y = sel(self.x), sel(self.idx), sel(self.y)
+        noise = self._draw(act, act_host, 0)[1]
         if self.keyed_philox:
-            noise = keyed_parts(sel(self.keys), sel(self.draws), [(_TAG_BONUS, self.D)], normal=True)[0]
-            if act is None:
-                self.draws.add_(1)
-            else:
-                self.draws.index_add_(0, act, torch.ones_like(act))
-        else:
-            noise = self._draw(act, act_host, 0)[1]
+            self.draws[act if act is not None else slice(None)] += 1
         t1 = self._tick(timed)
         nvtx_phase("verify")
         T = self.tmap[idx]
@@ -991,9 +986,7 @@ class _Run:
         hp_new = None
         if self.keep_features:
             Ntok_H = h_all.shape[1:]
-            if Lr == 0:
-                h_rows = h_all.view(G, Ba, *Ntok_H)
-            elif vrows is None:
+            if vrows is None:
                 h_rows = h_all.view(G, Ba, Lr + 1, *Ntok_H)[:, torch.arange(Ba, device=dev), n_acc]
             else:
                 pos = torch.cumsum(valid.reshape(-1).to(torch.int64), 0).view(Ba, Lr + 1) - 1

@@ -133,6 +133,7 @@ def test_auto_matches_baseline_in_distribution(targets, kind, tmp_path):
     out, st = s.sample(noise, y, cfg_scale=4.0, generator=torch.Generator().manual_seed(11))
     used = [L for L, n in enumerate(st.rounds_by_draft_length) if n]
     assert len(used) >= (4 if kind == "erratic" else 2)  # the plan did vary
+    assert st.plan["drafting_can_pay"] is True
     assert same_distribution(out, base_samples(targets, True, 4.0))
 
 
@@ -147,6 +148,7 @@ def test_a_plan_that_cannot_pay_runs_plain_steps_of_the_baseline_law(targets):
     s = fk.FreeSampler(t, dr, d, planner=DraftPlanner(4, cost_model=rows), clip_denoised=CLIP)
     out, st = s.sample(noise, y, cfg_scale=4.0, generator=torch.Generator().manual_seed(11))
     assert st.rounds_by_draft_length[0] == st.rounds == d.num_timesteps and st.drafter_calls == 0
+    assert st.plan["drafting_can_pay"] is False  # decided from the costs alone, before any round
     assert st.host_reads <= 3  # every slot advances one step a round: the host knows where each stands
     assert same_distribution(out, base_samples(targets, True, 4.0))
 
