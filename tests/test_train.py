@@ -83,6 +83,49 @@ def test_losses_are_zero_at_equality_and_positive_otherwise():
     assert abs(train.expected_steps(0.0, 6) - 1.0) < 1e-9 and abs(train.expected_steps(1.0, 6) - 7.0) < 1e-9
 
 
+def test_acceptance_from_kl_is_the_equal_variance_acceptance():
+    """1 - TV of two equal-variance Gaussians is 2 Phi(-delta / 2) (delta: whitened mean distance): checked in
+    closed form and by sampling the accept rule min(1, p / q) itself."""
+    lv = torch.full((1, 4), -1.0)
+    for delta in (0.0, 0.3, 1.0, 2.5):
+        d = torch.zeros(1, 4)
+        d[0, 0] = delta * torch.exp(0.5 * lv[0, 0])
+        kl, _ = train.transition_losses(d, lv, torch.zeros(1, 4), lv)
+        a = float(train.acceptance_from_kl(kl))
+        assert abs(a - float(2 * torch.special.ndtr(torch.tensor(-delta / 2)))) < 1e-4
+        g = torch.Generator().manual_seed(0)
+        z = torch.randn(200_000, generator=g)  # x ~ q along the separating axis, in units of sigma
+        log_ratio = -0.5 * (z + delta) ** 2 + 0.5 * z ** 2  # log p(x) / q(x), p centred delta away
+        mc = float(torch.exp(log_ratio.clamp(max=0)).mean())
+        assert abs(a - mc) < 5e-3, (delta, a, mc)
+
+
+def test_steps_loss_counts_drafts_until_the_first_rejection():
+    """`--loss steps`: minus the expected accepted drafts per window; a draft after a certain rejection neither
+    counts nor receives a gradient, one before it does."""
+    zero, huge = torch.zeros(3), torch.full((3,), 1e4)
+    perfect = [(zero, zero, torch.tensor(0.0))] * 4
+    assert abs(float(train.combine_loss("steps", perfect, 1.0)) + 1.0) < 1e-3  # every draft accepted
+    first = zero.clone().requires_grad_(True)
+    later = torch.full((3,), 0.5, requires_grad=True)
+    loss = train.combine_loss("steps", [(first, zero, torch.tensor(0.0)), (huge, huge, torch.tensor(0.0)),
+                                        (later, later, torch.tensor(0.0))], 1.0)
+    assert abs(float(loss.detach()) + float(train.acceptance_from_kl(torch.zeros(1))) / 3) < 1e-4  # only the first counts
+    loss.backward()
+    assert float(later.grad.abs().max()) == 0.0 and float(first.grad.abs().max()) > 0.0
+    fm = torch.tensor(0.25)
+    both = train.combine_loss("steps+feature", [(zero, zero, fm)] * 2, 2.0)
+    assert abs(float(both) - (float(train.combine_loss("steps", [(zero, zero, fm)] * 2, 2.0)) + 0.5)) < 1e-6
+
+
+def test_train_with_the_steps_loss(tmp_path):
+    target = str(tmp_path / "dit")
+    _tiny_target(target)
+    rep = train.run(_args(tmp_path, target, ["--train-steps", "30", "--save-every", "30", "--loss", "steps"]))
+    assert rep["loss"] == "steps" and rep["steps_per_target_call"] >= 1
+    assert rep["heldout_mean_kl"] < rep["heldout_mean_kl_frozen"]
+
+
 def test_train_on_a_mix_of_respacings(tmp_path):
     """--respacings: one stride-conditioned drafter, a report per respacing, the respacings in the run identity."""
     target = str(tmp_path / "dit")

@@ -24,7 +24,16 @@
      log-variance discrepancy: acceptance 1 - TV(p, q) is bounded by it);
    * ``whitened``: only the whitened mean discrepancy;
    * ``feature``: feature regression (MSE to the exact features, normalised);
-   * ``kl+feature``: kl plus ``--feature-weight`` x feature.
+   * ``kl+feature``: kl plus ``--feature-weight`` x feature;
+   * ``steps``: minus the expected drafts accepted per window, sum_k prod_{j<=k} a_j
+     over the unroll, with a_j = 1 - erf(sqrt(KL_j) / 2) per sample (the exact
+     acceptance of equal-variance Gaussians, see :func:`acceptance_from_kl`):
+     what a round gains.  KL grows without bound where the noise is small, so
+     under ``kl`` the last steps of the schedule, where no draft is accepted
+     anyway, dominate the gradient; under ``steps`` a draft already rejected, or
+     a later one in its chain, contributes nothing, and those in between count
+     most;
+   * ``steps+feature``: steps plus ``--feature-weight`` x feature.
 3. Checkpoints (``<out>/state.pt``, atomic) every ``--save-every`` steps; the same
    command resumes after an interruption.  Final drafter: ``<out>/drafter.safetensors``
    + ``.json``, and a report with the measured steps per target call of exact
@@ -65,7 +74,7 @@ from ..ops.drafter_forward import drafter_extras
 from ..reference.draft_transition import guided_transition
 from . import common
 
-LOSSES = ("kl", "whitened", "feature", "kl+feature")
+LOSSES = ("kl", "whitened", "feature", "kl+feature", "steps", "steps+feature")
 
 
 # ------------------------------------------------------------------ trajectories
@@ -143,11 +152,18 @@ def transition_losses(mq, lvq, mp, lvp):
     return kl, d2
 
 
+def acceptance_from_kl(kl: torch.Tensor) -> torch.Tensor:
+    """Acceptance 1 - TV(q, p) of two Gaussians with equal (diagonal) variances, through their KL:
+    with whitened mean distance delta, KL = delta^2 / 2 and 1 - TV = 2 Phi(-delta / 2) = 1 - erf(sqrt(KL) / 2).
+    Differentiable everywhere (a small floor under the square root); a surrogate where the variances differ."""
+    return 1.0 - torch.erf(torch.sqrt(kl.clamp_min(0.0) + 1e-8) / 2.0)
+
+
 def draft_window(drafter, target, diffusion, traj, b, k0, unroll, *, cfg_scale, guidance_channels, device,
                  clip_denoised=False):
     """Unroll the drafter over positions k0 .. k0+unroll-1 of trajectories ``b``.
 
-    Yields per step (kl, whitened d^2, feature mse) averaged over the batch.
+    Returns per step (kl, whitened d^2) per sample (B,) and the feature mse (averaged).
     """
     N = traj["num_steps"]
     cfg = traj["h"].shape[2] == 2
@@ -178,15 +194,21 @@ def draft_window(drafter, target, diffusion, traj, b, k0, unroll, *, cfg_scale, 
         kl, d2 = transition_losses(tr["mean"].reshape(B, -1), tr["log_variance"].reshape(B, -1), mp, lvp)
         h_true = traj["h"][b, k].to(device).float().transpose(0, 1).reshape(G * B, *traj["h"].shape[3:])
         fmse = ((h - h_true) ** 2).mean() / h_true.var().clamp_min(1e-8)
-        outs.append((kl.mean(), d2.mean(), fmse))
+        outs.append((kl, d2, fmse))
         h_prev = h
     return outs
 
 
 def combine_loss(kind, terms, feature_weight):
-    kl = sum(t[0] for t in terms) / len(terms)
-    d2 = sum(t[1] for t in terms) / len(terms)
+    """The training loss of one window (``terms``: :func:`draft_window`'s steps); see the module docstring."""
+    kl = sum(t[0].mean() for t in terms) / len(terms)
+    d2 = sum(t[1].mean() for t in terms) / len(terms)
     fm = sum(t[2] for t in terms) / len(terms)
+    if kind in ("steps", "steps+feature"):
+        # expected drafts accepted per sample, normalised by the window: the chain stops at the first rejection
+        chain = torch.cumprod(torch.stack([acceptance_from_kl(t[0]) for t in terms], dim=1), dim=1)
+        steps = -chain.sum(dim=1).mean() / len(terms)
+        return steps if kind == "steps" else steps + feature_weight * fm
     if kind == "kl":
         return kl
     if kind == "whitened":
@@ -209,8 +231,8 @@ def evaluate_acceptance(drafter, target, diffusion, traj, *, cfg_scale, guidance
     for k in range(1, N - 1):
         terms = draft_window(drafter, target, diffusion, traj, b_all[: min(n, max_rows)], k, 1,
                              cfg_scale=cfg_scale, guidance_channels=guidance_channels, device=device)
-        kls[k] += float(terms[0][0])
-        d2s[k] += float(terms[0][1])
+        kls[k] += float(terms[0][0].mean())
+        d2s[k] += float(terms[0][1].mean())
     return kls, d2s
 
 
@@ -629,7 +651,7 @@ def run(argv=None) -> dict:
         opt.step()
         step += 1
         t_train += time.perf_counter() - t1
-        history.append([float(loss.detach()), *(float(v.detach()) for v in terms[0])])
+        history.append([float(loss.detach()), *(float(v.detach().mean()) for v in terms[0])])
         if bar is not None:
             bar.update(1)
             if step % 10 == 0:
