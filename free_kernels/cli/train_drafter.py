@@ -222,7 +222,8 @@ def combine_loss(kind, terms, feature_weight):
 
 @torch.no_grad()
 def evaluate_acceptance(drafter, target, diffusion, traj, *, cfg_scale, guidance_channels, device, max_rows=4096):
-    """Analytic per-position acceptance proxy on held-out trajectories: mean exp(-KL) and equal-var 2 Phi(-|d|/2)."""
+    """Per respaced position on held-out trajectories (one draft from the exact parent features): the mean
+    KL(q || p) and whitened |d|^2 over the rows (an acceptance estimate per row: :func:`acceptance_from_kl`)."""
     N = traj["num_steps"]
     n = traj["x"].shape[0]
     kls = torch.zeros(N)
