@@ -3,6 +3,7 @@
     python bench/bench_planner.py                               # demo, 250 steps, CFG 2, batch 1 (2 images) and 10
     python bench/bench_planner.py --images 4 --batches 1 --json runs/planner.json
     python bench/bench_planner.py --no-fixed --compare-rev HEAD~3    # also auto with an earlier sampler
+    python bench/bench_planner.py --no-fixed --torch-epilogue         # also auto without the host epilogue
 
 For each batch size: the baseline ancestral sampler at 1 thread and at
 ``--threads`` (default: torch's default, all cores), exact FREE with the planner
@@ -17,6 +18,7 @@ the best fixed L.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -27,6 +29,21 @@ import torch
 
 import free_kernels as fk
 from free_kernels.cli.common import UsageError, check_cfg_scale, load_drafter, load_target, sample_baseline
+
+
+@contextlib.contextmanager
+def environment(values):
+    """Set the environment variables ``values`` (a dict or None) for the block, restoring them after."""
+    before = {k: os.environ.get(k) for k in (values or {})}
+    os.environ.update(values or {})
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def main(argv=None):
@@ -43,6 +60,9 @@ def main(argv=None):
     ap.add_argument("--drafter", action="append", default=[], metavar="NAME=PATH",
                     help="also run auto (at the cap) with this drafter file; repeatable")
     ap.add_argument("--no-fixed", action="store_true", help="skip the fixed-L rows")
+    ap.add_argument("--torch-epilogue", action="store_true",
+                    help="also run auto (at the cap) with the draft epilogue on its torch composition "
+                         "(FREE_KERNELS_BACKEND_DRAFT_TRANSITION=torch: no host kernel), calibrated so")
     ap.add_argument("--compare-rev", default=None, metavar="REV",
                     help="also run auto (at the cap) with the sampler of this git revision (its sampler.py only)")
     ap.add_argument("--json", default=None)
@@ -92,12 +112,17 @@ def main(argv=None):
             runs[f"auto ({name})"] = (fk.FreeSampler(target, dr, d), cap)
         if old_sampler is not None:
             runs[f"auto (sampler of {args.compare_rev})"] = (old_sampler(target, drafter, d), cap)
+        envs = {}  # run name -> environment variables set while it calibrates and samples
+        if args.torch_epilogue:
+            runs["auto (torch epilogue)"] = (fk.FreeSampler(target, drafter, d), cap)
+            envs["auto (torch epilogue)"] = {"FREE_KERNELS_BACKEND_DRAFT_TRANSITION": "torch"}
         calib = {}
         for k, (s, th) in runs.items():
             if s is not None:
                 torch.set_num_threads(th)
                 t0 = time.perf_counter()
-                s.prepare(B, cfg)
+                with environment(envs.get(k)):
+                    s.prepare(B, cfg)
                 calib[k] = time.perf_counter() - t0
         for L in range(1, 0 if args.no_fixed else args.max_length + 1):
             runs[f"L={L}"] = (fk.FreeSampler(target, drafter, d, draft_length=L), cap)
@@ -109,12 +134,13 @@ def main(argv=None):
             for k in names[r:] + names[:r]:
                 s, th = runs[k]
                 torch.set_num_threads(th)
-                t0 = time.perf_counter()
-                if s is None:
-                    sample_baseline(target, d, z, yy, cfg_scale=cfg)
-                else:
-                    s.sample(z, yy, cfg_scale=cfg, generator=torch.Generator().manual_seed(a))
-                wall[k] += time.perf_counter() - t0
+                with environment(envs.get(k)):
+                    t0 = time.perf_counter()
+                    if s is None:
+                        sample_baseline(target, d, z, yy, cfg_scale=cfg)
+                    else:
+                        s.sample(z, yy, cfg_scale=cfg, generator=torch.Generator().manual_seed(a))
+                    wall[k] += time.perf_counter() - t0
         per = {k: v / n for k, v in wall.items()}
         base = min(v for k, v in per.items() if k.startswith("baseline"))
         fixed = [(v, k) for k, v in per.items() if k.startswith("L=")]

@@ -252,6 +252,18 @@ PYBIND11_MODULE(_C, m) {
               py::arg("predict_xstart"), py::arg("clip_denoised"), py::arg("stream") = 0,
               py::call_guard<py::gil_scoped_release>());
 
+  // ------------------------------------------------------------ host kernels (every build)
+  m.def("draft_epilogue_host", &fk::draft_epilogue_host,
+        "draft_epilogue_host(...): the draft_epilogue kernel's computation on the CPU for float32 host tensors "
+        "(the draft_epilogue arguments without the stream, plus table_len; see entry_points.h).",
+        py::arg("h"), py::arg("shift"), py::arg("scale"), py::arg("weight"), py::arg("bias"), py::arg("x"),
+        py::arg("tables"), py::arg("index"), py::arg("noise"), py::arg("rng_state"), py::arg("out_x"),
+        py::arg("out_mean"), py::arg("out_logvar"), py::arg("out_noise"), py::arg("strides"),
+        py::arg("dtype_codes"), py::arg("G"), py::arg("R"), py::arg("N"), py::arg("H"), py::arg("C"),
+        py::arg("S"), py::arg("patch_size"), py::arg("weight_rows"), py::arg("table_stride"), py::arg("table_len"),
+        py::arg("eps"), py::arg("cfg_scale"), py::arg("guidance_channels"), py::arg("learned_variance"),
+        py::arg("predict_xstart"), py::arg("clip_denoised"), py::call_guard<py::gil_scoped_release>());
+
   // ------------------------------------------------------------ host RNG mirror
   m.def(
       "philox4x32",

@@ -52,6 +52,16 @@ def extension_unavailable_reason(symbol: Optional[str] = None) -> Optional[str]:
     return _cuda_unusable(mod)
 
 
+def host_entry_unavailable_reason(symbol: str) -> Optional[str]:
+    """Why the extension's host kernel ``symbol`` (csrc/kernels/*.cpp, in every build) cannot run, or None."""
+    mod, why = _load_extension()
+    if mod is None:
+        return why
+    if not hasattr(mod, symbol):
+        return f"extension has no entry point {symbol!r} (rebuild the package)"
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_unusable(mod) -> Optional[str]:
     """The extension's own CUDA runtime/driver check (no driver, driver too old for the build), cached."""

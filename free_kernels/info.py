@@ -24,9 +24,10 @@ from typing import Any, Dict, List, Optional
 
 # Shape keys that op probes look at, for a DiT-XL/2 at 256x256 (latent 32x32,
 # patch 2 -> N = 256 tokens, hidden 1152, 16 heads of 72).
-# M = B * N token rows (the fused ops' shape class); L, D: a round of 6 drafts of a 4x32x32 latent.
+# M = B * N token rows (the fused ops' shape class); L, D: a round of 6 drafts of a 4x32x32 latent;
+# f32_states: the sampler's states (and noise) are float32.
 DEFAULT_SHAPES: Dict[str, Any] = dict(B=2, N=256, M=512, H=1152, heads=16, head_dim=72, C=4, latent=32, L=6,
-                                      D=4096)
+                                      D=4096, f32_states=True)
 
 
 def _contexts() -> List[dict]:

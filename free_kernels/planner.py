@@ -385,9 +385,19 @@ def _package_version() -> str:
         return "?"
 
 
+def _host_epilogue() -> bool:
+    """Whether a CPU draft step can take the draft epilogue's host kernel: it is built, and no backend
+    override (``FREE_KERNELS_BACKEND[_DRAFT_TRANSITION]``) asks for another one."""
+    from . import _env
+    from .ops.draft_transition import OP
+
+    return _env.host_entry_unavailable_reason("draft_epilogue_host") is None and OP.requested(None) in (None, "cpu")
+
+
 def cost_key(sampler, B: int, G: int, dev: torch.device) -> str:
-    """Device (on the CPU its model, vector ISA and thread count), target (signature, size, dtype), drafter
-    type, batch, guidance, layout, torch and free_kernels versions."""
+    """Device (on the CPU its model, vector ISA, thread count and whether the draft epilogue's host kernel
+    is built), target (signature, size, dtype), drafter type, batch, guidance, layout, torch and free_kernels
+    versions."""
     t = sampler.target
     params = [p for p in t.parameters()] if isinstance(t, torch.nn.Module) else []
     sig = dict(cls=type(t).__name__, n_params=sum(p.numel() for p in params),
@@ -400,7 +410,9 @@ def cost_key(sampler, B: int, G: int, dev: torch.device) -> str:
                           torch=torch.__version__, package=_package_version(),
                           # a CPU round's cost depends on the intra-op thread count as much as on the device
                           threads=torch.get_num_threads() if dev.type == "cpu" else None,
-                          cpu=_cpu_model() if dev.type == "cpu" else None), sort_keys=True)
+                          cpu=_cpu_model() if dev.type == "cpu" else None,
+                          # a draft step on the CPU costs ~2x more without the draft epilogue's host kernel
+                          host_epilogue=_host_epilogue() if dev.type == "cpu" else None), sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
 
 

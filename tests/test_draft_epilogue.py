@@ -99,6 +99,23 @@ def run_transition(backend, target, diffusion, h, c, x, idx, noise, monkeypatch,
                   noise_out=noise_out)
 
 
+def host_kernel_missing():
+    return _env.host_entry_unavailable_reason("draft_epilogue_host")
+
+
+needs_host_kernel = pytest.mark.skipif(host_kernel_missing() is not None,
+                                       reason=f"cpu backend: {host_kernel_missing()}")
+
+
+def fp32_backends():
+    """kernel_backends() plus the host kernel (``cpu``: CPU tensors, so only where the tests' device is the CPU;
+    on a GPU machine test_cpu_backend_matches_the_composition covers it)."""
+    out = list(kernel_backends())
+    if DEV.type == "cpu":
+        out.append(pytest.param("cpu", id="cpu", marks=needs_host_kernel))
+    return out
+
+
 def check_transition(res, ref64, same, dtype, what):
     for name, a, b, s in zip(("x_next", "mean", "logvar"), res, ref64, same):
         assert a.dtype == torch.float32, f"{what}: {name} is {a.dtype}"
@@ -129,19 +146,19 @@ def test_torch_tensor_epilogue_is_bit_exact_with_the_composition(learn, small, c
     kw = dict(cfg_scale=4.0, guidance_channels=gc, clip_denoised=clip)
     with torch.no_grad():
         ref = ref_composition(tgt, dif, h, c, x, idx, noise, **kw)
-        res = ops.draft_transition(tgt, dif, h, c, x, idx, noise, **kw)  # torch backend on CPU
+        res = ops.draft_transition(tgt, dif, h, c, x, idx, noise, backend="torch", **kw)
         shift, scale, w, b, eps = head_parameters(tgt, c)
         from free_kernels.diffusion.gaussian_diffusion import ModelMeanType
 
         ten = ops.draft_epilogue(h, shift, scale, w, b, x, schedule_tables(dif), idx, noise, patch_size=2,
                                  cfg_scale=4.0, guidance_channels=gc, learned_variance=dif.learned_variance,
                                  predict_xstart=dif.model_mean_type == ModelMeanType.START_X, clip_denoised=clip,
-                                 eps=eps)
+                                 eps=eps, backend="torch")
     for a, b_, t in zip(ref, res, ten):
         assert torch.equal(a, b_) and torch.equal(a, t)
 
 
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", fp32_backends())
 @pytest.mark.parametrize("learn,small,cfg,gc,clip,xstart", EPI_CASES)
 def test_draft_epilogue_matches_the_composition(backend, learn, small, cfg, gc, clip, xstart, monkeypatch):
     dtype = torch.float32
@@ -171,7 +188,7 @@ def test_draft_epilogue_odd_geometries_fp16(backend, S, p, H, monkeypatch):
     check_transition(res, ref64, same, dtype, f"{backend} S={S} p={p} H={H}")
 
 
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", fp32_backends())
 def test_draft_epilogue_strided_inputs_and_poisoned_outputs(backend, monkeypatch):
     tgt = make_target()
     dif = diffusion_for(True)
@@ -181,12 +198,16 @@ def test_draft_epilogue_strided_inputs_and_poisoned_outputs(backend, monkeypatch
     hb[:, ::2, 3:35] = h
     h2 = hb[:, ::2, 3:35]
     x2 = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
-    assert not h2.is_contiguous() and not x2.is_contiguous()
+    # index: a column of a (R, L + 1) table, as the sampler passes it (stride L + 1)
+    table = torch.zeros((2, 4), dtype=torch.int64, device=DEV)
+    table[:, 2] = idx
+    idx2 = table[:, 2]
+    assert not h2.is_contiguous() and not x2.is_contiguous() and not idx2.is_contiguous()
     kw = dict(cfg_scale=3.0, guidance_channels=3, clip_denoised=False)
     # outputs: slices of (R, L, D)-style sampler buffers, poisoned
     bufs = [torch.full((2, 3, 4 * 8 * 8), float("nan"), device=DEV) for _ in range(3)]
     out = tuple(b[:, 1].view(2, 4, 8, 8) for b in bufs)
-    res = run_transition(backend, tgt, dif, h2, c, x2, idx, noise, monkeypatch, out=out, **kw)
+    res = run_transition(backend, tgt, dif, h2, c, x2, idx2, noise, monkeypatch, out=out, **kw)
     assert all(r.data_ptr() == o.data_ptr() for r, o in zip(res, out))
     for b in bufs:
         assert not torch.isnan(b[:, 1]).any(), "output element never written"
@@ -197,7 +218,7 @@ def test_draft_epilogue_strided_inputs_and_poisoned_outputs(backend, monkeypatch
     check_transition(res, ref64, same, torch.float32, f"{backend} strided")
 
 
-@pytest.mark.parametrize("backend", ["torch"] + kernel_backends())
+@pytest.mark.parametrize("backend", ["torch"] + fp32_backends())
 def test_draft_epilogue_counter_based_noise(backend, monkeypatch):
     """noise=None: every backend draws philox_randn(seed, offset + flat index, the draft subsequence), keeps it
     in noise_out, advances."""
@@ -232,6 +253,89 @@ def test_draft_epilogue_counter_based_noise(backend, monkeypatch):
     draw(z2)
     assert rng.tolist() == [seed, offset + 2 * n]
     assert not torch.allclose(z, z2)
+
+
+# ============================================================ the host kernel (cpu backend)
+@needs_host_kernel
+@pytest.mark.parametrize("learn,small,cfg,gc,clip,xstart", EPI_CASES)
+def test_cpu_backend_matches_the_composition(learn, small, cfg, gc, clip, xstart):
+    """The host kernel on CPU tensors (whatever the tests' device), to float32 rounding of the composition."""
+    tgt = make_target(learn_sigma=learn, device="cpu")
+    dif = diffusion_for(learn, small, xstart)
+    h, c, x, noise, idx = epilogue_case(cfg=cfg, device="cpu")
+    kw = dict(cfg_scale=4.0, guidance_channels=gc, clip_denoised=clip)
+    ref64 = composition_oracle(tgt, dif, h, c, x, idx, noise, **kw)
+    with torch.no_grad():
+        same = ref_composition(tgt, dif, h, c, x, idx, noise, **kw)
+        res = ops.draft_transition(tgt, dif, h, c, x, idx, noise, backend="cpu", **kw)
+    check_transition(res, ref64, same, torch.float32, "cpu")
+
+
+@needs_host_kernel
+def test_cpu_tensors_take_the_host_kernel_where_it_can_run(monkeypatch):
+    """Dispatch on CPU tensors: cpu for a float32 inference call of draft-step size; torch for float16 states,
+    autograd or FREE_KERNELS_BACKEND=torch, and first past CPU_MAX_WORK; the verify transition stays torch
+    (bit for bit the baseline's)."""
+    import importlib
+
+    from free_kernels.ops.draft_transition import OP as DT
+    from free_kernels.ops.verify_transition import OP as VT
+
+    de = importlib.import_module("free_kernels.ops.draft_epilogue")
+    tgt = make_target(device="cpu")
+    dif = diffusion_for(True)
+    h, c, x, noise, idx = epilogue_case(device="cpu")
+    with torch.no_grad():
+        shift, scale, w, b, eps = head_parameters(tgt, c)
+    w, b = w.detach(), b.detach()
+    ctx = de.validate(h, shift, scale, w, b, x, schedule_tables(dif), idx, noise, patch_size=2, guidance_channels=3,
+                      learned_variance=True, rng_state=None, out=None, noise_out=None)
+    assert de.OP.resolve(ctx).name == "cpu"
+    assert de.OP.resolve(dict(ctx, f32_states=False)).name == "torch"
+    assert de.OP.resolve(dict(ctx, dtype=torch.float16)).name == "torch"
+    assert de.OP.resolve(dict(ctx, requires_grad=True)).name == "torch"
+    big = dict(ctx, M=4096, H=1152, PE=16)  # DiT-XL/2 at batch 8 with CFG: past CPU_MAX_WORK: torch first, the host kernel still on request
+    order, source = de.OP.order_for(big)
+    assert order == ("torch", "cpu") and "multiply-adds" in source and de.OP.resolve(big).name == "torch"
+    assert de.OP.resolve(big, "cpu").name == "cpu"
+    monkeypatch.setenv("FREE_KERNELS_BACKEND", "torch")
+    assert de.OP.resolve(ctx).name == "torch"
+    monkeypatch.delenv("FREE_KERNELS_BACKEND")
+    assert "cpu" not in VT.backends
+    # the module-level entry: the host kernel, computing the head's adaLN once (not again in forward_head)
+    calls = []
+    real = tgt.head_parameters
+    monkeypatch.setattr(tgt, "head_parameters", lambda cc: calls.append(1) or real(cc))
+    with torch.no_grad():
+        res = ops.draft_transition(tgt, dif, h, c, x, idx, noise, cfg_scale=2.0)
+        ref = ops.draft_transition(tgt, dif, h, c, x, idx, noise, cfg_scale=2.0, backend="torch")
+    assert calls == [1]
+    for a, b_ in zip(res, ref):
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-5)
+    assert DT.resolve(dict(device=torch.device("cpu"), dtype=torch.float32, H=32, M=96, requires_grad=False,
+                           target_reason=None, diffusion_reason=None, f32_states=True, mixed=None, PE=16)).name == "cpu"
+
+
+@needs_host_kernel
+def test_cpu_backend_rejects_bad_calls_before_reading():
+    """The host kernel reads host memory: indices outside the tables and non-float32 tensors are refused with
+    a one-line error naming them (not read out of bounds)."""
+    tgt = make_target(device="cpu")
+    dif = diffusion_for(True)
+    h, c, x, noise, idx = epilogue_case(device="cpu")
+    shift, scale, w, b, eps = head_parameters(tgt, c)
+    tab = schedule_tables(dif)
+    base = dict(patch_size=2, learned_variance=True, cfg_scale=2.0, backend="cpu")
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="index 10 of row 1 is outside the tables"):
+            ops.draft_epilogue(h, shift, scale, w, b, x, tab, torch.tensor([3, 10, 0]), noise, **base)
+        with pytest.raises(ValueError, match="index -1"):
+            ops.draft_epilogue(h, shift, scale, w, b, x, tab, torch.tensor([-1, 2, 0]), noise, **base)
+        with pytest.raises(ops.BackendUnavailable, match="float32"):
+            ops.draft_epilogue(h, shift, scale, w, b, x.half(), tab, idx, noise.half(), **base)
+        # a sub-range of the tables (a column slice: the row stride stays T) bounds the indices too
+        with pytest.raises(ValueError, match="outside the tables"):
+            ops.draft_epilogue(h, shift, scale, w, b, x, tab[:, :5], torch.tensor([9, 4, 0]), noise, **base)
 
 
 def test_draft_epilogue_validation():

@@ -170,8 +170,8 @@ def test_tensor_epilogue_on_head_parameters_is_the_composition(kind, learn):
         hp = tgt.head_parameters(c)
         ten = ops.draft_epilogue(h, hp.shift, hp.scale, hp.weight, hp.bias, x, dif.schedule_tables(), idx, noise,
                                  patch_size=tgt.patch_size, learned_variance=dif.learned_variance,
-                                 predict_xstart=dif.predicts_xstart, eps=hp.eps, **kw)
-        via_op = ops.draft_transition(tgt, dif, h, c, x, idx, noise, **kw)
+                                 predict_xstart=dif.predicts_xstart, eps=hp.eps, backend="torch", **kw)
+        via_op = ops.draft_transition(tgt, dif, h, c, x, idx, noise, backend="torch", **kw)
     for a, b, d in zip(ref, ten, via_op):
         assert torch.equal(a, b) and torch.equal(a, d)
 

@@ -65,6 +65,7 @@
 #include "free_kernels/cuda_check.h"
 #include "free_kernels/device_types.h"
 #include "free_kernels/entry_points.h"
+#include "free_kernels/epilogue_args.h"
 
 namespace fk {
 namespace {
@@ -72,9 +73,7 @@ namespace {
 using adaln::kHeadRows;
 
 constexpr int kWarps = 8;
-// Philox subsequence of the draft noise (see the file comment; free_kernels/triton/draft_epilogue.py
-// and free_kernels/reference/draft_epilogue.py use the same value)
-constexpr uint64_t kDraftNoiseSubsequence = 0xFFFFFFFFull;
+using epilogue::kDraftNoiseSubsequence;
 constexpr int kThreads = 32 * kWarps;
 
 struct Strides4 {
@@ -331,7 +330,7 @@ __global__ void advance_rng_offset(int64_t* rng, int64_t n) {
   if (threadIdx.x == 0) rng[1] += n;
 }
 
-[[noreturn]] void bad(const std::string& what) { throw std::invalid_argument("draft_epilogue: " + what); }
+using epilogue::bad;
 
 // Dynamic shared memory above a kernel's default allowance (48 KiB minus its STATIC shared
 // memory: the row coefficients, and the 4 KiB split-K reduction buffer on the mma path) needs an
@@ -391,28 +390,11 @@ void draft_epilogue(uintptr_t h, uintptr_t shift, uintptr_t scale, uintptr_t wei
                     int64_t table_stride, double eps, double cfg_scale, int64_t guidance_channels,
                     bool learned_variance, bool predict_xstart, bool clip_denoised, uintptr_t stream) {
   check_cuda_available();
-  if (strides.size() != 34) bad("expected 34 strides");
-  if (dtype_codes.size() != 3) bad("expected 3 dtype codes (h, x, noise)");
-  for (int64_t c : dtype_codes)
-    if (c < 0 || c > 2) bad("dtype codes must be 0 (float32), 1 (float16) or 2 (bfloat16)");
-  for (int64_t s : strides)
-    if (s < 0) bad("strides must be >= 0");
-  if (G != 1 && G != 2) bad("G must be 1 or 2 (CFG)");
-  if (R < 0 || R > INT32_MAX || N < 1 || N > INT32_MAX || H < 1 || H > INT32_MAX) bad("bad R / N / H");
-  if (C < 1 || patch_size < 1 || S < 1 || S % patch_size) bad("bad C / S / patch_size");
-  const int64_t grid_w = S / patch_size;
-  if (grid_w * grid_w != N) bad("N must be (S / patch_size)^2");
-  const int64_t pp = patch_size * patch_size;
-  if (weight_rows % pp || (weight_rows / pp != C && weight_rows / pp != 2 * C)) bad("weight rows must be p*p*C or p*p*2C");
-  if (learned_variance && weight_rows / pp != 2 * C) bad("learned variance needs p*p*2C weight rows");
-  if (G == 2 && (guidance_channels < 1 || guidance_channels > C)) bad("guidance_channels must be in 1..C");
-  if (table_stride < 1) bad("table_stride must be >= 1");
-  if (noise == 0 && rng_state == 0) bad("pass noise or rng_state");
+  const epilogue::Dims d =
+      epilogue::check_args(h, shift, scale, weight, bias, x, tables, index, noise, rng_state, out_x, out_mean,
+                           out_logvar, out_noise, strides, dtype_codes, G, R, N, H, C, S, patch_size, weight_rows,
+                           table_stride, guidance_channels, learned_variance);
   if (R == 0) return;
-  for (uintptr_t ptr : {h, shift, scale, weight, bias, x, tables, index, out_x, out_mean, out_logvar})
-    if (ptr == 0) bad("null pointer");
-  if (rng_state % 8 || index % 8 || tables % 4 || out_x % 4 || out_mean % 4 || out_logvar % 4 || out_noise % 4)
-    bad("misaligned pointer");
 
   Args a{};
   a.h = reinterpret_cast<const void*>(h);
@@ -429,22 +411,22 @@ void draft_epilogue(uintptr_t h, uintptr_t shift, uintptr_t scale, uintptr_t wei
   a.out_mean = reinterpret_cast<float*>(out_mean);
   a.out_logvar = reinterpret_cast<float*>(out_logvar);
   a.out_noise = out_noise ? reinterpret_cast<float*>(out_noise) : nullptr;
-  a.G = static_cast<int>(G);
-  a.R = static_cast<int>(R);
-  a.N = static_cast<int>(N);
-  a.H = static_cast<int>(H);
-  a.C = static_cast<int>(C);
-  a.S = static_cast<int>(S);
-  a.p = static_cast<int>(patch_size);
-  a.C_out = static_cast<int>(weight_rows / pp);
-  a.grid_w = static_cast<int>(grid_w);
-  a.PE = static_cast<int>(pp * C);
-  a.Q = learned_variance ? 2 * a.PE : a.PE;
+  a.G = d.G;
+  a.R = d.R;
+  a.N = d.N;
+  a.H = d.H;
+  a.C = d.C;
+  a.S = d.S;
+  a.p = d.p;
+  a.C_out = d.C_out;
+  a.grid_w = d.grid_w;
+  a.PE = d.PE;
+  a.Q = d.Q;
   a.Qp = (a.Q + 7) / 8 * 8;
   a.T = kHeadRows / a.G;
   a.n_tb = static_cast<int>(ceil_div<int64_t>(N, a.T));
   a.pitch = adaln::a_tile_pitch16(a.H);
-  a.gc = static_cast<int>(guidance_channels);
+  a.gc = d.gc;
   a.x_code = static_cast<int>(dtype_codes[1]);
   a.z_code = static_cast<int>(dtype_codes[2]);
   a.learned = learned_variance;

@@ -3,7 +3,8 @@
 Order for CUDA tensors: the measured order of ``backend_priority.json`` for
 (op, device name, dtype, shape class) when the table has that entry, else the
 default ``cuda`` (the csrc extension) -> ``triton`` -> ``torch``.  CPU tensors
-take ``torch`` unless a backend is requested explicitly.
+take ``cpu`` (a host kernel of the csrc extension, where the op has one and it
+can run the call) -> ``torch``; other backends only when requested explicitly.
 
 A backend is requested by the ``backend=`` argument of the op, by
 ``FREE_KERNELS_BACKEND_<OP>`` (e.g. ``FREE_KERNELS_BACKEND_VERIFY_ATTENTION=triton``)
@@ -28,7 +29,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-BACKEND_ORDER = ("cuda", "triton", "torch")
+BACKEND_ORDER = ("cuda", "triton", "torch")  # default order for CUDA tensors
+HOST_ORDER = ("cpu", "torch")  # order for CPU tensors
+BACKENDS = ("cuda", "triton", "cpu", "torch")  # every backend name
 PRIORITY_FILE_ENV = "FREE_KERNELS_PRIORITY_FILE"
 DEFAULT_PRIORITY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backend_priority.json")
 _CACHE_LIMIT = 1024
@@ -87,6 +90,9 @@ class Op:
     backends: Dict[str, Backend] = field(default_factory=dict)
     # context -> shape class label of the priority table (None: every call is "any")
     shape_class: Optional[Callable[[dict], str]] = None
+    # context -> why torch is the faster choice for this CPU call although the host kernel can run it
+    # (e.g. too much work for a single-threaded kernel), or None; the ``cpu`` backend then comes second
+    host_prefers_torch: Optional[Callable[[dict], Optional[str]]] = None
     _cache: Dict[tuple, Backend] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -94,7 +100,7 @@ class Op:
         self._env_k = _env_key(self._env_name)
 
     def register(self, backend: Backend) -> None:
-        if backend.name not in BACKEND_ORDER:
+        if backend.name not in BACKENDS:
             raise ValueError(f"unknown backend {backend.name!r}")
         self.backends[backend.name] = backend
         self._cache.clear()
@@ -107,8 +113,8 @@ class Op:
         req = backend or _environ.get(self._env_name) or _environ.get("FREE_KERNELS_BACKEND")
         if req in (None, "", "auto"):
             return None
-        if req not in BACKEND_ORDER:
-            raise ValueError(f"{self.name}: unknown backend {req!r}; choose one of {BACKEND_ORDER} or 'auto'")
+        if req not in BACKENDS:
+            raise ValueError(f"{self.name}: unknown backend {req!r}; choose one of {BACKENDS} or 'auto'")
         return req
 
     def _reason(self, name: str, ctx: dict) -> Optional[str]:
@@ -120,9 +126,13 @@ class Op:
         except Exception as e:  # a broken probe must not take the op down
             return f"probe failed: {type(e).__name__}: {e}"
 
+    def names(self) -> Tuple[str, ...]:
+        """The default CUDA order, then the host backends this op has (``cpu``)."""
+        return BACKEND_ORDER + tuple(n for n in HOST_ORDER if n not in BACKEND_ORDER and n in self.backends)
+
     def reasons(self, ctx: dict) -> Dict[str, Optional[str]]:
-        """For each backend in default order: None if it can run ``ctx``, else why not."""
-        return {name: self._reason(name, ctx) for name in BACKEND_ORDER}
+        """For each backend of :meth:`names`: None if it can run ``ctx``, else why not."""
+        return {name: self._reason(name, ctx) for name in self.names()}
 
     def classify(self, ctx: dict) -> str:
         if self.shape_class is None:
@@ -136,6 +146,11 @@ class Op:
         """(backend order for ``ctx``, where it came from: a measured table entry or the default)."""
         device = ctx.get("device")
         if device is None or torch.device(device).type != "cuda":
+            if "cpu" in self.backends:
+                why = self.host_prefers_torch(ctx) if self.host_prefers_torch is not None else None
+                if why is not None:
+                    return ("torch", "cpu"), f"CPU tensors, torch first: {why}"
+                return HOST_ORDER, "CPU tensors: the host kernel where it can run, else torch"
             return ("torch",), "CPU tensors take torch unless a backend is requested"
         path = priority_file()
         table = priority_table(path)
@@ -163,7 +178,7 @@ class Op:
                 raise BackendUnavailable(f"{self.name}: backend {req!r} was requested but cannot run: {why}")
             return self.backends[req]
         device = ctx.get("device")
-        if device is None or torch.device(device).type != "cuda":
+        if (device is None or torch.device(device).type != "cuda") and "cpu" not in self.backends:
             return self.backends["torch"]
         order, _ = self.order_for(ctx)
         why = {}
@@ -281,6 +296,16 @@ def extension_reason(ctx: dict, symbol: str) -> Optional[str]:
     return why
 
 
+def host_kernel_reason(ctx: dict, symbol: str) -> Optional[str]:
+    """Why the extension's host kernel ``symbol`` cannot run ``ctx`` as a backend (None: it can)."""
+    from .. import _env
+
+    dev = ctx.get("device")
+    if dev is None or torch.device(dev).type != "cpu":
+        return f"inputs are on {dev}, not the CPU (the host kernel reads host memory)"
+    return _env.host_entry_unavailable_reason(symbol)
+
+
 def dtype_reason(ctx: dict, allowed: Sequence[torch.dtype]) -> Optional[str]:
     dt = ctx.get("dtype")
     if dt is not None and dt not in allowed:
@@ -313,7 +338,7 @@ def describe(ops_ctx: Dict[str, List[dict]]) -> List[str]:
             except BackendUnavailable as e:
                 chosen = f"(none: {e})"
             order, source = op.order_for(ctx)
-            reasons = {name: op._reason(name, ctx) for name in order + tuple(b for b in BACKEND_ORDER
+            reasons = {name: op._reason(name, ctx) for name in order + tuple(b for b in op.names()
                                                                            if b not in order)}
             if groups and groups[-1][1] == chosen and groups[-1][2] == reasons and groups[-1][3] == source:
                 groups[-1][0].append(ctx.get("label", ""))

@@ -23,7 +23,10 @@ logvar) buffers (any strides) are written in place.
 Backends: ``cuda`` (csrc/kernels/draft_epilogue.cu) -> ``triton``
 (free_kernels/triton/draft_epilogue.py) -> ``torch``
 (free_kernels/reference/draft_epilogue.py, = the composition of
-reference/draft_transition.py).  ``ops.draft_transition`` and
+reference/draft_transition.py) on CUDA tensors; ``cpu``
+(csrc/kernels/draft_epilogue_host.cpp: the kernel's computation in one
+single-threaded host call, float32) -> ``torch`` on CPU tensors; past
+:data:`CPU_MAX_WORK` multiply-adds ``torch`` goes first.  ``ops.draft_transition`` and
 ``ops.verify_transition`` (draft_transition.py, verify_transition.py) are the
 module-level entries that gather these tensors from a target and a diffusion.
 """
@@ -36,10 +39,10 @@ import torch
 from .._checks import check_tensor
 from ..reference.draft_epilogue import NUM_TABLES
 from . import _abi, _fused, _library
-from ._dispatch import Backend, get_op, size_class
+from ._dispatch import Backend, get_op, host_kernel_reason, size_class
 
 OP = get_op("draft_epilogue")
-INFO_CTX = dict(H=1152, P=32, patch_size=2, C=4, M=512)
+INFO_CTX = dict(H=1152, P=32, patch_size=2, C=4, M=512, PE=16)  # DiT-XL/2, batch 1 with CFG
 # shape class of the measured priority table: feature rows M = G * R * N per call
 SMALL_ROWS = 2048
 OP.shape_class = lambda ctx: size_class(ctx["M"], SMALL_ROWS)
@@ -65,34 +68,87 @@ def _load_cuda():
     from .. import _env
 
     ext = _env.extension()
-    code = _abi.dtype_code
 
     def draft_epilogue_cuda(h, shift, scale, weight, bias, x, tables, index, noise=None, *, patch_size,
                             cfg_scale=1.0, guidance_channels=3, learned_variance, predict_xstart=False,
                             clip_denoised=False, eps=1e-6, rng_state=None, out=None, noise_out=None):
-        R, C, S, _ = x.shape
-        if out is None:
-            out = tuple(torch.empty(x.shape, dtype=torch.float32, device=x.device) for _ in range(3))
-        x_next, mean, logvar = out
-        if noise is None and rng_state is None:
-            raise ValueError("draft_epilogue: pass noise or rng_state")
-        z = noise if noise is not None else x
-        zo = noise_out if noise_out is not None else x_next
+        index = index.contiguous()  # the sampler passes a column of its (B, L + 1) index table
+        res, args = _kernel_args(h, shift, scale, weight, bias, x, tables, index, noise, rng_state, out, noise_out,
+                                 patch_size)
         with _fused.on_device(x):
-            ext.draft_epilogue(
-                h.data_ptr(), shift.data_ptr(), scale.data_ptr(), weight.data_ptr(), bias.data_ptr(),
-                x.data_ptr(), tables.data_ptr(), index.data_ptr(),
-                0 if noise is None else noise.data_ptr(), 0 if rng_state is None else rng_state.data_ptr(),
-                x_next.data_ptr(), mean.data_ptr(), logvar.data_ptr(),
-                0 if noise_out is None else noise_out.data_ptr(),
-                list(_fused.strides(h, shift, scale, weight, bias, x, z, x_next, mean, logvar, zo)),
-                [code(h.dtype), code(x.dtype), code(z.dtype)],
-                h.shape[0] // R, R, h.shape[1], h.shape[2], C, S, int(patch_size), weight.shape[0],
-                tables.stride(0), float(eps), float(cfg_scale), int(guidance_channels), bool(learned_variance),
-                bool(predict_xstart), bool(clip_denoised), _fused.stream_of(x))
-        return x_next, mean, logvar
+            ext.draft_epilogue(*args, float(eps), float(cfg_scale), int(guidance_channels), bool(learned_variance),
+                               bool(predict_xstart), bool(clip_denoised), _fused.stream_of(x))
+        return res
 
     return draft_epilogue_cuda
+
+
+def _kernel_args(h, shift, scale, weight, bias, x, tables, index, noise, rng_state, out, noise_out, patch_size):
+    """(outputs, the pointer / stride / dtype / size arguments shared by ``draft_epilogue`` and
+    ``draft_epilogue_host`` up to ``table_stride``), outputs allocated when ``out`` is None.  ``index``
+    must be contiguous (the kernels read index[r]): the callers pass ``index.contiguous()`` and keep it
+    alive across the call."""
+    R, C, S, _ = x.shape
+    if out is None:
+        out = tuple(torch.empty(x.shape, dtype=torch.float32, device=x.device) for _ in range(3))
+    x_next, mean, logvar = out
+    if noise is None and rng_state is None:
+        raise ValueError("draft_epilogue: pass noise or rng_state")
+    z = noise if noise is not None else x
+    zo = noise_out if noise_out is not None else x_next
+    code = _abi.dtype_code
+    args = [h.data_ptr(), shift.data_ptr(), scale.data_ptr(), weight.data_ptr(), bias.data_ptr(),
+            x.data_ptr(), tables.data_ptr(), index.data_ptr(),
+            0 if noise is None else noise.data_ptr(), 0 if rng_state is None else rng_state.data_ptr(),
+            x_next.data_ptr(), mean.data_ptr(), logvar.data_ptr(), 0 if noise_out is None else noise_out.data_ptr(),
+            list(_fused.strides(h, shift, scale, weight, bias, x, z, x_next, mean, logvar, zo)),
+            [code(h.dtype), code(x.dtype), code(z.dtype)],
+            h.shape[0] // R, R, h.shape[1], h.shape[2], C, S, int(patch_size), weight.shape[0],
+            tables.stride(0)]
+    return (x_next, mean, logvar), args
+
+
+def _load_cpu():
+    from .. import _env
+
+    ext = _env.extension()
+
+    def draft_epilogue_cpu(h, shift, scale, weight, bias, x, tables, index, noise=None, *, patch_size,
+                           cfg_scale=1.0, guidance_channels=3, learned_variance, predict_xstart=False,
+                           clip_denoised=False, eps=1e-6, rng_state=None, out=None, noise_out=None):
+        index = index.contiguous()  # the sampler passes a column of its (B, L + 1) index table
+        res, args = _kernel_args(h, shift, scale, weight, bias, x, tables, index, noise, rng_state, out, noise_out,
+                                 patch_size)
+        ext.draft_epilogue_host(*args, tables.shape[1], float(eps), float(cfg_scale), int(guidance_channels),
+                                bool(learned_variance), bool(predict_xstart), bool(clip_denoised))
+        return res
+
+    return draft_epilogue_cpu
+
+
+# the host kernel is single-threaded.  Measured on a 2-core CPU (bench/bench_draft_epilogue_cpu.py) it beats
+# torch's composition at every size up to DiT-XL/2 at batch 1 (18.9 M multiply-adds of its head GEMM,
+# feature rows x H x GEMM columns: 3.4x at 2 threads); past 2^25 (beyond what was measured, where many
+# cores could give torch's multi-threaded ops the edge) torch's composition is taken first
+CPU_MAX_WORK = 1 << 25
+
+
+def _cpu_supports(ctx: dict) -> Optional[str]:
+    why = _fused.first_reason(host_kernel_reason(ctx, "draft_epilogue_host"), _fused.grad_reason(ctx))
+    if why is not None:
+        return why
+    if ctx.get("dtype") != torch.float32 or not ctx.get("f32_states", False):
+        return (f"h is {ctx.get('dtype')}, states {'float32' if ctx.get('f32_states') else 'not float32'}: "
+                f"the host kernel reads float32 tensors only")
+    return None
+
+
+def cpu_prefers_torch(ctx: dict) -> Optional[str]:
+    """Why torch goes first for this CPU call (work past CPU_MAX_WORK), or None."""
+    work = ctx.get("M", 0) * ctx.get("H", 0) * ctx.get("PE", 0) * 2
+    if work > CPU_MAX_WORK:
+        return f"{work} multiply-adds > {CPU_MAX_WORK} for the single-threaded host kernel"
+    return None
 
 
 def _shape_reason(ctx: dict) -> Optional[str]:
@@ -112,6 +168,8 @@ def _cuda_extra(ctx: dict) -> Optional[str]:
 OP.register(Backend("torch", _load_torch))
 OP.register(Backend("triton", _load_triton, lambda ctx: _fused.triton_supports(ctx, _shape_reason(ctx))))
 OP.register(Backend("cuda", _load_cuda, lambda ctx: _fused.cuda_supports(ctx, "draft_epilogue", _cuda_extra(ctx))))
+OP.register(Backend("cpu", _load_cpu, _cpu_supports))
+OP.host_prefers_torch = cpu_prefers_torch
 
 
 def validate(h, shift, scale, weight, bias, x, tables, index, noise, *, patch_size, guidance_channels,
@@ -164,12 +222,17 @@ def validate(h, shift, scale, weight, bias, x, tables, index, noise, *, patch_si
                     _fused.needs_grad(h, shift, scale, weight, bias, x))
 
 
+def states_are_f32(x, noise) -> bool:
+    """x and the given noise are float32 (what the host kernel reads)."""
+    return x.dtype == torch.float32 and (noise is None or noise.dtype == torch.float32)
+
+
 def _context(h, shift, scale, weight, bias, x, noise, patch_size, requires_grad=False) -> dict:
     GR, N, H = h.shape
     odd = [f"{n} is {t.dtype}" for n, t in (("x", x), ("noise", noise))
            if t is not None and t.dtype not in _fused.KERNEL_DTYPES]
     return dict(device=x.device, dtype=h.dtype, H=H, PE=patch_size * patch_size * x.shape[1], N=N, M=GR * N,
-                requires_grad=requires_grad,
+                requires_grad=requires_grad, f32_states=states_are_f32(x, noise),
                 mixed=f"{', '.join(odd)}: the kernels read float32 / float16 / bfloat16 states" if odd else None)
 
 

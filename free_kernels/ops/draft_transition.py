@@ -8,7 +8,8 @@ Backends:
 
 * ``torch``: the reference composition (reference/draft_transition.py:
   ``target.forward_head`` -> guidance -> ``diffusion.transition_from_output``).
-* ``cuda`` / ``triton``: the one-kernel ``draft_epilogue`` op on the head's
+* ``cuda`` / ``triton`` (CUDA tensors), ``cpu`` (CPU tensors: the host kernel, see
+  ops/draft_epilogue.py): the one-kernel ``draft_epilogue`` op on the head's
   parameters and the diffusion's schedule tables.  The target gives its head
   through the optional part of the target protocol (models/protocol.py:
   ``head_parameters(c)``, where the (G*R, H) x (H, 2H) adaLN GEMM of c runs in
@@ -35,11 +36,14 @@ from typing import Optional
 import torch
 
 from . import _fused
+from .draft_epilogue import cpu_prefers_torch, states_are_f32
 from ._dispatch import Backend, Op, get_op, size_class
 
 OP = get_op("draft_transition")
+INFO_CTX = dict(H=1152, M=512, PE=16, target_reason=None, diffusion_reason=None)  # DiT-XL/2, batch 1 with CFG
 # shape class of the measured priority table: feature rows M = G * R * N (as draft_epilogue)
 OP.shape_class = lambda ctx: size_class(ctx["M"], 2048)
+OP.host_prefers_torch = cpu_prefers_torch  # the host kernel's limit (draft_epilogue)
 
 
 # ------------------------------------------------------------ what the fused backends need of the objects
@@ -84,23 +88,28 @@ def epilogue_context(op: Op, target, diffusion, h, c, x, noise, backend: Optiona
     """(dispatch context, head parameters or None) of a call that may run the ``draft_epilogue`` kernels.
 
     The head's parameters (and with them the adaLN GEMM of c) are computed only where a fused backend
-    can be chosen: CUDA tensors or an explicit request; the chosen backend receives them.
+    can be chosen: CUDA tensors, an explicit request, or CPU tensors the host kernel takes (so the torch
+    composition, which computes them inside ``forward_head``, never pays for them twice); the chosen
+    backend receives them.
     """
     head_why = head_reason(target)
-    head = None
-    if head_why is None and (x.device.type == "cuda" or op.requested(backend) not in (None, "torch")):
-        head = target.head_parameters(c)
     odd = [f"{n} is {t.dtype}" for n, t in (("x", x), ("noise", noise))
            if torch.is_tensor(t) and t.dtype not in _fused.KERNEL_DTYPES]
     ctx = dict(device=x.device, dtype=h.dtype, H=h.shape[-1], M=h.shape[0] * h.shape[1],
-               requires_grad=_fused.needs_grad(h, c, x, *(head[:4] if head is not None else ())),
-               target_reason=head_why, diffusion_reason=diffusion_reason(diffusion),
+               requires_grad=_fused.needs_grad(h, c, x), target_reason=head_why,
+               diffusion_reason=diffusion_reason(diffusion), f32_states=states_are_f32(x, noise),
                mixed=f"{', '.join(odd)}: the kernels read float32 / float16 / bfloat16 states" if odd else None)
+    head = None
     if head_why is None:
         p = int(target.patch_size)
         ctx["PE"] = p * p * x.shape[1]
-        if head is not None and head.weight.dtype != h.dtype:
-            ctx["weight_reason"] = f"h is {h.dtype} but the head's weights are {head.weight.dtype}"
+        req = op.requested(backend)
+        # CPU tensors: the host kernel when it can run the call as far as is known before the head's weights
+        if x.device.type == "cuda" or req not in (None, "torch") or (req is None and op.resolve(ctx).name != "torch"):
+            head = target.head_parameters(c)
+            ctx["requires_grad"] = _fused.needs_grad(h, c, x, *head[:4])
+            if head.weight.dtype != h.dtype:
+                ctx["weight_reason"] = f"h is {h.dtype} but the head's weights are {head.weight.dtype}"
     return ctx, head
 
 
@@ -145,6 +154,7 @@ def _load_torch():
 
 def _load_fused(name: str):
     def load():
+        from ..reference.guidance import guided_channels
         from .draft_epilogue import draft_epilogue
 
         def f(target, diffusion, h, c, x, index, noise, *, cfg_scale, guidance_channels, clip_denoised,
@@ -155,7 +165,7 @@ def _load_fused(name: str):
                 index = index.to(torch.int64)
             return draft_epilogue(h, shift, scale, weight, bias, x, tables, index, noise,
                                   patch_size=int(target.patch_size), cfg_scale=cfg_scale,
-                                  guidance_channels=guidance_channels, learned_variance=diffusion.learned_variance,
+                                  guidance_channels=guided_channels(guidance_channels, x.shape[1]), learned_variance=diffusion.learned_variance,
                                   predict_xstart=diffusion.predicts_xstart, clip_denoised=clip_denoised, eps=eps,
                                   rng_state=rng_state, out=out, noise_out=noise_out, backend=name)
 
@@ -165,7 +175,7 @@ def _load_fused(name: str):
 
 
 OP.register(Backend("torch", _load_torch))
-for _name in ("triton", "cuda"):
+for _name in ("triton", "cuda", "cpu"):
     OP.register(Backend(_name, _load_fused(_name), fused_supports(_name)))
 
 

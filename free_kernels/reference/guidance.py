@@ -10,6 +10,14 @@ from __future__ import annotations
 import torch
 
 
+def guided_channels(guidance_channels: int, in_channels: int) -> int:
+    """How many noise channels the rule guides: ``guidance_channels`` (3 official, 4 diffusers, or any
+    1..in_channels), capped at the model's ``in_channels``; anything else raises."""
+    if guidance_channels not in (3, 4) and not (1 <= guidance_channels <= in_channels):
+        raise ValueError(f"guidance_channels must be 3 (official) or 4 (diffusers), got {guidance_channels}")
+    return min(guidance_channels, in_channels)
+
+
 def guide_output(out: torch.Tensor, cfg_scale: float, guidance_channels: int, in_channels: int) -> torch.Tensor:
     """Apply classifier-free guidance to a doubled-batch model output.
 
@@ -19,9 +27,7 @@ def guide_output(out: torch.Tensor, cfg_scale: float, guidance_channels: int, in
     ``guidance_channels`` noise channels (e.g. single-channel pixel models)
     both rules guide every noise channel and never the variance channels.
     """
-    if guidance_channels not in (3, 4) and not (1 <= guidance_channels <= in_channels):
-        raise ValueError(f"guidance_channels must be 3 (official) or 4 (diffusers), got {guidance_channels}")
-    guidance_channels = min(guidance_channels, in_channels)
+    guidance_channels = guided_channels(guidance_channels, in_channels)
     eps, rest = out[:, :guidance_channels], out[:, guidance_channels:]
     cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
     half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)

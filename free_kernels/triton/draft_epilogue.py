@@ -245,6 +245,7 @@ def draft_epilogue(h, shift, scale, weight, bias, x, tables, index, noise=None, 
     if not has_noise and rng_state is None:
         raise ValueError("draft_epilogue: pass noise or rng_state")
     noise_t = noise if has_noise else x  # placeholder pointer, never read
+    index = index.contiguous()  # the kernel reads index + r (the sampler passes a column of its (B, L + 1) table)
     rng_t = rng_state if rng_state is not None else index  # placeholder, never read
     z_t = noise_out if noise_out is not None else x_next   # placeholder, never written
     meta = launch_meta(H, p, C, h.dtype, triton_interpret())

@@ -120,8 +120,8 @@ def test_draft_noise_has_its_own_stream(backend, monkeypatch):
 def test_stream_constant_agrees_everywhere():
     from free_kernels.triton import draft_epilogue as tri
 
-    src = (TESTS.parent / "csrc" / "kernels" / "draft_epilogue.cu").read_text()
-    assert "kDraftNoiseSubsequence = 0xFFFFFFFFull;" in src
+    src = (TESTS.parent / "csrc" / "include" / "free_kernels" / "epilogue_args.h").read_text()
+    assert "kDraftNoiseSubsequence = 0xFFFFFFFFull;" in src  # the CUDA kernel and its host twin read it there
     assert tri.DRAFT_NOISE_SUBSEQUENCE == DRAFT_NOISE_SUBSEQUENCE == 0xFFFFFFFF
 
 

@@ -1,4 +1,5 @@
-// Declarations of the CUDA entry points bound in csrc/bindings.cpp.
+// Declarations of the entry points bound in csrc/bindings.cpp: the CUDA kernels
+// and the host kernels (csrc/kernels/*.cpp, compiled in every build).
 //
 // This header is torch-free AND CUDA-free (plain integer types only), so the
 // pybind11 module compiles with the host compiler alone.  The definitions
@@ -107,5 +108,18 @@ void draft_epilogue(uintptr_t h, uintptr_t shift, uintptr_t scale, uintptr_t wei
                     int64_t R, int64_t N, int64_t H, int64_t C, int64_t S, int64_t patch_size, int64_t weight_rows,
                     int64_t table_stride, double eps, double cfg_scale, int64_t guidance_channels,
                     bool learned_variance, bool predict_xstart, bool clip_denoised, uintptr_t stream);
+
+// ---- draft_epilogue_host.cpp (every build, CUDA or not) --------------------
+// The same epilogue on the CPU: host pointers, every tensor float32 (dtype
+// codes all 0), the arguments of draft_epilogue without the stream, plus
+// table_len (T, the respaced steps: every index must lie in [0, T)).
+// Single-threaded; rng_state (host int64 [seed, offset]) is advanced in place.
+void draft_epilogue_host(uintptr_t h, uintptr_t shift, uintptr_t scale, uintptr_t weight, uintptr_t bias,
+                         uintptr_t x, uintptr_t tables, uintptr_t index, uintptr_t noise, uintptr_t rng_state,
+                         uintptr_t out_x, uintptr_t out_mean, uintptr_t out_logvar, uintptr_t out_noise,
+                         const std::vector<int64_t>& strides, const std::vector<int64_t>& dtype_codes, int64_t G,
+                         int64_t R, int64_t N, int64_t H, int64_t C, int64_t S, int64_t patch_size,
+                         int64_t weight_rows, int64_t table_stride, int64_t table_len, double eps, double cfg_scale,
+                         int64_t guidance_channels, bool learned_variance, bool predict_xstart, bool clip_denoised);
 
 }  // namespace fk
