@@ -172,8 +172,11 @@ def test_draft_condition_is_the_targets_conditioning_from_a_table():
         target.t_embedder.mlp[2].bias.add_(0.5)
         torch.testing.assert_close(d.draft_condition(t, y), target.embed_condition(t, y), rtol=1e-5, atol=1e-5)
         # outside the table's timesteps: the target's own embedder
-        far = torch.tensor([1500, 3, 7])
-        torch.testing.assert_close(d.draft_condition(far, y), target.embed_condition(far, y))
+        for far in (torch.tensor([1500, 3, 7]), torch.tensor([3, -1, 7])):
+            torch.testing.assert_close(d.draft_condition(far, y), target.embed_condition(far, y))
+        # the label part follows the target's embedding table too
+        target.y_embedder.embedding_table.weight.mul_(1.5)
+        torch.testing.assert_close(d.draft_condition(t, y), target.embed_condition(t, y), rtol=1e-5, atol=1e-5)
     # with autograd (training) the target's embedder runs, so gradients reach it
     c = d.draft_condition(t, y)
     assert c.requires_grad and c.grad_fn is not None

@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .dit import DiTBlock
+from .dit import DiTBlock, LabelEmbedder
 from .official_adapter import as_target  # noqa: F401  (public here too)
 from .protocol import MATCH_KEYS as _MATCH_KEYS
 from .protocol import target_signature  # noqa: F401  (public here too)
@@ -292,10 +292,16 @@ class FeatureDrafter(nn.Module):
         if self.fast_inference and t.device.type == "cpu" and not torch.compiler.is_compiling() \
                 and not torch.is_grad_enabled() and not getattr(target, "training", False):
             table = self._timestep_table(target)
-        if table is None or t.dtype not in (torch.int64, torch.int32) or t.numel() == 0 \
-                or int(t.min()) < 0 or int(t.max()) >= table.shape[0]:
+        if table is None or t.dtype not in (torch.int64, torch.int32) or t.numel() == 0:
             return target.embed_condition(t, y)
-        return table[t] + target.y_embedder(y, False)
+        try:  # index_select checks the range itself (a timestep outside 0..999: the embedder computes it)
+            rows = torch.index_select(table, 0, t)
+        except (IndexError, RuntimeError):
+            return target.embed_condition(t, y)
+        ye = target.y_embedder
+        if type(ye) is LabelEmbedder:  # sampling never drops labels: the table row itself
+            return rows + torch.nn.functional.embedding(y, ye.embedding_table.weight)
+        return rows + ye(y, False)
 
     def _timestep_table(self, target) -> Optional[torch.Tensor]:
         emb = getattr(target, "t_embedder", None)
