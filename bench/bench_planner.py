@@ -12,8 +12,9 @@ at ``--threads`` (its planner picks 1 thread or all per round) and at 1 thread
 L in 1..8 at ``--threads``, on the same images (x_T and labels), interleaved
 per image batch (the order rotating from batch to batch) so that load from other
 jobs hits every method alike; ``--repeats`` image batches at batch sizes above 1.  Prints
-seconds per image, the speed-up over the faster baseline and auto's ratio to
-the best fixed L.
+seconds per image, the speed-up over the faster baseline, auto's ratio to
+the best fixed L, and the sampler's own draft-phase time per drafter call (a draft step as it
+runs inside rounds, the round's drafting setup included).
 """
 from __future__ import annotations
 
@@ -127,6 +128,7 @@ def main(argv=None):
         for L in range(1, 0 if args.no_fixed else args.max_length + 1):
             runs[f"L={L}"] = (fk.FreeSampler(target, drafter, d, draft_length=L), cap)
         wall = {k: 0.0 for k in runs}
+        phases = {k: [0.0, 0] for k in runs}  # the sampler's own draft-phase time and drafter calls
         for a in range(0, n, B):
             z, yy = noise[a:a + B], y[a:a + B]
             names = list(runs)
@@ -139,21 +141,25 @@ def main(argv=None):
                     if s is None:
                         sample_baseline(target, d, z, yy, cfg_scale=cfg)
                     else:
-                        s.sample(z, yy, cfg_scale=cfg, generator=torch.Generator().manual_seed(a))
+                        _, st = s.sample(z, yy, cfg_scale=cfg, generator=torch.Generator().manual_seed(a))
+                        phases[k][0] += st.time_draft_s
+                        phases[k][1] += st.drafter_calls
                     wall[k] += time.perf_counter() - t0
         per = {k: v / n for k, v in wall.items()}
         base = min(v for k, v in per.items() if k.startswith("baseline"))
         fixed = [(v, k) for k, v in per.items() if k.startswith("L=")]
         best_fixed = min(fixed) if fixed else (float("nan"), None)
+        draft_ms = {k: (1e3 * t / n_calls if n_calls else None) for k, (t, n_calls) in phases.items()}
         results[B] = dict(per_image_s=per, calibration_s=calib, best_fixed=best_fixed[1],
                           auto_vs_best_fixed=best_fixed[0] / per["auto"],
-                          speedup={k: base / v for k, v in per.items()})
+                          speedup={k: base / v for k, v in per.items()}, draft_ms_per_drafter_call=draft_ms)
         print(f"\nbatch {B} ({n} images; planner calibration "
               + ", ".join(f"{k} {v:.1f} s" for k, v in calib.items()) + ", once, cached)")
-        print("| sampler | threads | s/image | speed-up |")
-        print("|---|---|---|---|")
+        print("| sampler | threads | s/image | speed-up | draft phase ms / drafter call |")
+        print("|---|---|---|---|---|")
         for k, v in per.items():
-            print(f"| {k} | {runs[k][1]} | {v:.3f} | {base / v:.2f}x |")
+            dm = "-" if draft_ms[k] is None else f"{draft_ms[k]:.3f}"
+            print(f"| {k} | {runs[k][1]} | {v:.3f} | {base / v:.2f}x | {dm} |")
         print("speed-up against the faster baseline" + (f"; auto vs the best fixed L ({best_fixed[1]}): "
                                                          f"{best_fixed[0] / per['auto']:.2f}x" if fixed else ""))
     if args.json:

@@ -24,8 +24,9 @@ thread count set (the cap; also half of it on machines with 4 or more), and
 each L runs at the count that measured fastest: a plain step of one sample is
 too small for threads to share, a round verifying L + 1 states per sample is
 not (on the demo at 2 threads, about 1.6 ms per drafted step against 2.4 ms at
-1 thread).  Round costs are made non-decreasing in L (:func:`lower_envelope`:
-a shared machine only adds time).  The plan uses the calibrated costs alone
+1 thread).  Each cost is the median of the timed passes (a shared machine adds
+time, and now and then takes some away), made non-decreasing in L
+(:func:`lower_envelope`).  The plan uses the calibrated costs alone
 (two ways of following measured round times during a run misfired on the
 noisy 2-core CPU, bench/RESULTS.md), so a seeded run reproduces (the thread
 count of a round changes the last bits of its GEMMs); a machine that got busy
@@ -430,8 +431,8 @@ def intra_op_threads(n: Optional[int]):
         torch.set_num_threads(before)
 
 
-CALIBRATION_REPS = 5  # timed passes over every (L, threads); the fastest counts (a shared machine's noise is additive)
-COST_FORMAT = 3  # 2, 3: CPU rounds timed at several intra-op thread counts (3: no derived per-L thread list)
+CALIBRATION_REPS = 5  # timed passes over every (L, threads); the median counts (noise has dips as well as spikes)
+COST_FORMAT = 4  # 2, 3: CPU rounds timed at several intra-op thread counts (3: no derived per-L thread list); 4: medians
 
 
 def thread_candidates(dev: torch.device) -> List[Optional[int]]:
@@ -552,7 +553,7 @@ def _time_parts(sampler, B: int, G: int, dev: torch.device, Lmax: int):
 
 def measure_rounds(sampler, B: int, G: int, dev: torch.device, Lmax: int, reps: int = 3,
                    threads: Sequence[Optional[int]] = (None,)) -> List[List[float]]:
-    """Seconds of one whole sampler round with L = 0..Lmax drafts, fastest of ``reps`` each, per CPU thread
+    """Seconds of one whole sampler round with L = 0..Lmax drafts, median of ``reps`` each, per CPU thread
     count in ``threads``: timed by the sampler itself (``sampler.measure_rounds``; the planner knows nothing
     of how a round is run)."""
     return sampler.measure_rounds(B, G, dev, Lmax, reps=reps, threads=threads)
