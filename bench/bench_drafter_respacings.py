@@ -177,7 +177,8 @@ def main(argv=None) -> int:
             b = cost(target, new, th, a.iters, a.reps)
             out["cost"][th] = b
             print(f"| {th} | {b['draft_before']:.3f} | {b['draft_after']:.3f} | {b['drafter_before']:.3f} / "
-                  f"{b['drafter_after']:.3f} | {b['transition_torch']:.3f} / {b['transition']:.3f} | {b['target']:.3f} | "
+                  f"{b['drafter_after']:.3f} | {b['transition_torch']:.3f} / {b['transition']:.3f} | "
+                  f"{b['target']:.3f} | "
                   f"{b['draft_before'] / b['target']:.3f} | {b['draft_after'] / b['target']:.3f} |", flush=True)
     if a.json:
         with open(a.json, "w") as f:

@@ -432,7 +432,8 @@ def intra_op_threads(n: Optional[int]):
 
 
 CALIBRATION_REPS = 5  # timed passes over every (L, threads); the median counts (noise has dips as well as spikes)
-COST_FORMAT = 4  # 2, 3: CPU rounds timed at several intra-op thread counts (3: no derived per-L thread list); 4: medians
+# 2, 3: CPU rounds timed at several intra-op thread counts (3: no derived per-L thread list); 4: medians of passes
+COST_FORMAT = 4
 
 
 def thread_candidates(dev: torch.device) -> List[Optional[int]]:

@@ -294,7 +294,8 @@ def test_cpu_tensors_take_the_host_kernel_where_it_can_run(monkeypatch):
     assert de.OP.resolve(dict(ctx, f32_states=False)).name == "torch"
     assert de.OP.resolve(dict(ctx, dtype=torch.float16)).name == "torch"
     assert de.OP.resolve(dict(ctx, requires_grad=True)).name == "torch"
-    big = dict(ctx, M=4096, H=1152, PE=16)  # DiT-XL/2 at batch 8 with CFG: past CPU_MAX_WORK: torch first, the host kernel still on request
+    # DiT-XL/2 at batch 8 with CFG, past CPU_MAX_WORK: torch first, the host kernel still on request
+    big = dict(ctx, M=4096, H=1152, PE=16)
     order, source = de.OP.order_for(big)
     assert order == ("torch", "cpu") and "multiply-adds" in source and de.OP.resolve(big).name == "torch"
     assert de.OP.resolve(big, "cpu").name == "cpu"

@@ -72,9 +72,8 @@ def _load_cuda():
     def draft_epilogue_cuda(h, shift, scale, weight, bias, x, tables, index, noise=None, *, patch_size,
                             cfg_scale=1.0, guidance_channels=3, learned_variance, predict_xstart=False,
                             clip_denoised=False, eps=1e-6, rng_state=None, out=None, noise_out=None):
-        index = index.contiguous()  # the sampler passes a column of its (B, L + 1) index table
-        res, args = _kernel_args(h, shift, scale, weight, bias, x, tables, index, noise, rng_state, out, noise_out,
-                                 patch_size)
+        res, args, _index = _kernel_args(h, shift, scale, weight, bias, x, tables, index, noise, rng_state, out,
+                                         noise_out, patch_size)
         with _fused.on_device(x):
             ext.draft_epilogue(*args, float(eps), float(cfg_scale), int(guidance_channels), bool(learned_variance),
                                bool(predict_xstart), bool(clip_denoised), _fused.stream_of(x))
@@ -85,10 +84,11 @@ def _load_cuda():
 
 def _kernel_args(h, shift, scale, weight, bias, x, tables, index, noise, rng_state, out, noise_out, patch_size):
     """(outputs, the pointer / stride / dtype / size arguments shared by ``draft_epilogue`` and
-    ``draft_epilogue_host`` up to ``table_stride``), outputs allocated when ``out`` is None.  ``index``
-    must be contiguous (the kernels read index[r]): the callers pass ``index.contiguous()`` and keep it
-    alive across the call."""
+    ``draft_epilogue_host`` up to ``table_stride``, the contiguous index they point to), outputs allocated
+    when ``out`` is None.  The kernels read ``index[r]`` and the sampler passes a column of its (B, L + 1)
+    index table, so a strided index is copied; the caller keeps the returned index alive across the call."""
     R, C, S, _ = x.shape
+    index = index.contiguous()
     if out is None:
         out = tuple(torch.empty(x.shape, dtype=torch.float32, device=x.device) for _ in range(3))
     x_next, mean, logvar = out
@@ -105,7 +105,7 @@ def _kernel_args(h, shift, scale, weight, bias, x, tables, index, noise, rng_sta
             [code(h.dtype), code(x.dtype), code(z.dtype)],
             h.shape[0] // R, R, h.shape[1], h.shape[2], C, S, int(patch_size), weight.shape[0],
             tables.stride(0)]
-    return (x_next, mean, logvar), args
+    return (x_next, mean, logvar), args, index
 
 
 def _load_cpu():
@@ -116,9 +116,8 @@ def _load_cpu():
     def draft_epilogue_cpu(h, shift, scale, weight, bias, x, tables, index, noise=None, *, patch_size,
                            cfg_scale=1.0, guidance_channels=3, learned_variance, predict_xstart=False,
                            clip_denoised=False, eps=1e-6, rng_state=None, out=None, noise_out=None):
-        index = index.contiguous()  # the sampler passes a column of its (B, L + 1) index table
-        res, args = _kernel_args(h, shift, scale, weight, bias, x, tables, index, noise, rng_state, out, noise_out,
-                                 patch_size)
+        res, args, _index = _kernel_args(h, shift, scale, weight, bias, x, tables, index, noise, rng_state, out,
+                                         noise_out, patch_size)
         ext.draft_epilogue_host(*args, tables.shape[1], float(eps), float(cfg_scale), int(guidance_channels),
                                 bool(learned_variance), bool(predict_xstart), bool(clip_denoised))
         return res

@@ -165,8 +165,8 @@ def _load_fused(name: str):
                 index = index.to(torch.int64)
             return draft_epilogue(h, shift, scale, weight, bias, x, tables, index, noise,
                                   patch_size=int(target.patch_size), cfg_scale=cfg_scale,
-                                  guidance_channels=guided_channels(guidance_channels, x.shape[1]), learned_variance=diffusion.learned_variance,
-                                  predict_xstart=diffusion.predicts_xstart, clip_denoised=clip_denoised, eps=eps,
+                                  guidance_channels=guided_channels(guidance_channels, x.shape[1]),
+                                  learned_variance=diffusion.learned_variance, predict_xstart=diffusion.predicts_xstart, clip_denoised=clip_denoised, eps=eps,
                                   rng_state=rng_state, out=out, noise_out=noise_out, backend=name)
 
         return f
