@@ -1,6 +1,10 @@
 """Train the demo DiT on MNIST digits (the script that made ``assets/demo_dit.safetensors``).
 
     python -m free_kernels.demo.train_target --out runs/demo_dit --steps 4000
+    python -m free_kernels.demo.train_target --dataset mosaic --out runs/mosaic_dit --steps 6000
+
+``--dataset`` picks the rung of the digit family (``free_kernels.demo.data.DATASETS``):
+digits16 (D = 256, the embedded demo), digits32 (D = 1024), mosaic (D = 4096, 4 x 32 x 32).
 
 Resumable: ``--out`` holds ``state.pt`` (model, EMA, optimiser, step, RNG);
 running the same command again continues where it stopped.  The final EMA
@@ -21,13 +25,15 @@ from .._checks import FileProblem, atomic_torch_save, atomic_write_json, remove_
 from ..diffusion import create_diffusion
 from ..models.dit import DiT
 from . import DEMO_CONFIG
-from .data import load_mnist
+from .data import DATASETS, DigitFamily, dataset_spec
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo_dit", help="run directory (checkpoints, final weights)")
     p.add_argument("--data", default=None, help="MNIST directory (IDX .gz files)")
+    p.add_argument("--dataset", default="digits16", choices=sorted(DATASETS),
+                   help="rung of the digit family: digits16 (D=256), digits32 (D=1024), mosaic (D=4096)")
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -67,13 +73,16 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     remove_stale_tmp(args.out)
-    cfg = dict(DEMO_CONFIG)
+    spec = dataset_spec(args.dataset)
+    cfg = dict(DEMO_CONFIG, input_size=spec["input_size"], in_channels=spec["in_channels"])
     if args.config:
         cfg.update(json.loads(args.config))
+    if (cfg["input_size"], cfg["in_channels"]) != (spec["input_size"], spec["in_channels"]):
+        raise SystemExit(f"error: --config input_size / in_channels {cfg['input_size']} / {cfg['in_channels']} "
+                         f"do not match --dataset {args.dataset} ({spec['input_size']} / {spec['in_channels']})")
     dev = torch.device(args.device)
     torch.manual_seed(args.seed)
-    x_all, y_all = load_mnist(args.data, size=cfg["input_size"])
-    x_all, y_all = x_all.to(dev), y_all.to(dev)
+    family = DigitFamily(args.dataset, args.data)
     model = DiT(**cfg).to(dev)
     ema = DiT(**cfg).to(dev)
     ema.load_state_dict(model.state_dict())
@@ -85,6 +94,9 @@ def main(argv=None):
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     if os.path.isfile(state_path):
         st = _load_state(state_path, dev)
+        if st.get("dataset", "digits16") != args.dataset:
+            raise SystemExit(f"error: {state_path} trains --dataset {st.get('dataset', 'digits16')}, not "
+                             f"{args.dataset}; use another --out")
         model.load_state_dict(st["model"])
         ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])
@@ -97,11 +109,10 @@ def main(argv=None):
 
     bar = tqdm(total=args.steps, initial=step, desc="train demo DiT", unit="step")
     model.train()
-    n = x_all.shape[0]
     while step < args.steps:
         t0 = time.perf_counter()
-        idx = torch.randint(0, n, (args.batch_size,), generator=gen).to(dev)
-        x, y = x_all[idx], y_all[idx]
+        x, y = family.batch(args.batch_size, gen)
+        x, y = x.to(dev), y.to(dev)
         # label dropout for classifier-free guidance happens inside the model in train() mode, as in
         # the official DiT (class_dropout_prob, global RNG: saved with the checkpoint for resume)
         t = torch.randint(0, diffusion.num_timesteps, (args.batch_size,), generator=gen).to(dev)
@@ -126,7 +137,7 @@ def main(argv=None):
             bar.set_postfix(loss=f"{sum(losses[-100:]) / len(losses[-100:]):.4f}", lr=f"{lr:.1e}")
         if step % args.save_every == 0 or step == args.steps:
             _save_state(state_path, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                        step=step, losses=losses, time=t_train, gen=gen.get_state(),
+                        step=step, losses=losses, time=t_train, gen=gen.get_state(), dataset=args.dataset,
                         torch_rng=torch.get_rng_state())
     bar.close()
 
@@ -140,9 +151,13 @@ def main(argv=None):
         loss_first_100=sum(losses[:100]) / max(len(losses[:100]), 1),
         loss_last_500=sum(losses[-500:]) / max(len(losses[-500:]), 1),
         loss_curve=[round(sum(losses[i:i + 250]) / len(losses[i:i + 250]), 5) for i in range(0, len(losses), 250)],
-        data=(f"MNIST t10k split (10,000 digits), "
-              f"{'2x2-averaged to 14x14, ' if cfg['input_size'] < 28 else ''}padded to "
-              f"{cfg['input_size']}x{cfg['input_size']}, scaled to [-1, 1]"),
+        dataset=args.dataset,
+        data=dict(digits16="MNIST t10k split (10,000 digits), 2x2-averaged to 14x14, padded to 16x16, "
+                           "scaled to [-1, 1]",
+                  digits32="MNIST t10k split (10,000 digits), 28x28 padded to 32x32, scaled to [-1, 1]",
+                  mosaic="MNIST t10k split: 64x64 canvases of a 2x2 grid of four different instances of "
+                         "one digit (each 28x28 padded to 32x32), scaled to [-1, 1], fed as 4x32x32 by "
+                         "pixel_unshuffle(2)")[args.dataset],
     )
     atomic_write_json(final[: -len(".safetensors")] + ".json", record)
     print(f"wrote {final} ({step} steps, {t_train / 60:.1f} min, final loss {record['loss_last_500']:.4f})")
