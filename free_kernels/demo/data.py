@@ -63,6 +63,7 @@ def load_mnist(path: Optional[str] = None, size: int = 32) -> Tuple[torch.Tensor
 # ---------------------------------------------------------------------------------------------
 # One data family at three sizes (the dimension ladder): the same MNIST digits, class-conditional,
 # with D = C * H * W output elements per sample of 256, 1024 and 4096.
+# Every rung is patchified to 16 tokens (patch 4, 8, 8), so only D changes along the ladder.
 #   digits16  16x16x1: 2x2-averaged 14x14 digits padded to 16 (the embedded demo),      D = 256
 #   digits32  32x32x1: full-resolution 28x28 digits padded to 32,                         D = 1024
 #   mosaic    64x64 canvas = 2 x 2 grid of four different instances of the same digit (each
@@ -70,9 +71,9 @@ def load_mnist(path: Optional[str] = None, size: int = 32) -> Tuple[torch.Tensor
 #             (pixel_unshuffle by 2: channel 2 * dy + dx holds canvas pixel (2i + dy, 2j + dx)),
 #             the latent shape of DiT-XL/2 at 256 px,                                     D = 4096
 DATASETS = {
-    "digits16": dict(input_size=16, in_channels=1, canvas=16),
-    "digits32": dict(input_size=32, in_channels=1, canvas=32),
-    "mosaic": dict(input_size=32, in_channels=4, canvas=64),
+    "digits16": dict(input_size=16, in_channels=1, patch_size=4, canvas=16),
+    "digits32": dict(input_size=32, in_channels=1, patch_size=8, canvas=32),
+    "mosaic": dict(input_size=32, in_channels=4, patch_size=8, canvas=64),
 }
 
 

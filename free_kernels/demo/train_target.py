@@ -1,10 +1,10 @@
 """Train the demo DiT on MNIST digits (the script that made ``assets/demo_dit.safetensors``).
 
     python -m free_kernels.demo.train_target --out runs/demo_dit --steps 4000
-    python -m free_kernels.demo.train_target --dataset mosaic --out runs/mosaic_dit --steps 6000
+    python -m free_kernels.demo.train_target --dataset mosaic --out runs/mosaic_dit --steps 12000
 
 ``--dataset`` picks the rung of the digit family (``free_kernels.demo.data.DATASETS``):
-digits16 (D = 256, the embedded demo), digits32 (D = 1024), mosaic (D = 4096, 4 x 32 x 32).
+digits16 (D = 256, the embedded demo), digits32 (D = 1024), mosaic (D = 4096, 4 x 32 x 32), each at 16 tokens.
 
 Resumable: ``--out`` holds ``state.pt`` (model, EMA, optimiser, step, RNG);
 running the same command again continues where it stopped.  The final EMA
@@ -74,7 +74,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     remove_stale_tmp(args.out)
     spec = dataset_spec(args.dataset)
-    cfg = dict(DEMO_CONFIG, input_size=spec["input_size"], in_channels=spec["in_channels"])
+    cfg = dict(DEMO_CONFIG, input_size=spec["input_size"], in_channels=spec["in_channels"],
+               patch_size=spec["patch_size"])
     if args.config:
         cfg.update(json.loads(args.config))
     if (cfg["input_size"], cfg["in_channels"]) != (spec["input_size"], spec["in_channels"]):
