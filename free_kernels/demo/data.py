@@ -73,8 +73,12 @@ def load_mnist(path: Optional[str] = None, size: int = 32) -> Tuple[torch.Tensor
 DATASETS = {
     "digits16": dict(input_size=16, in_channels=1, patch_size=4, canvas=16),
     "digits32": dict(input_size=32, in_channels=1, patch_size=8, canvas=32),
-    "mosaic": dict(input_size=32, in_channels=4, patch_size=8, canvas=64),
+    "mosaic": dict(input_size=32, in_channels=4, patch_size=8, canvas=64, hidden_size=256, depth=4),
 }
+# The mosaic's tokens carry p * p * C = 256 values each: at the demo's width (128) the eps prediction
+# cannot pass them through (measured: loss stuck at 0.54, eps MSE ~0.5 at every timestep), so that
+# rung is 256 wide and 4 deep (about the training cost of 64 tokens at width 128 per step).
+MODEL_KEYS = ("input_size", "in_channels", "patch_size", "hidden_size", "depth")
 
 
 def dataset_spec(name: str) -> dict:

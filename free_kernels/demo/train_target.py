@@ -25,7 +25,7 @@ from .._checks import FileProblem, atomic_torch_save, atomic_write_json, remove_
 from ..diffusion import create_diffusion
 from ..models.dit import DiT
 from . import DEMO_CONFIG
-from .data import DATASETS, DigitFamily, dataset_spec
+from .data import DATASETS, MODEL_KEYS, DigitFamily, dataset_spec
 
 
 def parse_args(argv=None):
@@ -74,8 +74,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     remove_stale_tmp(args.out)
     spec = dataset_spec(args.dataset)
-    cfg = dict(DEMO_CONFIG, input_size=spec["input_size"], in_channels=spec["in_channels"],
-               patch_size=spec["patch_size"])
+    cfg = dict(DEMO_CONFIG, **{k: spec[k] for k in MODEL_KEYS if k in spec})
     if args.config:
         cfg.update(json.loads(args.config))
     if (cfg["input_size"], cfg["in_channels"]) != (spec["input_size"], spec["in_channels"]):
