@@ -1,6 +1,7 @@
 """free-sample: sample a grid with the baseline ancestral sampler and with exact FREE, and compare.
 
     free-sample                                     # embedded demo DiT + its drafter, labels 0..3, batch 1
+    free-sample --demo mosaic                       # the D = 4096 demo (4x32x32, 64x64 canvases of four digits)
     free-sample --num-samples 10 --batch-size 10    # the batched case
     free-sample --labels 3,1,4 --steps 100 --relax 0.5 --json run.json
     free-sample --target DiT-XL-2-256x256.pt --model DiT-XL/2 --image-size 256 \\
@@ -118,6 +119,7 @@ from .common import (
     check_labels, check_nonnegative, check_positive, derive_seed, drafter_file, initial_noise,
     is_demo, json_beside, parse_labels, resolve_device, sample_baseline, target_file, uses_cfg,
 )
+from ..demo import DEMOS, demo_assets
 from .common import load_drafter as common_load_drafter
 from .common import load_target as common_load_target
 
@@ -164,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None,
                    help="target DiT: our .safetensors (+ .json config beside it) or an official .pt/.safetensors "
                         "with --model and --image-size (default, or 'demo': the embedded demo DiT)")
+    p.add_argument("--demo", default="digits", choices=sorted(DEMOS),
+                   help="the embedded demo used without --target: digits (16x16, D = 256; default) or mosaic "
+                        "(64x64 canvases of four instances of one digit, fed as 4x32x32: D = 4096)")
     p.add_argument("--model", default=None, help="DiT config name for official checkpoints, e.g. DiT-XL/2")
     p.add_argument("--image-size", type=int, default=256,
                    help="image size of an official checkpoint (latent = size / 8; default 256)")
@@ -187,24 +192,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def target_path(args) -> str:
-    """The target's file (the embedded demo DiT's without --target)."""
-    return target_file(args.target)
+    """The target's file (the ``--demo`` DiT's without --target)."""
+    return demo_assets(args.demo)[1] if is_demo(args.target) else target_file(args.target)
 
 
 def drafter_path(args):
-    """The drafter's .safetensors path, or None for the frozen drafter (default: the demo drafter with the demo target)."""
+    """The drafter's .safetensors path, or None for the frozen drafter (default: the demo's drafter with its target)."""
+    if args.drafter is None and is_demo(args.target):
+        return demo_assets(args.demo)[2]
     return drafter_file(args.drafter, demo_target=is_demo(args.target))
+
+
+def demo_dataset(args) -> Optional[str]:
+    """The digit family of the samples (their display and the classifier's view), or None for other targets."""
+    return demo_assets(args.demo)[0] if is_demo(args.target) else None
 
 
 def load_target(args, device):
     """(target, its file): :func:`free_kernels.cli.common.load_target` with this tool's options."""
-    return common_load_target(args.target, device, model=args.model, image_size=args.image_size,
+    return common_load_target(target_path(args), device, model=args.model, image_size=args.image_size,
                               num_classes=args.num_classes)
 
 
 def load_drafter(args, target, device, default_demo: bool):
     """(drafter, its path or 'frozen', the 'extra' training record saved with it or {})."""
-    return common_load_drafter(args.drafter, target, device, demo_target=default_demo)
+    return common_load_drafter(drafter_path(args) or "frozen", target, device, demo_target=default_demo)
 
 
 def _sync(dev: torch.device):
@@ -278,8 +290,11 @@ def warm_up(target, drafter, diffusion, noise, y, *, cfg_scale, guidance_channel
 
 
 # ------------------------------------------------------------------ quality
-def quality_metric():
-    """(callable samples, labels -> (accuracy, detail), None) or (None, why it is unavailable)."""
+def quality_metric(dataset: str = "digits16"):
+    """(callable samples, labels -> (accuracy, detail), None) or (None, why it is unavailable).
+
+    The classifier reads 16x16 digits: every digit of a sample of ``dataset`` is classified
+    (:func:`free_kernels.demo.data.digit_tiles`; a mosaic shows four, each with its sample's label)."""
     try:
         from ..demo import metrics
     except ImportError as e:
@@ -298,8 +313,11 @@ def quality_metric():
     except Exception as e:  # optional add-on: any failure only skips the column
         return None, f"digit classifier unavailable: {e}"
 
+    from ..demo.data import digit_tiles
+
     def measure(samples, labels):
-        res = dq(samples.detach().float().cpu(), labels.detach().cpu(), clf)
+        tiles = digit_tiles(samples.detach().float().cpu(), dataset)
+        res = dq(tiles, labels.detach().cpu().repeat_interleave(tiles.shape[0] // max(samples.shape[0], 1)), clf)
         if isinstance(res, dict):
             acc = res.get("accuracy", res.get("acc"))
             detail = _jsonable(res)
@@ -443,6 +461,10 @@ def check_outputs(args) -> None:
     """Output paths checked before anything is loaded: extension, not a model file, writable directory."""
     from .._checks import FileProblem, check_output_path, remove_stale_tmp
 
+    if is_demo(args.target):
+        if not os.path.isfile(target_path(args)):
+            raise UsageError(f"--demo {args.demo}: {target_path(args)!r} not found (the package was installed "
+                             f"without it)")
     inputs = [target_path(args), json_beside(target_path(args))]
     dp = drafter_path(args)
     if dp:
@@ -551,7 +573,7 @@ def _run(args, argv) -> dict:
 
     measure_quality, quality_note = (None, None)
     if args.quality:
-        measure_quality, quality_note = quality_metric()
+        measure_quality, quality_note = quality_metric(demo_dataset(args) or "digits16")
         if measure_quality is None:
             warn(f"--quality skipped: {quality_note}")
 
@@ -634,6 +656,12 @@ def _run(args, argv) -> dict:
                 break
 
     columns = min(n, 10)
+    dataset = demo_dataset(args)
+    if dataset is not None:  # the demo's pictures (a mosaic: 4x32x32 -> its 64x64 canvas)
+        from ..demo.data import to_canvas
+
+        samples = {k: to_canvas(v, dataset) for k, v in samples.items()}
+        C = 1
     try:
         grid_rows = write_grid(samples, args.out, columns)
     except OSError as e:

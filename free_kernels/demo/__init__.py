@@ -21,16 +21,26 @@ MOSAIC_DRAFTER_FILE = os.path.join(ASSETS, "mosaic_drafter.safetensors")
 #   mosaic  64x64 canvases of four instances of one digit, fed as 4x32x32 (DiT-XL/2-256's latent shape), 64 tokens,
 #           D = 4096
 DEMOS = {
-    "digits": ("digits16", TARGET_FILE, DRAFTER_FILE),
-    "mosaic": ("mosaic", MOSAIC_TARGET_FILE, MOSAIC_DRAFTER_FILE),
+    "digits": ("digits16", "TARGET_FILE", "DRAFTER_FILE"),
+    "mosaic": ("mosaic", "MOSAIC_TARGET_FILE", "MOSAIC_DRAFTER_FILE"),
 }
+
+
+def demo_assets(name: str):
+    """(dataset, target file, drafter file) of the embedded demo ``name`` (a key of ``DEMOS``)."""
+    if name not in DEMOS:
+        raise ValueError(f"unknown demo {name!r}; choose one of {', '.join(DEMOS)}")
+    dataset, target, drafter = DEMOS[name]
+    return dataset, globals()[target], globals()[drafter]
 
 
 def demo_files(name: str):
     """(target, drafter) files of the embedded demo or ladder rung ``name`` when they ship, else None."""
-    for demo, (dataset, target, drafter) in DEMOS.items():
-        if name in (demo, dataset) and os.path.isfile(target) and os.path.isfile(drafter):
-            return target, drafter
+    for demo, (dataset, _, _) in DEMOS.items():
+        if name in (demo, dataset):
+            _, target, drafter = demo_assets(demo)
+            if os.path.isfile(target) and os.path.isfile(drafter):
+                return target, drafter
     return None
 
 # the demo DiT: 16x16 single-channel digits, patch 4 -> 16 tokens (sized for 2-core CPU training)
@@ -67,9 +77,7 @@ def load_demo(name: str = "digits", device="cpu"):
     from ..models.drafter import FeatureDrafter
     from .data import to_canvas
 
-    if name not in DEMOS:
-        raise ValueError(f"unknown demo {name!r}; choose one of {', '.join(DEMOS)}")
-    dataset, target_file, drafter_file = DEMOS[name]
+    dataset, target_file, drafter_file = demo_assets(name)
     for f in (target_file, drafter_file):
         if not os.path.isfile(f):
             raise FileNotFoundError(f"demo {name!r}: {f!r} not found (the package was installed without its assets)")
