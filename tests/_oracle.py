@@ -1,7 +1,7 @@
 """Independent float64 oracles for the foundation tests.
 
-Written from the formulas in docs/dit-reference.md only (not from the package
-code): the linear schedule, respacing, ONE reverse step of the ancestral
+Written from the formulas stated in docs/official-behaviour.md only (not from
+the package code): the linear schedule, respacing, ONE reverse step of the ancestral
 (learned-range / fixed-large / fixed-small variance) and DDIM samplers, and a
 plain forward pass of a DiT from its state dict.  Everything is float64 and
 deliberately unoptimised so that it is easy to check by eye.
@@ -224,7 +224,7 @@ def _lin(sd, name, x):
 
 
 def dit_forward(sd: Dict[str, torch.Tensor], x, t, y, *, patch: int, heads: int, depth: int) -> torch.Tensor:
-    """Plain float64 DiT forward from an official-layout state dict (docs/dit-reference.md)."""
+    """Plain float64 DiT forward from an official-layout state dict (docs/official-behaviour.md, 'Model forward')."""
     sd = {k: v.detach().to(F64) for k, v in sd.items()}
     x = x.to(F64)
     B, C, S, _ = x.shape
@@ -272,7 +272,7 @@ def dit_forward(sd: Dict[str, torch.Tensor], x, t, y, *, patch: int, heads: int,
 
 def expected_dit_keys(depth: int, hidden: int, patch: int, *, in_ch: int = 4, out_ch: int = 8,
                       num_classes: int = 1000, tokens: int = 256, null_row: bool = True) -> Dict[str, tuple]:
-    """The official checkpoint's key -> shape table (docs/dit-reference.md, 'Official checkpoint keys')."""
+    """The official checkpoint's key -> shape table (docs/official-behaviour.md, 'Checkpoint keys')."""
     H = hidden
     p = patch
     table = {

@@ -1,7 +1,8 @@
 """Foundation tests of the diffusion schedule and the baseline samplers.
 
 Every numeric expectation comes from ``tests/_oracle.py`` (float64, written
-from docs/dit-reference.md) or from constants computed by hand here.  The
+from docs/official-behaviour.md, "Diffusion and sampler") or from constants
+computed by hand here.  The
 package computes per-row constants in float32 (as the official sampler does),
 so comparisons against the float64 oracle use fp32-rounding tolerances.
 """

@@ -1,8 +1,9 @@
 """Foundation tests of the DiT target model: configs, checkpoint layout, forward semantics, CFG.
 
-Expected values come from docs/dit-reference.md via ``tests/_oracle.py`` (the
-official key -> shape table, a float64 forward pass, the sin-cos tables) or
-from hand computations in the test.
+Expected values come from docs/official-behaviour.md ("Model configurations",
+"Checkpoint keys", "Model forward", "Classifier-free guidance") via
+``tests/_oracle.py`` (the official key -> shape table, a float64 forward pass,
+the sin-cos tables) or from hand computations in the test.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from free_kernels.models.dit import (  # noqa: E402
     timestep_embedding,
 )
 
-# docs/dit-reference.md, "Model": name -> (depth, hidden, heads, head dim)
+# docs/official-behaviour.md, "Model configurations": name -> (depth, hidden, heads, head dim)
 DOC_CONFIGS = {"S": (12, 384, 6, 64), "B": (12, 768, 12, 64), "L": (24, 1024, 16, 64), "XL": (28, 1152, 16, 72)}
 ALL_NAMES = [f"DiT-{s}/{p}" for s in DOC_CONFIGS for p in (2, 4, 8)]
 
