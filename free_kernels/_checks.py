@@ -88,7 +88,8 @@ def atomic_write(path: str, write, *, binary: bool = True) -> None:
     """Write ``path`` atomically: ``write(f)`` fills a temp file beside it, then fsync and os.replace.
 
     Readers see the old file or the complete new one, never a partial one.  An
-    ordinary error removes the temp file; a kill leaves it (a hidden
+    ordinary error or an interrupt (``KeyboardInterrupt``: Ctrl-C, or a signal a tool
+    turns into one) removes the temp file; a kill leaves it (a hidden
     ``.NAME.PID.tmp``) for :func:`remove_stale_tmp` to clean up on resume.
     """
     tmp = tmp_path_for(path)
@@ -98,7 +99,7 @@ def atomic_write(path: str, write, *, binary: bool = True) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except Exception:
+    except (Exception, KeyboardInterrupt):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise

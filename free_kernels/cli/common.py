@@ -47,6 +47,14 @@ The baseline
     :func:`check_cfg_scale` refuses scales below 1, as ``sample_ddp.py`` does,
     so that no tool silently ignores a scale it cannot honour.
 
+Interruption
+    :func:`interruptible` makes SIGTERM and SIGHUP end a run the way Ctrl-C (SIGINT) does, by an
+    :class:`Interrupted` exception (a ``KeyboardInterrupt``) that unwinds through the atomic writes (a
+    temporary file being written is removed); a second signal while unwinding is ignored.  Each tool's
+    entry point turns it into one line and the exit status 128 + the signal
+    number (130 for Ctrl-C) with :func:`interrupt_signal`, which also recognises an interrupt that a
+    library turned into its own error (``torch.save`` does).
+
 Seeding
     Every tool keeps its own documented seed policy (changing one would change
     the samples a seed gives, and ``python/sample_ddp.py`` must re-create the
@@ -60,9 +68,11 @@ Seeding
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from typing import List, Optional, Sequence, Tuple
+import signal
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -83,6 +93,7 @@ __all__ = [
     "NOISE_STREAM", "BASELINE_STREAM", "BASELINE_UNCOND_STREAM", "FREE_STREAM",
     "FileProblem", "atomic_write", "atomic_write_json", "check_output_path", "check_writable_dir", "file_sha256",
     "read_json_file", "remove_stale_tmp",
+    "Interrupted", "interruptible", "interrupt_signal", "file_states", "changed_files",
 ]
 
 
@@ -99,6 +110,77 @@ def first_line(e: BaseException) -> str:
 def json_beside(path: str) -> str:
     """The ``.json`` config that belongs to a ``.safetensors`` file (``x.safetensors`` -> ``x.json``)."""
     return path[: -len(".safetensors")] + ".json" if path.endswith(".safetensors") else path + ".json"
+
+
+# ------------------------------------------------------------------ interruption
+class Interrupted(KeyboardInterrupt):
+    """A run ended by a signal (SIGINT, SIGTERM, SIGHUP): ``signum`` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = int(signum)
+
+
+INTERRUPT_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+@contextlib.contextmanager
+def interruptible():
+    """SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread (the first one only; the
+    clean-up it starts is not interrupted again); the previous handlers are restored on exit."""
+    fired: List[int] = []
+
+    def handler(signum, frame):
+        if fired:
+            return
+        fired.append(signum)
+        raise Interrupted(signum)
+
+    previous = {}
+    for sig in INTERRUPT_SIGNALS:
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except (ValueError, OSError):  # not the main thread: the default behaviour stays
+            pass
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def interrupt_signal(e: BaseException) -> Optional[int]:
+    """The signal number when ``e``, or an exception it arose from, is an interrupt (a bare
+    ``KeyboardInterrupt`` counts as SIGINT); None for any other error."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, Interrupted):
+            return e.signum
+        if isinstance(e, KeyboardInterrupt):
+            return int(signal.SIGINT)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def file_states(paths: Iterable[Optional[str]]) -> Dict[str, Optional[tuple]]:
+    """{path: (inode, size, mtime) or None when absent}: what :func:`changed_files` compares with later."""
+    out: Dict[str, Optional[tuple]] = {}
+    for p in paths:
+        if not p:
+            continue
+        try:
+            st = os.stat(p)
+            out[p] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            out[p] = None
+    return out
+
+
+def changed_files(before: Dict[str, Optional[tuple]]) -> List[str]:
+    """The paths of ``before`` (:func:`file_states`) that were written, replaced or deleted since."""
+    now = file_states(before)
+    return [p for p in before if now[p] != before[p]]
 
 
 # ------------------------------------------------------------------ argument checks

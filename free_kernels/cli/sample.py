@@ -682,8 +682,25 @@ def _run(args, argv) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point (``free-sample``): 0 on success; option errors exit with status 2."""
-    run(argv)
+    """Console entry point (``free-sample``): 0 on success; option errors exit with status 2; SIGINT, SIGTERM
+    or SIGHUP end the run with one line (what was written, if anything) and status 128 + the signal number."""
+    from .common import changed_files, file_states, interrupt_signal, interruptible
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)  # option errors exit here, as in run()
+    before = file_states([args.out, None if args.json in (None, "-") else args.json])
+    try:
+        with interruptible():
+            run(argv)
+    except BaseException as e:
+        signum = interrupt_signal(e)
+        if signum is None:
+            raise
+        written = changed_files(before)
+        sys.stdout.flush()
+        print(f"free-sample: interrupted; {'wrote only ' + ', '.join(written) if written else 'nothing written'}",
+              file=sys.stderr, flush=True)
+        return 128 + signum
     return 0
 
 

@@ -723,14 +723,34 @@ def run(argv=None) -> dict:
 
 
 def main(argv=None) -> int:
-    """Console entry point (``free-train-drafter``): 0 on success, 2 with one line on stderr for a problem."""
+    """Console entry point (``free-train-drafter``): 0 on success, 2 with one line on stderr for a problem;
+    SIGINT, SIGTERM or SIGHUP end the run with one line (how to resume, when a checkpoint or cache was
+    written) and status 128 + the signal number."""
+    import shlex
     import sys
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)  # option errors exit here, as in run()
+    out = args.out
+    before = common.file_states([args.cache] + [os.path.join(out, f) for f in (
+        "state.pt", "drafter.safetensors", "drafter.json", "report.json")])
     try:
-        run(argv)
+        with common.interruptible():
+            run(argv)
     except (TrainError, FileProblem) as e:
         print(f"free-train-drafter: error: {e}", file=sys.stderr)
         return 2
+    except BaseException as e:
+        signum = common.interrupt_signal(e)
+        if signum is None:
+            raise
+        sys.stdout.flush()
+        if common.changed_files(before):  # a checkpoint or the cache: the same command continues from it
+            print(f"free-train-drafter: interrupted; resume with: free-train-drafter {shlex.join(argv)}",
+                  file=sys.stderr, flush=True)
+        else:
+            print("free-train-drafter: interrupted; nothing written", file=sys.stderr, flush=True)
+        return 128 + signum
     return 0
 
 
