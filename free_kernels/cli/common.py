@@ -77,6 +77,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .._checks import MAX_CFG_SCALE, cfg_scale_problem
 from .._checks import (  # noqa: F401  (re-exported: the file-safety helpers of every tool)
     FileProblem, atomic_write, atomic_write_json, check_output_path, check_writable_dir, file_sha256,
     read_json_file, remove_stale_tmp,
@@ -84,7 +85,8 @@ from .._checks import (  # noqa: F401  (re-exported: the file-safety helpers of 
 
 __all__ = [
     "UsageError", "first_line", "json_beside",
-    "resolve_device", "check_positive", "check_nonnegative", "check_finite", "check_cfg_scale",
+    "resolve_device", "check_positive", "check_nonnegative", "check_finite", "check_cfg_scale", "MAX_CFG_SCALE",
+    "check_seed", "MAX_SEED", "check_threads", "available_cores",
     "check_image_size", "parse_labels", "check_labels", "check_draft_length", "cap_draft_length",
     "is_demo", "target_file", "load_target", "load_target_file", "load_official_checkpoint",
     "drafter_file", "load_drafter",
@@ -229,11 +231,44 @@ def check_finite(value, option: str, *, minimum: Optional[float] = None, above: 
 
 
 def check_cfg_scale(value, option: str = "--cfg-scale") -> float:
-    """A finite CFG scale >= 1 (the official ``sample_ddp.py`` asserts it; guidance is on above 1)."""
-    if not (isinstance(value, (int, float, np.floating, np.integer)) and math.isfinite(value) and value >= 1.0):
-        raise UsageError(f"{option} must be a finite number >= 1 (1: no guidance; the official scripts guide "
-                         f"above 1), got {value}")
+    """A finite CFG scale in 1 .. :data:`MAX_CFG_SCALE` (the official ``sample_ddp.py`` asserts >= 1; guidance
+    is on above 1; far larger scales overflow float32)."""
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    why = cfg_scale_problem(value)
+    if why is not None:
+        raise UsageError(f"{option} {why}")
     return float(value)
+
+
+MAX_SEED = 2 ** 32 - 1
+
+
+def check_seed(value, option: str = "--seed") -> int:
+    """An int in 0 .. 2**32 - 1: every tool's seeds are 32-bit words, and a larger or negative seed would be
+    folded onto one of them (the same samples as another seed)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= MAX_SEED:
+        raise UsageError(f"{option} must be an integer in 0 .. {MAX_SEED}, got {value!r}")
+    return int(value)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_threads(value, option: str = "--threads") -> int:
+    """0 (the tool's automatic choice) or 1 .. the CPU cores available: more threads than cores only wait on
+    each other (at hundreds a run, its calibration included, does not finish)."""
+    check_nonnegative(value, option)
+    cores = available_cores()
+    if value > cores:
+        raise UsageError(f"{option} {value}: this machine gives the process {cores} CPU core(s); use 0 (automatic) "
+                         f"or 1 .. {cores}")
+    return int(value)
 
 
 def check_image_size(value, option: str = "--image-size") -> int:
@@ -345,7 +380,7 @@ def load_target_file(path: str, device="cpu", *, option: str = "--target") -> to
     """
     from .._checks import safe_load_safetensors
     from ..demo import DEMO_CONFIG
-    from ..models.dit import DiT, load_state_dict_strict
+    from ..models.dit import DiT, config_problem, load_state_dict_strict
 
     if not os.path.isfile(path):
         raise UsageError(f"{option} {path!r} not found")
@@ -360,7 +395,10 @@ def load_target_file(path: str, device="cpu", *, option: str = "--target") -> to
             cfg.update(doc.get("config", {}))
     except FileProblem as e:
         raise UsageError(str(e)) from None
+    why = config_problem(cfg, state)  # before building: a config claiming huge sizes allocates nothing
     try:
+        if why is not None:
+            raise ValueError(why)
         net = DiT(**cfg)
         load_state_dict_strict(net, state)
     except (TypeError, ValueError, RuntimeError) as e:

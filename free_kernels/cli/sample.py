@@ -115,7 +115,8 @@ import torch
 
 from .common import (
     FREE_STREAM, UsageError, baseline_generators, check_cfg_scale, check_draft_length, check_finite,
-    check_labels, check_nonnegative, check_positive, derive_seed, drafter_file, initial_noise,
+    check_labels, check_nonnegative, check_positive, check_seed, check_threads, derive_seed, drafter_file,
+    initial_noise,
     is_demo, json_beside, parse_labels, resolve_device, sample_baseline, target_file, uses_cfg,
 )
 from .common import load_drafter as common_load_drafter
@@ -432,7 +433,8 @@ def _resolve(args):
     check_nonnegative(args.compare_length, "--compare-length")
     check_positive(args.batch_size, "--batch-size")
     check_finite(args.relax, "--relax", minimum=0)
-    check_nonnegative(args.threads, "--threads")
+    check_threads(args.threads, "--threads")
+    check_seed(args.seed, "--seed")
     if args.cfg_scale is not None:
         check_cfg_scale(args.cfg_scale)
     check_outputs(args)
