@@ -86,7 +86,7 @@ from .._checks import (  # noqa: F401  (re-exported: the file-safety helpers of 
 __all__ = [
     "UsageError", "first_line", "json_beside",
     "resolve_device", "check_positive", "check_nonnegative", "check_finite", "check_cfg_scale", "MAX_CFG_SCALE",
-    "check_seed", "MAX_SEED", "check_threads", "available_cores",
+    "check_seed", "MAX_SEED", "check_threads", "available_cores", "check_backend_environment",
     "check_image_size", "parse_labels", "check_labels", "check_draft_length", "cap_draft_length",
     "is_demo", "target_file", "load_target", "load_target_file", "load_official_checkpoint",
     "drafter_file", "load_drafter",
@@ -239,6 +239,17 @@ def check_cfg_scale(value, option: str = "--cfg-scale") -> float:
     if why is not None:
         raise UsageError(f"{option} {why}")
     return float(value)
+
+
+def check_backend_environment() -> None:
+    """The ``FREE_KERNELS_BACKEND*`` variables, before anything is loaded: a bad per-op variable is a
+    :class:`UsageError` naming it; an ignored global value is a one-line warning (``free_kernels.ops``)."""
+    from ..ops import check_environment
+
+    try:
+        check_environment()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 MAX_SEED = 2 ** 32 - 1

@@ -114,10 +114,10 @@ import numpy as np
 import torch
 
 from .common import (
-    FREE_STREAM, UsageError, baseline_generators, check_cfg_scale, check_draft_length, check_finite,
-    check_labels, check_nonnegative, check_positive, check_seed, check_threads, derive_seed, drafter_file,
-    initial_noise,
-    is_demo, json_beside, parse_labels, resolve_device, sample_baseline, target_file, uses_cfg,
+    FREE_STREAM, UsageError, baseline_generators, check_backend_environment, check_cfg_scale, check_draft_length,
+    check_finite, check_labels, check_nonnegative, check_positive, check_seed, check_threads, derive_seed,
+    drafter_file, initial_noise, is_demo, json_beside, parse_labels, resolve_device, sample_baseline, target_file,
+    uses_cfg,
 )
 from .common import load_drafter as common_load_drafter
 from .common import load_target as common_load_target
@@ -435,6 +435,7 @@ def _resolve(args):
     check_finite(args.relax, "--relax", minimum=0)
     check_threads(args.threads, "--threads")
     check_seed(args.seed, "--seed")
+    check_backend_environment()
     if args.cfg_scale is not None:
         check_cfg_scale(args.cfg_scale)
     check_outputs(args)

@@ -399,6 +399,7 @@ def _validate_args(args) -> None:
     args.draft_length = common.check_draft_length(args.draft_length, allow_auto=False)
     common.check_threads(args.threads, "--threads")
     common.check_seed(args.seed, "--seed")
+    common.check_backend_environment()
     common.check_finite(args.lr, "--lr", above=0)
     if not (common.check_finite(args.mlp_ratio, "--mlp-ratio", above=0) <= MAX_MLP_RATIO):
         raise common.UsageError(f"--mlp-ratio must be in (0, {MAX_MLP_RATIO:g}] (the MLP's hidden width / the "
