@@ -27,8 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _env(tmp_path):
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", FREE_KERNELS_CACHE=str(tmp_path / "cache"),
-               PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               FREE_KERNELS_CACHE=str(tmp_path / "cache"), PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
     return env
 
 
@@ -90,7 +90,8 @@ def test_free_train_drafter_interrupted_while_training_says_how_to_resume(tmp_pa
     assert rc == 130, stderr[-3000:]
     assert "Traceback" not in stderr
     lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("free-train-drafter: interrupted; resume with: free-train-drafter "), lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("free-train-drafter: interrupted; resume with: free-train-drafter "), lines
     assert "--train-steps 100000" in lines[0]
     assert tmp_files(str(run)) == []
     st = torch.load(run / "state.pt", weights_only=True)  # the last checkpoint is complete

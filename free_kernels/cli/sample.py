@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help='comma-separated class labels, e.g. "3,1,4"')
     p.add_argument("--steps", default="250", help='timestep respacing, e.g. "250", "100" (default 250)')
     p.add_argument("--cfg-scale", type=float, default=None,
-                   help="classifier-free guidance scale, >= 1; guidance is on above 1, as in the official scripts "
+                   help="classifier-free guidance scale, 1 .. 1000; guidance is on above 1, as in the official scripts "
                         "(default: the drafter's training setting, else 1.0)")
     p.add_argument("--guidance-channels", type=int, choices=(3, 4), default=None,
                    help="channels CFG guides: 3 (official DiT) or 4 (diffusers); default: the drafter's setting, "
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. --batch-size 10 for the batched case)")
     p.add_argument("--relax", type=float, default=0.0, metavar="STRENGTH",
                    help="also run FREE (relax, APPROXIMATE) with this strength; 0 = off (default)")
-    p.add_argument("--seed", type=int, default=0, help="seed of x_T and of both samplers' noise (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of x_T and of both samplers' noise, 0 .. 4294967295 (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--target", default=None,
                    help="target DiT: our .safetensors (+ .json config beside it) or an official .pt/.safetensors "
@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality", action="store_true",
                    help="add the demo digit classifier's accuracy per method (needs free_kernels.demo.metrics)")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads of every method; 0 (default) = each method at its best: the baseline at "
+                   help="torch CPU threads of every method, at most the CPU cores available; 0 (default) = each method "
+                        "at its best: the baseline at "
                         f"1 thread for small targets (< {_SMALL_TARGET_PARAMS // 10**6}M parameters) and again at "
                         "torch's default for comparison, FREE at torch's default with its planner choosing 1 thread "
                         "or all per round from measured round times")

@@ -363,7 +363,7 @@ def parse_args(argv=None):
     p.add_argument("--depth", type=int, default=1)
     p.add_argument("--mlp-ratio", type=float, default=DEFAULT_MLP_RATIO,
                    help=f"hidden width of the drafter block's MLP / the target's width (default {DEFAULT_MLP_RATIO:g}, "
-                        "the DiT block's; smaller: a cheaper draft step)")
+                        "the DiT block's; at most 16; smaller: a cheaper draft step)")
     p.add_argument("--loss", choices=LOSSES, default="kl+feature")
     p.add_argument("--feature-weight", type=float, default=1.0)
     p.add_argument("--unroll", type=int, default=4)

@@ -397,7 +397,7 @@ class FeatureDrafter(nn.Module):
         fuse = state.get("fuse.weight")
         hidden = int(fuse.shape[0]) if fuse is not None and fuse.dim() == 2 else None
         why = None
-        if hidden is not None:  # sizes against the weights before building: a config claiming huge ones allocates nothing
+        if hidden is not None:  # sizes against the weights before building: huge claimed ones allocate nothing
             why = (f"hidden_size {cfg.get('hidden_size')!r}, but the weights have {hidden}"
                    if cfg.get("hidden_size") != hidden else blocks_config_problem(cfg, state, hidden))
         if why is not None:
