@@ -364,7 +364,7 @@ def test_environment_problems_name_each_variable(fresh_warnings, monkeypatch):
     assert any("FREE_KERNELS_BACKEND_VERIFY_ATENTION names no op" in e for e in errors)
     assert any("FREE_KERNELS_BACKEND_BIAS_GELU=cpu: bias_gelu has no cpu backend" in e for e in errors)
     with pytest.raises(common.UsageError, match="FREE_KERNELS_BACKEND_"):
-        common.check_backend_environment()
+        _backend_warnings(common.check_backend_environment)
     monkeypatch.delenv("FREE_KERNELS_BACKEND_VERIFY_ATENTION")
     monkeypatch.delenv("FREE_KERNELS_BACKEND_BIAS_GELU")
     monkeypatch.setattr(_dispatch, "_WARNED", set())
