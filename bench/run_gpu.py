@@ -22,7 +22,12 @@ from ONE command whatever fails inside it:
 * ``DIR/summary.json`` (per step: status ok / failed / killed / skipped, seconds, exit code,
   key figures parsed from its output) is rewritten atomically after every step;
 * a failing or killed step never stops the rest; the exit code is 1 if any step did not pass;
-* the LAST thing printed is a compact summary table.
+* the LAST thing printed is a compact summary table;
+* SIGTERM, SIGINT and SIGHUP (a command time limit, Ctrl-C, a closed terminal) stop the run, not just
+  this process: the running step's whole group gets SIGTERM, then SIGKILL after ``--grace`` seconds,
+  the step is recorded as ``interrupted``, the steps not reached as ``skipped``, the scratch folder is
+  removed, the final summary (``"interrupted": "SIGTERM"``) and table are written, and the exit code is
+  128 + the signal number (143, 130, 129).  A second signal during that clean-up is ignored.
 
 Files written to DIR (at most 8, none in sub-folders, each at most 16 MiB): ``summary.json``,
 ``steps.log``, ``bench.json`` (the benchmarks' ``--json`` documents merged under their step
@@ -434,8 +439,9 @@ def dry_steps(args, scratch: str) -> List[Step]:
 
 # ----------------------------------------------------------------------------- runner
 class Runner:
-    def __init__(self, args):
+    def __init__(self, args, signals: Optional[List[int]] = None):
         self.args = args
+        self.signals = signals if signals is not None else []  # filled by _trap_signals' handler
         self.out = args.out
         self.t0 = time.monotonic()
         self.budget = float(args.budget)
@@ -448,6 +454,11 @@ class Runner:
         self.bench: Dict = {}
         self.log = open(self.log_path, "ab")
         self.log_bytes = self.log.tell()
+
+    @property
+    def stop(self) -> Optional[int]:
+        """The signal that interrupted the run, or None."""
+        return self.signals[0] if self.signals else None
 
     # -- console
     @staticmethod
@@ -469,6 +480,8 @@ class Runner:
         doc = dict(command=" ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]) if sys.argv else "",
                    budget_s=self.budget, elapsed_s=round(time.monotonic() - self.t0, 2), final=final,
                    dry_run=bool(self.args.dry_run), steps=self.results)
+        if self.stop is not None:
+            doc["interrupted"] = _signame(self.stop)
         self._atomic_json(self.summary_path, doc)
 
     def _log_write(self, data: bytes) -> None:
@@ -483,6 +496,8 @@ class Runner:
     # -- one step
     def run_step(self, step: Step) -> Dict:
         res = dict(step=step.name, status="skipped", seconds=0.0, rc=None, figures={})
+        if self.stop is not None:
+            step.skip = f"run_gpu interrupted by {_signame(self.stop)}"
         if step.skip:
             res["reason"] = step.skip
             self.say(f"[{step.name}] skipped: {step.skip}")
@@ -520,12 +535,21 @@ class Runner:
                      console_match=0, last_lines=[], text=[], text_len=0, partial=b"")
         reader = threading.Thread(target=self._pump, args=(proc, step, state), daemon=True)
         reader.start()
-        killed = False
-        try:
-            proc.wait(timeout=max(0.1, allowed))
-        except subprocess.TimeoutExpired:
-            killed = True
-            self._kill_group(proc, step.name)
+        killed = interrupted = False
+        deadline = t0 + max(0.1, allowed)
+        while True:  # in slices, so that a signal to this process is acted on within a fraction of a second
+            if self.stop is not None:
+                interrupted = True
+                self._kill_group(proc, step.name, f"interrupted by {_signame(self.stop)}")
+                break
+            try:
+                proc.wait(timeout=max(0.01, min(0.2, deadline - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    killed = True
+                    self._kill_group(proc, step.name, "deadline reached")
+                    break
         # leftovers of the group (children of a finished step) must not keep the pipe open
         self._signal_group(proc.pid, signal.SIGKILL)
         reader.join(timeout=self.grace + 2)
@@ -533,7 +557,10 @@ class Runner:
         dt = time.monotonic() - t0
         text = b"".join(state["text"]).decode("utf-8", "replace")
         res.update(seconds=round(dt, 2), rc=proc.returncode)
-        if killed:
+        if interrupted:
+            res["status"] = "interrupted"
+            res["reason"] = f"run_gpu interrupted by {_signame(self.stop)}"
+        elif killed:
             res["status"] = "killed"
             res["reason"] = f"deadline {allowed:.0f} s"
         else:
@@ -637,9 +664,9 @@ class Runner:
         except (ProcessLookupError, PermissionError):
             return False
 
-    def _kill_group(self, proc, name: str) -> None:
-        self.say(f"[{name}] deadline: SIGTERM to process group {proc.pid}")
-        self._log_write(f"\n[run_gpu: deadline reached, SIGTERM to process group {proc.pid}]\n".encode())
+    def _kill_group(self, proc, name: str, why: str) -> None:
+        self.say(f"[{name}] {why}: SIGTERM to process group {proc.pid}")
+        self._log_write(f"\n[run_gpu: {why}, SIGTERM to process group {proc.pid}]\n".encode())
         self._signal_group(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=self.grace)
@@ -653,6 +680,7 @@ class Runner:
 
     # -- all steps
     def run(self, steps: List[Step]) -> int:
+        """Run ``steps``; 0 if every step passed, 1 if one did not, 128 + N when signal N interrupted the run."""
         self.say(f"run_gpu: {len(steps)} steps, budget {self.budget:.0f} s, out {self.out}"
                  f"{' (dry run)' if self.args.dry_run else ''}")
         for st in steps:
@@ -666,7 +694,11 @@ class Runner:
         self.log.close()
         _cap_file(self.log_path, MAX_FILE_BYTES)
         self.write_summary(final=True)
+        if self.stop is not None:
+            self.say(f"run_gpu: interrupted by {_signame(self.stop)}; the running step's processes were killed")
         self.print_table()
+        if self.stop is not None:
+            return 128 + int(self.stop)
         return 0 if all(r["status"] in ("ok", "skipped") for r in self.results) else 1
 
     def print_table(self) -> None:
@@ -685,6 +717,32 @@ class Runner:
                      + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
                      + f"; files: {', '.join(sorted(os.listdir(self.out)))}")
         self.say("\n".join(lines))
+
+
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, n))
+
+
+def _trap_signals(box: List[int]) -> Dict:
+    """Handlers that record SIGTERM / SIGINT / SIGHUP in ``box`` (the first one counts) instead of ending the
+    process, so that the runner can kill its steps' groups and write its summary; returns the previous ones."""
+    def on_signal(signum, frame):
+        if not box:
+            box.append(signum)
+
+    previous = {}
+    for sig in STOP_SIGNALS:
+        try:
+            previous[sig] = signal.signal(sig, on_signal)
+        except (ValueError, OSError):  # not the main thread, or a platform without it
+            pass
+    return previous
+
+
+def _signame(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _fmt_figs(figs: Dict, width: int) -> str:
@@ -738,7 +796,24 @@ def main(argv=None) -> int:
         args.min_step = 0.5 if args.dry_run else 5.0
     args.out = os.path.abspath(args.out)
     os.makedirs(args.out, exist_ok=True)
+    signals: List[int] = []
+    previous = _trap_signals(signals)
+    try:
+        return _main(args, signals)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(args, signals: List[int]) -> int:
     scratch = tempfile.mkdtemp(prefix="run_gpu_")
+    try:
+        return _run_steps(args, signals, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_steps(args, signals: List[int], scratch: str) -> int:
     steps = (dry_steps if args.dry_run else gpu_steps)(args, scratch)
     only = [s for s in args.only.split(",") if s]
     skip = [s for s in args.skip.split(",") if s]
@@ -760,10 +835,7 @@ def main(argv=None) -> int:
         p = os.path.join(args.out, name)
         if os.path.exists(p):
             os.remove(p)
-    try:
-        return Runner(args).run(steps)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    return Runner(args, signals).run(steps)
 
 
 if __name__ == "__main__":

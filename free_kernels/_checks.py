@@ -1,8 +1,10 @@
 """Input validation shared by the public entry points: errors name the argument."""
 from __future__ import annotations
 
+import math
 import os
 import re
+from typing import Optional
 
 import torch
 
@@ -49,6 +51,21 @@ def check_tensor(name, t, *, dim=None, dtype=None, floating=None, device=None, s
     return t
 
 
+# Classifier-free guidance scales the tools take: 1 (no guidance) up to this; larger scales push the
+# guided prediction towards float32 overflow (NaN / Inf samples) long before they could mean anything
+MAX_CFG_SCALE = 1000.0
+
+
+def cfg_scale_problem(value) -> Optional[str]:
+    """Why ``value`` is not a CFG scale of the command-line tools (a finite number in 1 .. MAX_CFG_SCALE), or None."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+        1.0 <= value <= MAX_CFG_SCALE
+    if ok:
+        return None
+    return (f"must be a finite number in 1 .. {MAX_CFG_SCALE:g} (1: no guidance; the official scripts guide above "
+            f"1; larger scales overflow float32), got {value!r}")
+
+
 # ----------------------------------------------------------------------------- files
 # Helpers for the command-line tools: every write is atomic (temp file in the same
 # directory, fsync, os.replace), every read of a user-provided file is safe
@@ -88,7 +105,8 @@ def atomic_write(path: str, write, *, binary: bool = True) -> None:
     """Write ``path`` atomically: ``write(f)`` fills a temp file beside it, then fsync and os.replace.
 
     Readers see the old file or the complete new one, never a partial one.  An
-    ordinary error removes the temp file; a kill leaves it (a hidden
+    ordinary error or an interrupt (``KeyboardInterrupt``: Ctrl-C, or a signal a tool
+    turns into one) removes the temp file; a kill leaves it (a hidden
     ``.NAME.PID.tmp``) for :func:`remove_stale_tmp` to clean up on resume.
     """
     tmp = tmp_path_for(path)
@@ -98,7 +116,7 @@ def atomic_write(path: str, write, *, binary: bool = True) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except Exception:
+    except (Exception, KeyboardInterrupt):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
@@ -223,7 +241,8 @@ def safe_load_safetensors(path: str, what: str = "file", device="cpu"):
 
 
 def read_json_file(path: str, what: str = "file"):
-    """Parse a JSON file; a damaged file raises :class:`FileProblem` naming it."""
+    """Parse a JSON file; a damaged file (also one nested too deeply for the parser) raises
+    :class:`FileProblem` naming it."""
     import json
 
     try:
@@ -233,6 +252,10 @@ def read_json_file(path: str, what: str = "file"):
         raise FileProblem(f"{what} {path!r} not found") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise FileProblem(f"{what} {path!r} is damaged or not JSON ({e})") from None
+    except RecursionError:
+        raise FileProblem(f"{what} {path!r} is damaged or not JSON (nested too deeply to parse)") from None
+    except OSError as e:
+        raise FileProblem(f"{what} {path!r} cannot be read ({e.strerror or e})") from None
 
 
 def check_output_path(opt: str, path: str, *, suffixes=(), protected=()) -> str:

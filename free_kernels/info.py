@@ -129,6 +129,14 @@ def _ops_info() -> Dict[str, List[dict]]:
     return out
 
 
+def _backend_env_problems() -> dict:
+    """What is wrong with the FREE_KERNELS_BACKEND* variables (each a line), as the ops and tools see it."""
+    from .ops import environment_problems
+
+    errors, warns = environment_problems()
+    return dict(errors=errors, warnings=warns)
+
+
 def _priority_info() -> dict:
     from .ops._dispatch import priority_file, priority_table
 
@@ -147,6 +155,7 @@ def collect() -> dict:
         triton=_triton_info(),
         extension=_extension_info(),
         backend_env={k: v for k, v in sorted(os.environ.items()) if k.startswith("FREE_KERNELS_BACKEND")},
+        backend_env_problems=_safe(_backend_env_problems),
         priority_table=_priority_info(),
         ops=_ops_info(),
     )
@@ -195,7 +204,15 @@ def format_text(info: dict) -> str:
     lines.append(f"priority     {pt.get('path')} ({pt.get('entries', 0)} measured entries"
                  f"{'' if pt.get('exists') else '; file absent'}; set FREE_KERNELS_PRIORITY_FILE to use another)")
     if info["backend_env"]:
-        lines.append("backend env  " + ", ".join(f"{k}={v}" for k, v in info["backend_env"].items()))
+        lines.append("backend env  " + ", ".join(f"{k}={v!r}" for k, v in info["backend_env"].items()))
+    problems = info.get("backend_env_problems")
+    if isinstance(problems, dict):
+        for msg in problems.get("errors", []):
+            lines.append(f"             error: {msg} (the tools refuse to start with it)")
+        for msg in problems.get("warnings", []):
+            lines.append(f"             warning: {msg}")
+    elif problems:
+        lines.append(f"             could not check: {problems}")
 
     lines.append("")
     lines.append("ops: backend chosen per context (CUDA tensors: the measured order of the priority table for "

@@ -331,6 +331,8 @@ class FreeSampler:
         """
         if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype (of x_T and the samples), got {dtype!r}")
         dev = self._check_device(torch.device(device) if device is not None else (_module_device(self.target)
                                                                                   or torch.device("cpu")), "device")
         cfg_scale, guidance_channels = self._check_guidance(cfg_scale, guidance_channels)
@@ -489,11 +491,18 @@ class FreeSampler:
 
 
 def _parse_request(req, i: int, num_classes: int) -> Tuple[int, int]:
-    try:
-        seed, label = req
-        seed, label = int(seed), int(label)
-    except (TypeError, ValueError):
-        raise ValueError(f"request {i} must be a (seed, label) pair of integers, got {req!r}") from None
+    """(seed, label) of request ``i``: a pair (tuple, list, array) of two integers (Python or NumPy ints,
+    never bools, floats or strings: nothing is truncated or split into digits)."""
+    if isinstance(req, (str, bytes)) or not hasattr(req, "__len__") or len(req) != 2:
+        raise TypeError(f"request {i} must be a (seed, label) pair of integers, got {req!r}")
+    seed, label = req[0], req[1]
+    for name, v in (("seed", seed), ("label", label)):
+        if torch.is_tensor(v) and v.dim() == 0 and not v.is_floating_point() and not v.is_complex() \
+                and v.dtype != torch.bool:
+            continue  # an integer tensor scalar
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"request {i}: {name} must be an integer, got {v!r} ({type(v).__name__}) in {req!r}")
+    seed, label = int(seed), int(label)
     if not 0 <= label <= num_classes:
         raise ValueError(f"request {i}: label must lie in [0, {num_classes}], got {label}")
     if not 0 <= seed < 2 ** 63:

@@ -88,6 +88,7 @@ def check_args(args) -> None:
 
 def _check_args(args) -> None:
     common.check_cfg_scale(args.cfg_scale)  # the baseline guides above 1 (the official sample_ddp.py rule)
+    common.check_backend_environment()
     common.check_positive(args.num_sampling_steps, "--num-sampling-steps")
     args.draft_length = common.check_draft_length(args.draft_length, allow_auto=False)
     if args.relax is not None:

@@ -49,7 +49,12 @@ Resume (differs from the official script, which cannot resume)
     of an interrupted run are deleted when the next one starts.  The
     statistics file of an iteration is written after its PNGs, so an iteration
     interrupted in between is re-sampled for its statistics (totals never
-    undercount).
+    undercount).  That file also records the SHA-256 of each of the
+    iteration's PNGs: a PNG whose content differs (another sample copied over
+    it, an edited image) is re-created with a warning naming it, so the
+    ``.npz`` holds only this run's samples.  A damaged batch-level statistics
+    file (``.free_stats/rank*-run*.json``) is left out of the totals with a
+    warning.
 
 Provenance
     ``{folder}/.free_run.json`` records what the samples are made of: the
@@ -77,13 +82,13 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sample import (  # noqa: E402  (shared helpers of the single-process script)
-    add_model_args, check_args, decode, fail, load_model, load_vae, make_diffusion, run_identity, stats_dict,
+    add_model_args, check_args, checked, decode, fail, load_model, load_vae, make_diffusion, run_identity, stats_dict,
     to_pil, to_uint8, vae_name,
 )
 
 from free_kernels.cli import common  # noqa: E402
 from free_kernels.cli.common import (  # noqa: E402
-    FileProblem, atomic_write, atomic_write_json, check_writable_dir, read_json_file, remove_stale_tmp,
+    FileProblem, atomic_write, atomic_write_json, check_writable_dir, file_sha256, read_json_file, remove_stale_tmp,
 )
 
 RUN_FORMAT = "free_kernels.sample_ddp.run/2"
@@ -191,10 +196,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     check_args(args)  # --cfg-scale >= 1 (the official assert), steps, draft length, relax
     for opt in ("per_proc_batch_size", "num_fid_samples"):
-        try:
-            common.check_positive(getattr(args, opt), f"--{opt.replace('_', '-')}")
-        except common.UsageError as e:
-            fail(str(e))
+        checked(common.check_positive, getattr(args, opt), f"--{opt.replace('_', '-')}")
+    checked(common.check_seed, args.global_seed, "--global-seed")  # SeedSequence takes no negative seed
     return args
 
 
@@ -265,13 +268,23 @@ def stats_path(stats_dir: str, rank: int, it: int) -> str:
     return os.path.join(stats_dir, f"rank{rank:05d}-it{it:06d}.json")
 
 
-def stats_ok(path: str, indices) -> bool:
+def iteration_stats(path: str, indices):
+    """The statistics file of an iteration with these sample ``indices``, or None (missing, damaged, another one)."""
     try:
         with open(path) as f:
             st = json.load(f)
-        return isinstance(st, dict) and st.get("indices") == list(indices)
-    except (OSError, ValueError):
-        return False
+    except (OSError, ValueError, RecursionError):
+        return None
+    return st if isinstance(st, dict) and st.get("indices") == list(indices) else None
+
+
+def replaced_pngs(st, paths, candidates) -> list:
+    """Positions among ``candidates`` whose PNG is not the one this run wrote: its SHA-256 differs from the one
+    the iteration's statistics recorded when it was written (a file copied over a sample, an edited image)."""
+    hashes = st.get("png_sha256") if isinstance(st, dict) else None
+    if not isinstance(hashes, list) or len(hashes) != len(paths):  # written before the hashes were recorded
+        return []
+    return [i for i in candidates if file_sha256(paths[i]) != hashes[i]]
 
 
 def run_stats_path(stats_dir: str, rank: int) -> str:
@@ -338,6 +351,7 @@ def write_iteration(run, sample_folder, it, rank, indices, paths, present, redo,
     try:
         for i in redo:  # damaged files are replaced, complete ones never rewritten
             atomic_png(paths[i], images[i])
+        st["png_sha256"] = [file_sha256(p) for p in paths]  # what a resume checks the PNGs against
         atomic_json(st_path, st)
     except OSError as e:  # a full device, a vanished mount: one line; a rerun resumes here
         fail(f"cannot write in {sample_folder} ({e.strerror or e}); free space and rerun the same command "
@@ -357,8 +371,15 @@ def _agree(problem, rank):
         raise SystemExit(2)
 
 
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    missing = [k for k in TORCHRUN_VARIABLES if not os.environ.get(k)]
+    if missing:
+        fail(f"sample_ddp.py runs under torchrun ({', '.join(missing)} not set): torchrun --nproc_per_node=N "
+             f"python/sample_ddp.py ... (N = 1 for one process)")
     use_cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if use_cuda else "gloo")
     try:
@@ -451,7 +472,13 @@ def _main(args, use_cuda):
         redo = [i for i, path in enumerate(paths)
                 if not (present[i] and png_ok(path, image_size if vae is None else None, channels))]
         st_path = stats_path(stats_dir, rank, it)
-        if not redo and stats_ok(st_path, indices):
+        st_old = iteration_stats(st_path, indices)
+        changed = replaced_pngs(st_old, paths, [i for i in range(n) if i not in redo])
+        for i in changed:
+            print(f"warning: {paths[i]} is not the sample this run wrote there (its SHA-256 differs from the one "
+                  f"recorded in {st_path}): re-created", file=sys.stderr, flush=True)
+        redo = sorted(redo + changed)
+        if not redo and st_old is not None:
             run["iterations_skipped"] += 1
             continue
         if diffusion.drafter is not None:
@@ -479,7 +506,15 @@ def _main(args, use_cuda):
     runs = []
     for name in sorted(os.listdir(stats_dir)):
         if name.startswith(f"rank{rank:05d}-run") and name.endswith(".json"):
-            runs.append(read_json_file(os.path.join(stats_dir, name), "run statistics"))
+            try:
+                doc = read_json_file(os.path.join(stats_dir, name), "run statistics")
+                if not isinstance(doc, dict):
+                    raise FileProblem(f"run statistics {os.path.join(stats_dir, name)!r} is damaged (not an object)")
+            except FileProblem as e:  # batch-level figures of one past run: lost, not a reason to stop
+                print(f"warning: {e}; its batch-level statistics are left out (runs_recorded counts the others)",
+                      file=sys.stderr, flush=True)
+                continue
+            runs.append(doc)
     summary = dict(rank=rank, this_run=run, **aggregate(mine, runs))
     gathered = [None] * world if rank == 0 else None
     dist.gather_object(summary, gathered, dst=0)

@@ -155,8 +155,9 @@ def test_simple_checks():
 def test_cfg_scale_rule_is_the_official_one():
     assert not common.uses_cfg(1.0) and common.uses_cfg(1.5) and common.uses_cfg(4)
     assert common.check_cfg_scale(1) == 1.0 and common.check_cfg_scale(4.0) == 4.0
-    for bad in (0.5, 0.0, -1.0, float("nan"), float("inf")):
-        with pytest.raises(UsageError, match="--cfg-scale must be a finite number >= 1"):
+    assert common.check_cfg_scale(common.MAX_CFG_SCALE) == common.MAX_CFG_SCALE
+    for bad in (0.5, 0.0, -1.0, float("nan"), float("inf"), 1e30, common.MAX_CFG_SCALE * 1.01):
+        with pytest.raises(UsageError, match=r"--cfg-scale must be a finite number in 1 \.\. 1000"):
             common.check_cfg_scale(bad)
 
 

@@ -263,3 +263,198 @@ def test_grad_and_mixed_dtypes_fall_back_to_torch_on_cuda(name):
         assert op.reasons(ctx)["triton"] is not None
         assert op.reasons(ctx)["cuda"] is not None
         assert op.resolve(ctx).name == "torch"
+
+
+# ------------------------------------------------------------------ the FREE_KERNELS_BACKEND* variables
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+
+from free_kernels.ops._dispatch import BackendEnvironmentWarning  # noqa: E402
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """Each test sees the once-only warnings again; no FREE_KERNELS_BACKEND* variable from outside."""
+    monkeypatch.setattr(_dispatch, "_WARNED", set())
+    for k in [k for k in os.environ if k.startswith("FREE_KERNELS_BACKEND")]:
+        monkeypatch.delenv(k)
+    _dispatch.clear_caches()
+    yield
+    _dispatch.clear_caches()
+
+
+def _backend_warnings(fn):
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [str(w.message) for w in got if issubclass(w.category, BackendEnvironmentWarning)]
+
+
+@pytest.mark.parametrize("value", ["bogus", " cpu", "CPU", "Torch", "cuda "])
+def test_a_global_value_that_is_not_a_backend_is_ignored_with_one_warning(fake_gpu, fresh_warnings, monkeypatch,
+                                                                         value):
+    op = stand_in_op("stand_in_global_bad")
+    monkeypatch.setenv("FREE_KERNELS_BACKEND", value)
+    name, got = _backend_warnings(lambda: op.resolve(cuda_ctx()).name)
+    assert name == "cuda" and len(got) == 1 and repr(value) in got[0] and "FREE_KERNELS_BACKEND" in got[0]
+    assert "\n" not in got[0]
+    _, again = _backend_warnings(lambda: op.resolve(cuda_ctx(M=500)).name)
+    assert again == []  # once
+
+
+def test_a_global_backend_applies_only_where_the_op_has_it(fake_gpu, fresh_warnings, monkeypatch):
+    with_cpu = stand_in_op("stand_in_with_cpu")
+    with_cpu.register(Backend("cpu", lambda: (lambda: "cpu")))
+    without = stand_in_op("stand_in_without_cpu")
+    cpu_ctx = dict(device=torch.device("cpu"), dtype=torch.float32, M=10)
+    monkeypatch.setattr(_dispatch, "machine_reason", lambda name: None)
+    monkeypatch.setenv("FREE_KERNELS_BACKEND", "cpu")
+    assert _backend_warnings(lambda: with_cpu.resolve(cpu_ctx).name) == ("cpu", [])
+    name, got = _backend_warnings(lambda: without.resolve(cuda_ctx()).name)
+    assert name == "cuda" and len(got) == 1 and "applies to the ops that have a cpu backend" in got[0]
+    assert "own order" in got[0]
+
+
+def test_a_global_backend_this_machine_cannot_run_is_ignored_with_one_warning(fake_gpu, fresh_warnings, monkeypatch):
+    op = stand_in_op("stand_in_machine")
+    monkeypatch.setattr(_dispatch, "machine_reason", lambda name: "no GPU here" if name == "cuda" else None)
+    monkeypatch.setenv("FREE_KERNELS_BACKEND", "cuda")
+    cpu_ctx = dict(device=torch.device("cpu"), dtype=torch.float32, M=10)
+    name, got = _backend_warnings(lambda: op.resolve(cpu_ctx).name)
+    assert name == "torch" and len(got) == 1 and "no GPU here" in got[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU machine check")
+def test_global_cuda_on_a_cpu_machine_runs_every_op_on_its_own_order(fresh_warnings, monkeypatch):
+    from free_kernels import ops
+
+    monkeypatch.setenv("FREE_KERNELS_BACKEND", "cuda")
+    x, g, y = torch.randn(2, 3, 8), torch.randn(2, 8), torch.randn(2, 3, 8)
+    out, got = _backend_warnings(lambda: ops.gated_residual(x, g, y))
+    torch.testing.assert_close(out, x + g[:, None] * y)
+    assert len(got) == 1 and "cannot run on this machine" in got[0]
+
+
+@pytest.mark.parametrize("var, value, error, words", [
+    ("FREE_KERNELS_BACKEND_STAND_IN_PER_OP", "bogus", ValueError, "is not a backend name"),
+    ("FREE_KERNELS_BACKEND_STAND_IN_PER_OP", "CPU", ValueError, "is not a backend name"),
+    ("FREE_KERNELS_BACKEND_STAND_IN_PER_OP", "cpu", ValueError, "has no cpu backend"),
+    ("FREE_KERNELS_BACKEND_STAND_IN_PER_OP", "triton", BackendUnavailable, "no triton here"),
+])
+def test_a_per_op_variable_is_strict_and_named_in_one_line(fake_gpu, fresh_warnings, monkeypatch, var, value, error,
+                                                           words):
+    op = stand_in_op("stand_in_per_op", probes={"triton": "no triton here"})
+    monkeypatch.setenv(var, value)
+    monkeypatch.setenv("FREE_KERNELS_BACKEND", "torch")  # the per-op variable wins, even when it is wrong
+    with pytest.raises(error) as e:
+        op.resolve(cuda_ctx())
+    assert var in str(e.value) and words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_environment_problems_name_each_variable(fresh_warnings, monkeypatch):
+    from free_kernels.cli import common
+    from free_kernels.ops import environment_problems
+
+    monkeypatch.setenv("FREE_KERNELS_BACKEND", "bogus")
+    monkeypatch.setenv("FREE_KERNELS_BACKEND_VERIFY_ATENTION", "torch")  # a typo
+    monkeypatch.setenv("FREE_KERNELS_BACKEND_BIAS_GELU", "cpu")
+    errors, warns = environment_problems()
+    assert len(errors) == 2 and len(warns) == 1
+    assert any("FREE_KERNELS_BACKEND_VERIFY_ATENTION names no op" in e for e in errors)
+    assert any("FREE_KERNELS_BACKEND_BIAS_GELU=cpu: bias_gelu has no cpu backend" in e for e in errors)
+    with pytest.raises(common.UsageError, match="FREE_KERNELS_BACKEND_"):
+        _backend_warnings(common.check_backend_environment)
+    monkeypatch.delenv("FREE_KERNELS_BACKEND_VERIFY_ATENTION")
+    monkeypatch.delenv("FREE_KERNELS_BACKEND_BIAS_GELU")
+    monkeypatch.setattr(_dispatch, "_WARNED", set())
+    _, got = _backend_warnings(common.check_backend_environment)  # the global value: a warning, not an error
+    assert len(got) == 1 and "'bogus'" in got[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU machine check")
+def test_free_sample_refuses_a_per_op_backend_this_machine_lacks_before_loading(tmp_path, fresh_warnings, monkeypatch,
+                                                                                capsys):
+    from free_kernels.cli import sample as cli
+
+    monkeypatch.setenv("FREE_KERNELS_BACKEND_VERIFY_ATTENTION", "cuda")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--target", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "g.png")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "FREE_KERNELS_BACKEND_VERIFY_ATTENTION=cuda: cuda cannot run on this machine" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("env", [
+    {"FREE_KERNELS_BACKEND": "bogus"}, {"FREE_KERNELS_BACKEND": " cpu"}, {"FREE_KERNELS_BACKEND": "CPU"},
+    {"FREE_KERNELS_BACKEND": "cuda"}, {"FREE_KERNELS_BACKEND": "cpu"},
+    {"FREE_KERNELS_BACKEND_DRAFT_EPILOGUE": "bogus"}, {"FREE_KERNELS_BACKEND_VERIFY_ATTENTION": "cuda"},
+    {"FREE_KERNELS_BACKEND_NO_SUCH_OP": "torch"},
+])
+def test_info_never_crashes_on_the_environment_it_diagnoses(env):
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FREE_KERNELS_BACKEND")}
+    for extra in ([], ["--json"]):
+        p = subprocess.run([sys.executable, "-m", "free_kernels.info", *extra], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120, env={**base, **env})
+        assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+        ((var, value),) = env.items()
+        if not extra and (var != "FREE_KERNELS_BACKEND" or value not in ("cpu",) or torch.cuda.is_available()):
+            assert var in p.stdout
+
+
+def _tiny_sampler():
+    from free_kernels.diffusion import create_diffusion
+    from free_kernels.models import DiT, FeatureDrafter
+    from free_kernels.sampler import FreeSampler
+
+    torch.manual_seed(0)
+    target = DiT(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10,
+                 learn_sigma=True).eval()
+    drafter = FeatureDrafter.for_target(target, depth=1, init="identity")
+    return FreeSampler(target, drafter, create_diffusion("6"), draft_length=3)
+
+
+def _sample(s):
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    return s.sample(noise, torch.tensor([1, 2]), generator=torch.Generator().manual_seed(2))
+
+
+def test_the_draft_epilogue_variable_governs_what_sampling_runs_and_what_info_reports(fresh_warnings, monkeypatch):
+    from free_kernels import _env, info
+    from free_kernels.ops import get_op
+
+    if _env.host_entry_unavailable_reason("draft_epilogue_host") is not None:
+        pytest.skip("the extension's host kernel is not built here")
+    host = get_op("draft_epilogue").backends["cpu"]
+    real = host.impl()
+    calls = []
+    monkeypatch.setattr(host, "_impl", lambda *a, **k: calls.append(1) or real(*a, **k))
+    s = _tiny_sampler()
+    _sample(s)
+    assert calls, "control: without an override the CPU draft step takes the host kernel"
+
+    def cpu_rows():
+        rows = info.collect()["ops"]
+        return {name: next(r["backend"] for r in rows[name] if r["context"] == "cpu float32")
+                for name in ("draft_epilogue", "draft_transition", "verify_transition")}
+
+    assert cpu_rows() == {"draft_epilogue": "cpu", "draft_transition": "cpu", "verify_transition": "torch"}
+    calls.clear()
+    monkeypatch.setenv("FREE_KERNELS_BACKEND_DRAFT_EPILOGUE", "torch")
+    _sample(s)
+    assert calls == [], "FREE_KERNELS_BACKEND_DRAFT_EPILOGUE=torch, but the host kernel ran"
+    assert cpu_rows() == {"draft_epilogue": "torch", "draft_transition": "torch", "verify_transition": "torch"}
+    monkeypatch.setenv("FREE_KERNELS_BACKEND_DRAFT_EPILOGUE", "bogus")
+    with pytest.raises(ValueError, match="FREE_KERNELS_BACKEND_DRAFT_EPILOGUE='bogus'"):
+        _sample(s)
+    monkeypatch.setenv("FREE_KERNELS_BACKEND_DRAFT_EPILOGUE", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailable, match="FREE_KERNELS_BACKEND_DRAFT_EPILOGUE=triton"):
+        _sample(s)
+    # the draft transition's own variable comes first
+    monkeypatch.setenv("FREE_KERNELS_BACKEND_DRAFT_TRANSITION", "cpu")
+    monkeypatch.setenv("FREE_KERNELS_BACKEND_DRAFT_EPILOGUE", "torch")
+    calls.clear()
+    _sample(s)
+    assert calls

@@ -136,3 +136,48 @@ def test_require_gpu_turns_gpu_skips_into_failures():
     # a skip in setup (the marker) reports as an error, one in the call as a failure: either is not a pass
     assert p.returncode == 1 and ("1 failed" in p.stdout or "1 error" in p.stdout), p.stdout[-2000:]
     assert "FREE_KERNELS_REQUIRE_GPU=1" in p.stdout
+
+
+# ---------------------------------------------------------------- signals: nothing orphaned
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGHUP"])
+def test_a_signal_kills_the_running_step_group_and_writes_the_final_summary(tmp_path, sig):
+    """The supervisor killed mid-step (a command time limit, Ctrl-C, a closed terminal): every process of the
+    step's group is killed (the stand-in ignores SIGTERM: escalated to SIGKILL), the scratch folder is removed,
+    summary.json is final with the interrupted step marked, and the exit status is 128 + the signal number."""
+    import signal
+
+    out, scratch = tmp_path / "out", tmp_path / "scratch"
+    scratch.mkdir()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "run_gpu.py"), "--out", str(out), "--dry-run",
+                             "--budget", "120", "--hang-limit", "60", "--only", "hang"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "TMPDIR": str(scratch)})
+    pids = []
+    deadline = time.monotonic() + 60
+    while len(pids) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+        log = out / "steps.log"
+        if log.is_file():
+            pids = [int(line.split()[-1]) for line in log.read_text(errors="replace").splitlines()
+                    if line.startswith("hang: ")]
+    assert len(pids) == 2, "the hang stand-in did not start"
+    t0 = time.monotonic()
+    proc.send_signal(getattr(signal, sig))
+    console, _ = proc.communicate(timeout=30)
+    assert time.monotonic() - t0 < 15
+    signum = int(getattr(signal, sig))
+    assert proc.returncode == 128 + signum, console[-2000:]
+    assert "Traceback" not in console
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids), "a process of the interrupted step survived its supervisor"
+    assert list(scratch.iterdir()) == [], "the scratch folder was left behind"
+    s = json.loads((out / "summary.json").read_text())
+    assert s["final"] is True and s["interrupted"] == sig
+    by = {r["step"]: r for r in s["steps"]}
+    assert by["hang"]["status"] == "interrupted" and sig in by["hang"]["reason"]
+    assert set(by) == {"preflight", "ok", "fails", "flood", "hang", "priority", "budget-hog", "late"}
+    assert all(by[k]["status"] == "skipped" for k in ("budget-hog", "late"))
+    assert f"interrupted by {sig}" in console
+    assert console.rstrip().splitlines()[-1].startswith("total ")

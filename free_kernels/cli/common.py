@@ -47,6 +47,14 @@ The baseline
     :func:`check_cfg_scale` refuses scales below 1, as ``sample_ddp.py`` does,
     so that no tool silently ignores a scale it cannot honour.
 
+Interruption
+    :func:`interruptible` makes SIGTERM and SIGHUP end a run the way Ctrl-C (SIGINT) does, by an
+    :class:`Interrupted` exception (a ``KeyboardInterrupt``) that unwinds through the atomic writes (a
+    temporary file being written is removed); a second signal while unwinding is ignored.  Each tool's
+    entry point turns it into one line and the exit status 128 + the signal
+    number (130 for Ctrl-C) with :func:`interrupt_signal`, which also recognises an interrupt that a
+    library turned into its own error (``torch.save`` does).
+
 Seeding
     Every tool keeps its own documented seed policy (changing one would change
     the samples a seed gives, and ``python/sample_ddp.py`` must re-create the
@@ -60,13 +68,16 @@ Seeding
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from typing import List, Optional, Sequence, Tuple
+import signal
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from .._checks import MAX_CFG_SCALE, cfg_scale_problem
 from .._checks import (  # noqa: F401  (re-exported: the file-safety helpers of every tool)
     FileProblem, atomic_write, atomic_write_json, check_output_path, check_writable_dir, file_sha256,
     read_json_file, remove_stale_tmp,
@@ -74,7 +85,8 @@ from .._checks import (  # noqa: F401  (re-exported: the file-safety helpers of 
 
 __all__ = [
     "UsageError", "first_line", "json_beside",
-    "resolve_device", "check_positive", "check_nonnegative", "check_finite", "check_cfg_scale",
+    "resolve_device", "check_positive", "check_nonnegative", "check_finite", "check_cfg_scale", "MAX_CFG_SCALE",
+    "check_seed", "MAX_SEED", "check_threads", "available_cores", "check_backend_environment",
     "check_image_size", "parse_labels", "check_labels", "check_draft_length", "cap_draft_length",
     "is_demo", "target_file", "load_target", "load_target_file", "load_official_checkpoint",
     "drafter_file", "load_drafter",
@@ -83,6 +95,7 @@ __all__ = [
     "NOISE_STREAM", "BASELINE_STREAM", "BASELINE_UNCOND_STREAM", "FREE_STREAM",
     "FileProblem", "atomic_write", "atomic_write_json", "check_output_path", "check_writable_dir", "file_sha256",
     "read_json_file", "remove_stale_tmp",
+    "Interrupted", "interruptible", "interrupt_signal", "file_states", "changed_files",
 ]
 
 
@@ -99,6 +112,77 @@ def first_line(e: BaseException) -> str:
 def json_beside(path: str) -> str:
     """The ``.json`` config that belongs to a ``.safetensors`` file (``x.safetensors`` -> ``x.json``)."""
     return path[: -len(".safetensors")] + ".json" if path.endswith(".safetensors") else path + ".json"
+
+
+# ------------------------------------------------------------------ interruption
+class Interrupted(KeyboardInterrupt):
+    """A run ended by a signal (SIGINT, SIGTERM, SIGHUP): ``signum`` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = int(signum)
+
+
+INTERRUPT_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+@contextlib.contextmanager
+def interruptible():
+    """SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread (the first one only; the
+    clean-up it starts is not interrupted again); the previous handlers are restored on exit."""
+    fired: List[int] = []
+
+    def handler(signum, frame):
+        if fired:
+            return
+        fired.append(signum)
+        raise Interrupted(signum)
+
+    previous = {}
+    for sig in INTERRUPT_SIGNALS:
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except (ValueError, OSError):  # not the main thread: the default behaviour stays
+            pass
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def interrupt_signal(e: BaseException) -> Optional[int]:
+    """The signal number when ``e``, or an exception it arose from, is an interrupt (a bare
+    ``KeyboardInterrupt`` counts as SIGINT); None for any other error."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, Interrupted):
+            return e.signum
+        if isinstance(e, KeyboardInterrupt):
+            return int(signal.SIGINT)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def file_states(paths: Iterable[Optional[str]]) -> Dict[str, Optional[tuple]]:
+    """{path: (inode, size, mtime) or None when absent}: what :func:`changed_files` compares with later."""
+    out: Dict[str, Optional[tuple]] = {}
+    for p in paths:
+        if not p:
+            continue
+        try:
+            st = os.stat(p)
+            out[p] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            out[p] = None
+    return out
+
+
+def changed_files(before: Dict[str, Optional[tuple]]) -> List[str]:
+    """The paths of ``before`` (:func:`file_states`) that were written, replaced or deleted since."""
+    now = file_states(before)
+    return [p for p in before if now[p] != before[p]]
 
 
 # ------------------------------------------------------------------ argument checks
@@ -147,11 +231,55 @@ def check_finite(value, option: str, *, minimum: Optional[float] = None, above: 
 
 
 def check_cfg_scale(value, option: str = "--cfg-scale") -> float:
-    """A finite CFG scale >= 1 (the official ``sample_ddp.py`` asserts it; guidance is on above 1)."""
-    if not (isinstance(value, (int, float, np.floating, np.integer)) and math.isfinite(value) and value >= 1.0):
-        raise UsageError(f"{option} must be a finite number >= 1 (1: no guidance; the official scripts guide "
-                         f"above 1), got {value}")
+    """A finite CFG scale in 1 .. :data:`MAX_CFG_SCALE` (the official ``sample_ddp.py`` asserts >= 1; guidance
+    is on above 1; far larger scales overflow float32)."""
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    why = cfg_scale_problem(value)
+    if why is not None:
+        raise UsageError(f"{option} {why}")
     return float(value)
+
+
+def check_backend_environment() -> None:
+    """The ``FREE_KERNELS_BACKEND*`` variables, before anything is loaded: a bad per-op variable is a
+    :class:`UsageError` naming it; an ignored global value is a one-line warning (``free_kernels.ops``)."""
+    from ..ops import check_environment
+
+    try:
+        check_environment()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+MAX_SEED = 2 ** 32 - 1
+
+
+def check_seed(value, option: str = "--seed") -> int:
+    """An int in 0 .. 2**32 - 1: every tool's seeds are 32-bit words, and a larger or negative seed would be
+    folded onto one of them (the same samples as another seed)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= MAX_SEED:
+        raise UsageError(f"{option} must be an integer in 0 .. {MAX_SEED}, got {value!r}")
+    return int(value)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_threads(value, option: str = "--threads") -> int:
+    """0 (the tool's automatic choice) or 1 .. the CPU cores available: more threads than cores only wait on
+    each other (at hundreds a run, its calibration included, does not finish)."""
+    check_nonnegative(value, option)
+    cores = available_cores()
+    if value > cores:
+        raise UsageError(f"{option} {value}: this machine gives the process {cores} CPU core(s); use 0 (automatic) "
+                         f"or 1 .. {cores}")
+    return int(value)
 
 
 def check_image_size(value, option: str = "--image-size") -> int:
@@ -263,7 +391,7 @@ def load_target_file(path: str, device="cpu", *, option: str = "--target") -> to
     """
     from .._checks import safe_load_safetensors
     from ..demo import DEMO_CONFIG
-    from ..models.dit import DiT, load_state_dict_strict
+    from ..models.dit import DiT, config_problem, load_state_dict_strict
 
     if not os.path.isfile(path):
         raise UsageError(f"{option} {path!r} not found")
@@ -278,7 +406,10 @@ def load_target_file(path: str, device="cpu", *, option: str = "--target") -> to
             cfg.update(doc.get("config", {}))
     except FileProblem as e:
         raise UsageError(str(e)) from None
+    why = config_problem(cfg, state)  # before building: a config claiming huge sizes allocates nothing
     try:
+        if why is not None:
+            raise ValueError(why)
         net = DiT(**cfg)
         load_state_dict_strict(net, state)
     except (TypeError, ValueError, RuntimeError) as e:

@@ -115,9 +115,10 @@ import numpy as np
 import torch
 
 from .common import (
-    FREE_STREAM, UsageError, baseline_generators, check_cfg_scale, check_draft_length, check_finite,
-    check_labels, check_nonnegative, check_positive, derive_seed, drafter_file, initial_noise,
-    is_demo, json_beside, parse_labels, resolve_device, sample_baseline, target_file, uses_cfg,
+    FREE_STREAM, UsageError, baseline_generators, check_backend_environment, check_cfg_scale, check_draft_length,
+    check_finite, check_labels, check_nonnegative, check_positive, check_seed, check_threads, derive_seed,
+    drafter_file, initial_noise, is_demo, json_beside, parse_labels, resolve_device, sample_baseline, target_file,
+    uses_cfg,
 )
 from ..demo import DEMOS, demo_assets
 from .common import load_drafter as common_load_drafter
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default=None, help='comma-separated class labels, e.g. "3,1,4"')
     p.add_argument("--steps", default="250", help='timestep respacing, e.g. "250", "100" (default 250)')
     p.add_argument("--cfg-scale", type=float, default=None,
-                   help="classifier-free guidance scale, >= 1; guidance is on above 1, as in the official scripts "
+                   help="classifier-free guidance scale, 1 .. 1000; guidance is on above 1, as in the official scripts "
                         "(default: the drafter's training setting, else 1.0)")
     p.add_argument("--guidance-channels", type=int, choices=(3, 4), default=None,
                    help="channels CFG guides: 3 (official DiT) or 4 (diffusers); default: the drafter's setting, "
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. --batch-size 10 for the batched case)")
     p.add_argument("--relax", type=float, default=0.0, metavar="STRENGTH",
                    help="also run FREE (relax, APPROXIMATE) with this strength; 0 = off (default)")
-    p.add_argument("--seed", type=int, default=0, help="seed of x_T and of both samplers' noise (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of x_T and of both samplers' noise, 0 .. 4294967295 (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--target", default=None,
                    help="target DiT: our .safetensors (+ .json config beside it) or an official .pt/.safetensors "
@@ -183,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality", action="store_true",
                    help="add the demo digit classifier's accuracy per method (needs free_kernels.demo.metrics)")
     p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads of every method; 0 (default) = each method at its best: the baseline at "
+                   help="torch CPU threads of every method, at most the CPU cores available; 0 (default) = each method "
+                        "at its best: the baseline at "
                         f"1 thread for small targets (< {_SMALL_TARGET_PARAMS // 10**6}M parameters) and again at "
                         "torch's default for comparison, FREE at torch's default with its planner choosing 1 thread "
                         "or all per round from measured round times")
@@ -450,7 +452,9 @@ def _resolve(args):
     check_nonnegative(args.compare_length, "--compare-length")
     check_positive(args.batch_size, "--batch-size")
     check_finite(args.relax, "--relax", minimum=0)
-    check_nonnegative(args.threads, "--threads")
+    check_threads(args.threads, "--threads")
+    check_seed(args.seed, "--seed")
+    check_backend_environment()
     if args.cfg_scale is not None:
         check_cfg_scale(args.cfg_scale)
     check_outputs(args)
@@ -710,8 +714,25 @@ def _run(args, argv) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Console entry point (``free-sample``): 0 on success; option errors exit with status 2."""
-    run(argv)
+    """Console entry point (``free-sample``): 0 on success; option errors exit with status 2; SIGINT, SIGTERM
+    or SIGHUP end the run with one line (what was written, if anything) and status 128 + the signal number."""
+    from .common import changed_files, file_states, interrupt_signal, interruptible
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)  # option errors exit here, as in run()
+    before = file_states([args.out, None if args.json in (None, "-") else args.json])
+    try:
+        with interruptible():
+            run(argv)
+    except BaseException as e:
+        signum = interrupt_signal(e)
+        if signum is None:
+            raise
+        written = changed_files(before)
+        sys.stdout.flush()
+        print(f"free-sample: interrupted; {'wrote only ' + ', '.join(written) if written else 'nothing written'}",
+              file=sys.stderr, flush=True)
+        return 128 + signum
     return 0
 
 

@@ -297,6 +297,7 @@ def target_identity(args) -> dict:
 # settings that change what is trained on or how: a resume / cache must match them
 # (respacings: None for a one-respacing run, so runs and caches made before it existed keep their identity)
 DEFAULT_MLP_RATIO = 4.0
+MAX_MLP_RATIO = 16.0  # four times the DiT block's: a drafter meant to be cheaper than a target block
 RUN_KEYS = ("steps", "respacings", "init_sha256", "variance", "cfg_scale", "guidance_channels", "num_trajectories",
             "eval_trajectories", "seed", "depth", "mlp_ratio", "loss", "feature_weight", "unroll", "batch_size", "lr")
 CACHE_KEYS = ("steps", "respacings", "variance", "cfg_scale", "guidance_channels", "num_trajectories",
@@ -362,7 +363,7 @@ def parse_args(argv=None):
     p.add_argument("--depth", type=int, default=1)
     p.add_argument("--mlp-ratio", type=float, default=DEFAULT_MLP_RATIO,
                    help=f"hidden width of the drafter block's MLP / the target's width (default {DEFAULT_MLP_RATIO:g}, "
-                        "the DiT block's; smaller: a cheaper draft step)")
+                        "the DiT block's; at most 16; smaller: a cheaper draft step)")
     p.add_argument("--loss", choices=LOSSES, default="kl+feature")
     p.add_argument("--feature-weight", type=float, default=1.0)
     p.add_argument("--unroll", type=int, default=4)
@@ -396,9 +397,13 @@ def _validate_args(args) -> None:
         common.check_positive(getattr(args, name), f"--{name.replace('_', '-')}")
     # the report measures exact FREE at one fixed draft length
     args.draft_length = common.check_draft_length(args.draft_length, allow_auto=False)
-    common.check_nonnegative(args.threads, "--threads")
+    common.check_threads(args.threads, "--threads")
+    common.check_seed(args.seed, "--seed")
+    common.check_backend_environment()
     common.check_finite(args.lr, "--lr", above=0)
-    common.check_finite(args.mlp_ratio, "--mlp-ratio", above=0)
+    if not (common.check_finite(args.mlp_ratio, "--mlp-ratio", above=0) <= MAX_MLP_RATIO):
+        raise common.UsageError(f"--mlp-ratio must be in (0, {MAX_MLP_RATIO:g}] (the MLP's hidden width / the "
+                                f"target's; the DiT block's is 4), got {args.mlp_ratio}")
     common.check_finite(args.feature_weight, "--feature-weight", minimum=0)
     common.check_cfg_scale(args.cfg_scale)
     common.check_image_size(args.image_size)
@@ -498,6 +503,22 @@ def narrowed_state(start: FeatureDrafter, drafter: FeatureDrafter) -> dict:
     return state
 
 
+def _load_init(args, target, device) -> FeatureDrafter:
+    """The ``--init`` drafter, checked against the target, ``--depth`` / ``--mlp-ratio`` and for finite weights."""
+    try:
+        start, _, _ = common.load_drafter(args.init, target, device, option="--init")
+    except common.UsageError as e:
+        raise TrainError(str(e)) from None
+    if start.depth != args.depth or start.mlp_ratio < args.mlp_ratio:
+        raise TrainError(f"--init {args.init!r} has depth {start.depth}, mlp ratio {start.mlp_ratio:g}: "
+                         f"pass --depth {start.depth} and an --mlp-ratio of at most {start.mlp_ratio:g}")
+    bad = [k for k, v in start.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise TrainError(f"--init {args.init!r} has NaN or Inf weights ({bad[0]}"
+                         f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): training from it cannot work")
+    return start
+
+
 def load_state(path: str, expect: dict, device) -> dict:
     try:
         st = safe_torch_load(path, "checkpoint", map_location=device)
@@ -549,6 +570,7 @@ def run(argv=None) -> dict:
     if args.variance == "learned" and not getattr(target, "learn_sigma", True):
         raise TrainError("--variance learned needs a target that predicts its variance; use --variance fixed")
     target.requires_grad_(False)
+    start = _load_init(args, target, device) if args.init is not None else None  # checked before long work
     target_id = target_identity(args)
     identity = run_identity(args, target_id, RUN_KEYS)
     cache_identity = run_identity(args, target_id, CACHE_KEYS)
@@ -583,14 +605,7 @@ def run(argv=None) -> dict:
 
     # ---------------------------------------------------------------- drafter + resume
     drafter = FeatureDrafter.for_target(target, depth=args.depth, init="identity", mlp_ratio=args.mlp_ratio)
-    if args.init is not None:
-        try:
-            start, _, _ = common.load_drafter(args.init, target, device, option="--init")
-        except common.UsageError as e:
-            raise TrainError(str(e)) from None
-        if start.depth != args.depth or start.mlp_ratio < drafter.mlp_ratio:
-            raise TrainError(f"--init {args.init!r} has depth {start.depth}, mlp ratio {start.mlp_ratio:g}: "
-                             f"pass --depth {start.depth} and an --mlp-ratio of at most {start.mlp_ratio:g}")
+    if start is not None:
         drafter.load_state_dict(narrowed_state(start, drafter))
     # the stride conditioning is trained only on a mix of respacings; a one-respacing drafter keeps it at zero
     # (it would only see one stride) and its optimizer state is the one of runs made before it existed
@@ -723,14 +738,34 @@ def run(argv=None) -> dict:
 
 
 def main(argv=None) -> int:
-    """Console entry point (``free-train-drafter``): 0 on success, 2 with one line on stderr for a problem."""
+    """Console entry point (``free-train-drafter``): 0 on success, 2 with one line on stderr for a problem;
+    SIGINT, SIGTERM or SIGHUP end the run with one line (how to resume, when a checkpoint or cache was
+    written) and status 128 + the signal number."""
+    import shlex
     import sys
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)  # option errors exit here, as in run()
+    out = args.out
+    before = common.file_states([args.cache] + [os.path.join(out, f) for f in (
+        "state.pt", "drafter.safetensors", "drafter.json", "report.json")])
     try:
-        run(argv)
+        with common.interruptible():
+            run(argv)
     except (TrainError, FileProblem) as e:
         print(f"free-train-drafter: error: {e}", file=sys.stderr)
         return 2
+    except BaseException as e:
+        signum = common.interrupt_signal(e)
+        if signum is None:
+            raise
+        sys.stdout.flush()
+        if common.changed_files(before):  # a checkpoint or the cache: the same command continues from it
+            print(f"free-train-drafter: interrupted; resume with: free-train-drafter {shlex.join(argv)}",
+                  file=sys.stderr, flush=True)
+        else:
+            print("free-train-drafter: interrupted; nothing written", file=sys.stderr, flush=True)
+        return 128 + signum
     return 0
 
 

@@ -453,6 +453,56 @@ def find_model(path: str, map_location="cpu") -> Dict[str, torch.Tensor]:
     return checkpoint
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def blocks_config_problem(cfg: dict, state: dict, hidden: int) -> Optional[str]:
+    """Why the ``depth`` / ``num_heads`` / ``mlp_ratio`` of ``cfg`` cannot describe the DiT blocks
+    (``blocks.<i>.``) of the weights ``state`` of width ``hidden`` (None: they can), from shapes alone."""
+    depth = cfg.get("depth")
+    if depth is not None:
+        found = {k.split(".")[1] for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+        if not _is_int(depth) or depth != len(found):
+            return f"depth {depth!r}, but the weights hold {len(found)} blocks"
+    heads = cfg.get("num_heads")
+    if heads is not None and (not _is_int(heads) or not 1 <= heads <= hidden or hidden % heads):
+        return f"num_heads {heads!r} does not divide the weights' width {hidden}"
+    ratio = cfg.get("mlp_ratio")
+    fc1 = state.get("blocks.0.mlp.fc1.weight")
+    if ratio is not None and fc1 is not None:
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not math.isfinite(ratio) \
+                or int(hidden * ratio) != fc1.shape[0]:
+            return f"mlp_ratio {ratio!r}, but the weights' MLP is {fc1.shape[0]} wide for width {hidden}"
+    return None
+
+
+def config_problem(cfg: dict, state: dict) -> Optional[str]:
+    """Why ``cfg`` (:class:`DiT` keyword arguments) cannot be the config of the weights ``state`` (None: it
+    may be), from their shapes alone: checked before the DiT is built, so that a config claiming huge sizes
+    allocates nothing.  Keys the weights lack are left to the strict load."""
+    for key in ("input_size", "patch_size", "in_channels", "hidden_size", "num_classes"):
+        v = cfg.get(key)
+        if v is not None and (not _is_int(v) or v < 1):
+            return f"{key} {v!r} is not a positive integer"
+    w = state.get("x_embedder.proj.weight")
+    if w is None or w.dim() != 4:
+        return None
+    H, C, p = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
+    for key, have in (("hidden_size", H), ("in_channels", C), ("patch_size", p)):
+        if key in cfg and cfg[key] != have:
+            return f"{key} {cfg[key]!r}, but the weights have {have}"
+    pos = state.get("pos_embed")
+    size = cfg.get("input_size")
+    if pos is not None and size is not None and (size % p or (size // p) ** 2 != pos.shape[1]):
+        return f"input_size {size!r}, but the weights have {pos.shape[1]} positions of patch {p}"
+    table = state.get("y_embedder.embedding_table.weight")
+    classes = cfg.get("num_classes")
+    if table is not None and classes is not None and table.shape[0] - classes not in (0, 1):
+        return f"num_classes {classes!r}, but the weights embed {table.shape[0]} labels"
+    return blocks_config_problem(cfg, state, H)
+
+
 def load_state_dict_strict(model: DiT, state_dict) -> None:
     """Strict load with an error that lists missing / unexpected keys and bad shapes."""
     if isinstance(state_dict, dict) and "ema" in state_dict and isinstance(state_dict["ema"], dict):

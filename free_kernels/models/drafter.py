@@ -29,6 +29,7 @@ described in :mod:`free_kernels.models.protocol`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import weakref
 from typing import Optional
@@ -36,7 +37,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .dit import DiTBlock, LabelEmbedder
+from .dit import DiTBlock, LabelEmbedder, blocks_config_problem
 from .official_adapter import as_target  # noqa: F401  (public here too)
 from .protocol import MATCH_KEYS as _MATCH_KEYS
 from .protocol import target_signature  # noqa: F401  (public here too)
@@ -365,7 +366,7 @@ class FeatureDrafter(nn.Module):
         if _META_KEY in meta:
             try:
                 cfg = json.loads(meta[_META_KEY])
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise FileProblem(f"drafter {base + '.safetensors'!r}: damaged config metadata") from None
         else:
             if not os.path.isfile(base + ".json"):
@@ -387,12 +388,25 @@ class FeatureDrafter(nn.Module):
 
         base = path[: -len(".safetensors")] if path.endswith(".safetensors") else path
         cfg = cls.read_config(base)
+        name = base + ".safetensors"
+        extra = cfg.get("extra") or {}
+        why = training_record_problem(extra) if isinstance(extra, dict) else "not a JSON object"
+        if why is not None:
+            raise ValueError(f"drafter {name!r}: recorded training setting {why}")
+        state, _ = safe_load_safetensors(name, "drafter", device=str(map_location))
+        fuse = state.get("fuse.weight")
+        hidden = int(fuse.shape[0]) if fuse is not None and fuse.dim() == 2 else None
+        why = None
+        if hidden is not None:  # sizes against the weights before building: huge claimed ones allocate nothing
+            why = (f"hidden_size {cfg.get('hidden_size')!r}, but the weights have {hidden}"
+                   if cfg.get("hidden_size") != hidden else blocks_config_problem(cfg, state, hidden))
+        if why is not None:
+            raise ValueError(f"drafter {name!r} does not match its config: {why}")
         try:
             d = cls(int(cfg["hidden_size"]), int(cfg["num_heads"]), depth=int(cfg["depth"]),
                     mlp_ratio=cfg.get("mlp_ratio", 4.0), signature=cfg.get("signature"))
         except (KeyError, TypeError) as e:
-            raise ValueError(f"drafter {base + '.safetensors'!r}: incomplete config ({e})") from None
-        state, _ = safe_load_safetensors(base + ".safetensors", "drafter", device=str(map_location))
+            raise ValueError(f"drafter {name!r}: incomplete config ({e})") from None
         stride_absent = "stride_proj.weight" not in state and not cfg.get("stride_conditioning")
         if stride_absent:  # saved before the stride conditioning existed: it stays zero (the drafter ignores t_next)
             state = dict(state, **{"stride_proj.weight": torch.zeros_like(d.stride_proj.weight)})
@@ -411,6 +425,60 @@ class FeatureDrafter(nn.Module):
 
 
 _META_KEY = "free_kernels.drafter_config"
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _respacing_problem(r) -> Optional[str]:
+    from ..diffusion.respace import space_timesteps
+
+    if not isinstance(r, str) or not r.strip():
+        return f"{r!r} is not a respacing string"
+    try:
+        space_timesteps(1000, r)
+    except (ValueError, TypeError, AssertionError) as e:
+        return f"{r!r} is not a respacing ({e})"
+    return None
+
+
+def _profile_problem(values) -> Optional[str]:
+    if not isinstance(values, list) or not values:
+        return "is not a non-empty list"
+    bad = [v for v in values if v is not None and not (_number(v) and 0.0 <= v <= 1.0)]
+    return None if not bad else f"holds {bad[0]!r}, not an acceptance in [0, 1]"
+
+
+def training_record_problem(extra: dict) -> Optional[str]:
+    """Why the training record saved with a drafter (``extra``: the settings it was trained for, which the
+    tools take as their defaults and the draft-length planner as its prior) is unusable, as ``"FIELD = VALUE:
+    why"``; None when every recorded setting is one the command-line options accept (absent ones are fine)."""
+    from .._checks import cfg_scale_problem
+
+    checks = {
+        "cfg_scale": cfg_scale_problem,
+        "num_steps": lambda v: None if isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        else "must be an integer >= 1",
+        "guidance_channels": lambda v: None if v in (3, 4) and not isinstance(v, bool) else "must be 3 or 4",
+        "variance": lambda v: None if v in ("learned", "fixed") else "must be 'learned' or 'fixed'",
+        "steps": _respacing_problem,
+        "respacings": lambda v: (next((p for p in map(_respacing_problem, v) if p), None)
+                                 if isinstance(v, list) and v else "must be a non-empty list of respacings"),
+        "acceptance_profile": lambda v: (
+            next((f"[{k!r}] " + p if p else f"key {k!r} is not a number of steps"
+                  for k, p in ((k, _profile_problem(x)) for k, x in v.items())
+                  if p or not (isinstance(k, str) and k.isdigit() and int(k) >= 1)), None)
+            if isinstance(v, dict) and v else _profile_problem(v)),
+    }
+    for key, check in checks.items():
+        value = extra.get(key)
+        if value is None:
+            continue
+        why = check(value)
+        if why is not None:
+            return f"{key} = {value!r}: {why}"[:300]
+    return None
 
 
 _PARAM_SLOTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -5,7 +5,9 @@ Each op but the module-level compositions ``drafter_forward`` / ``draft_transiti
 carry) is also a ``torch.library`` operator, ``torch.ops.free_kernels.<op>`` and ``<op>_out`` (see
 ``_library``).
 """
-from ._dispatch import OPS, BackendUnavailable, get_op  # noqa: F401
+from ._dispatch import (  # noqa: F401
+    OPS, BackendEnvironmentWarning, BackendUnavailable, check_environment, environment_problems, get_op,
+)
 from .drafter_forward import drafter_forward  # noqa: F401
 from .draft_transition import draft_transition, schedule_tables_on  # noqa: F401
 from .verify_transition import verify_transition  # noqa: F401

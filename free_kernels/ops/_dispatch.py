@@ -8,9 +8,23 @@ can run the call) -> ``torch``; other backends only when requested explicitly.
 
 A backend is requested by the ``backend=`` argument of the op, by
 ``FREE_KERNELS_BACKEND_<OP>`` (e.g. ``FREE_KERNELS_BACKEND_VERIFY_ATTENTION=triton``)
-or by ``FREE_KERNELS_BACKEND`` for every op.  An explicit request that cannot
-run raises :class:`BackendUnavailable` with the reasons; it never silently runs
-something else.
+or by ``FREE_KERNELS_BACKEND`` for every op:
+
+* the argument and the per-op variable are strict: an unknown name, or one the
+  op does not have, raises ``ValueError`` and a backend that cannot run the call
+  raises :class:`BackendUnavailable`, each in one line naming where the request
+  came from; nothing else is run silently.  An op built on another op's kernel
+  (``Op.inherits``: ``draft_transition`` and ``verify_transition`` run the
+  ``draft_epilogue`` kernels) also follows that op's variable, where it has the
+  backend named, unless its own variable is set;
+* the global variable is a preference: it applies to each call where the op has
+  that backend and the backend can run the call; elsewhere the op keeps its own
+  order, and a value that is not a backend name (exactly, lower case) is
+  ignored, each with a one-line :class:`BackendEnvironmentWarning` once.
+
+``auto`` or an empty value means no request.  :func:`environment_problems` lists
+what is wrong with the variables as they are set (the tools check it before
+loading anything; ``python -m free_kernels.info`` prints it).
 
 Resolution is cached per op on (request, override variables, TRITON_INTERPRET,
 table path, context): a call site builds its context dict with a fixed set of
@@ -58,6 +72,27 @@ class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run the given inputs."""
 
 
+class BackendEnvironmentWarning(UserWarning):
+    """A ``FREE_KERNELS_BACKEND`` value that is ignored (for an op, or altogether)."""
+
+
+GLOBAL_ENV = "FREE_KERNELS_BACKEND"
+_WARNED: set = set()
+
+
+def _warn_once(msg: str) -> None:
+    """One line on stderr (through ``warnings``, so it can be filtered), once per process."""
+    if msg in _WARNED:
+        return
+    _WARNED.add(msg)
+    # an explicit location whose source is never looked up: the warning prints as one line
+    warnings.warn_explicit(msg, BackendEnvironmentWarning, "<environment>", 0, module="free_kernels.ops")
+
+
+def _choices() -> str:
+    return ", ".join(BACKENDS) + " or auto"
+
+
 @dataclass
 class Backend:
     """One implementation of an op.
@@ -93,11 +128,24 @@ class Op:
     # context -> why torch is the faster choice for this CPU call although the host kernel can run it
     # (e.g. too much work for a single-threaded kernel), or None; the ``cpu`` backend then comes second
     host_prefers_torch: Optional[Callable[[dict], Optional[str]]] = None
+    # ops whose kernels this op runs: their per-op variables govern it too (after its own)
+    inherits: Tuple[str, ...] = ()
     _cache: Dict[tuple, Backend] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        self._env_name = f"FREE_KERNELS_BACKEND_{self.name.upper()}"
+        self._env_name = env_name(self.name)
         self._env_k = _env_key(self._env_name)
+        self.inherit_from(*self.inherits)
+
+    def inherit_from(self, *op_names: str) -> None:
+        """This op runs the kernels of ``op_names``: their per-op variables govern it too (after its own)."""
+        self.inherits = tuple(op_names)
+        self._inherited_k = tuple(_env_key(env_name(n)) for n in self.inherits)
+        self._cache.clear()
+
+    def env_names(self) -> Tuple[str, ...]:
+        """The per-op variables that govern this op, in priority order (its own, then inherited ones)."""
+        return (self._env_name,) + tuple(env_name(n) for n in self.inherits)
 
     def register(self, backend: Backend) -> None:
         if backend.name not in BACKENDS:
@@ -110,12 +158,50 @@ class Op:
 
     # ------------------------------------------------------------------
     def requested(self, backend: Optional[str]) -> Optional[str]:
-        req = backend or _environ.get(self._env_name) or _environ.get("FREE_KERNELS_BACKEND")
-        if req in (None, "", "auto"):
-            return None
-        if req not in BACKENDS:
-            raise ValueError(f"{self.name}: unknown backend {req!r}; choose one of {BACKENDS} or 'auto'")
-        return req
+        """The backend asked for by ``backend`` or the environment (None: the op's own order).  A bad argument
+        or per-op variable raises ValueError; a bad global value is ignored with a warning."""
+        return self._request(backend)[0]
+
+    def _request(self, backend: Optional[str]) -> Tuple[Optional[str], str]:
+        """(backend name or None, where the request came from: ``backend='x'`` or ``VARIABLE=x``)."""
+        if backend is not None:
+            if backend in ("", "auto"):
+                return None, ""
+            if backend not in BACKENDS:
+                raise ValueError(f"{self.name}: unknown backend {backend!r}; choose one of {_choices()}")
+            return backend, f"backend={backend!r}"
+        for i, var in enumerate(self.env_names()):
+            raw = _environ.get(var)
+            if not raw:
+                continue
+            if raw == "auto":
+                return None, ""
+            if raw not in BACKENDS:
+                raise ValueError(f"{var}={raw!r} is not a backend name: choose one of {_choices()} "
+                                 f"(exactly, lower case)")
+            if raw not in self.backends:
+                if i:  # an inherited variable where this op does not run that kernel: its own order
+                    continue
+                raise ValueError(f"{var}={raw}: {self.name} has no {raw} backend (it has "
+                                 f"{', '.join(b for b in BACKENDS if b in self.backends)})")
+            return raw, f"{var}={raw}"
+        raw = _environ.get(GLOBAL_ENV)
+        if not raw or raw == "auto":
+            return None, ""
+        if raw not in BACKENDS:
+            _warn_once(f"{GLOBAL_ENV}={raw!r} is not a backend name (one of {_choices()}, exactly, lower case): "
+                       f"ignored")
+            return None, ""
+        why = _machine_reason_cached(raw, _env_get(_K_INTERPRET))
+        if why is not None:
+            _warn_once(f"{GLOBAL_ENV}={raw}: {raw} cannot run on this machine ({why}); every op keeps its own order")
+            return None, ""
+        if raw not in self.backends:
+            having = sorted(n for n, op in OPS.items() if raw in op.backends)
+            _warn_once(f"{GLOBAL_ENV}={raw} applies to the ops that have a {raw} backend "
+                       f"({', '.join(having) or 'none'}); the others keep their own order")
+            return None, ""
+        return raw, f"{GLOBAL_ENV}={raw}"
 
     def _reason(self, name: str, ctx: dict) -> Optional[str]:
         b = self.backends.get(name)
@@ -171,12 +257,15 @@ class Op:
                                f"{os.path.basename(path)})")
 
     def _resolve(self, ctx: dict, backend: Optional[str]) -> Backend:
-        req = self.requested(backend)
+        req, source = self._request(backend)
         if req is not None:
             why = self._reason(req, ctx)
-            if why is not None:
-                raise BackendUnavailable(f"{self.name}: backend {req!r} was requested but cannot run: {why}")
-            return self.backends[req]
+            if why is None:
+                return self.backends[req]
+            if not source.startswith(GLOBAL_ENV + "="):
+                raise BackendUnavailable(f"{self.name}: backend {req!r} was requested ({source}) but cannot run: "
+                                         f"{why}")
+            _warn_once(f"{source}: {req} cannot run {self.name} here ({why}); it keeps its own order")
         device = ctx.get("device")
         if (device is None or torch.device(device).type != "cuda") and "cpu" not in self.backends:
             return self.backends["torch"]
@@ -192,7 +281,11 @@ class Op:
         """The backend for ``ctx`` (cached; an explicit request that cannot run raises, never cached)."""
         get = _env_get
         try:
-            key = (backend, get(self._env_k), get(_K_ALL), get(_K_INTERPRET), get(_K_TABLE), *ctx.items())
+            if self._inherited_k:
+                key = (backend, get(self._env_k), tuple(get(k) for k in self._inherited_k), get(_K_ALL),
+                       get(_K_INTERPRET), get(_K_TABLE), *ctx.items())
+            else:
+                key = (backend, get(self._env_k), get(_K_ALL), get(_K_INTERPRET), get(_K_TABLE), *ctx.items())
             hit = self._cache.get(key)
         except TypeError:  # an unhashable context value: resolve without the cache
             return self._resolve(ctx, backend)
@@ -208,6 +301,82 @@ class Op:
 OPS: Dict[str, Op] = {}
 
 
+def env_name(op_name: str) -> str:
+    """The per-op override variable of ``op_name``: ``FREE_KERNELS_BACKEND_<OP>``."""
+    return f"{GLOBAL_ENV}_{op_name.upper()}"
+
+
+def machine_reason(name: str) -> Optional[str]:
+    """Why backend ``name`` cannot run on this machine at all (None: it can run some calls)."""
+    from .. import _env
+
+    if name == "torch":
+        return None
+    if name == "cpu":
+        return _env._load_extension()[1]
+    cuda = torch.cuda.is_available()
+    if name == "cuda":
+        return _env.extension_unavailable_reason() if cuda else "CUDA is not available to torch here"
+    if name == "triton":
+        why = _env.triton_unavailable_reason()
+        if why is None and not cuda and not _env.triton_interpret():
+            why = "no CUDA device here, and TRITON_INTERPRET is not set"
+        return why
+    return f"unknown backend {name!r}"
+
+
+@functools.lru_cache(maxsize=16)
+def _machine_reason_cached(name: str, interpret) -> Optional[str]:
+    return machine_reason(name)
+
+
+def environment_problems() -> Tuple[List[str], List[str]]:
+    """(errors, warnings) about the ``FREE_KERNELS_BACKEND*`` variables as set now, one line each.
+
+    Errors (a per-op variable is strict): a value that is not a backend name, a variable that names no op,
+    a backend the op does not have or that cannot run on this machine.  Warnings (the global variable is a
+    preference): a value that is not a backend name, or a backend that cannot run here.
+    """
+    import importlib
+
+    importlib.import_module(__name__.rsplit(".", 1)[0])  # every op registered
+    errors: List[str] = []
+    warns: List[str] = []
+    by_var = {env_name(n): op for n, op in OPS.items()}
+    for var in sorted(k for k in _environ if k.startswith(GLOBAL_ENV + "_")):
+        raw = _environ[var]
+        op = by_var.get(var)
+        if op is None:
+            errors.append(f"{var} names no op (per-op variables: {', '.join(sorted(by_var))})")
+        elif raw in ("", "auto"):
+            continue
+        elif raw not in BACKENDS:
+            errors.append(f"{var}={raw!r} is not a backend name: choose one of {_choices()} (exactly, lower case)")
+        elif raw not in op.backends:
+            errors.append(f"{var}={raw}: {op.name} has no {raw} backend (it has "
+                          f"{', '.join(b for b in BACKENDS if b in op.backends)})")
+        elif machine_reason(raw) is not None:
+            errors.append(f"{var}={raw}: {raw} cannot run on this machine ({machine_reason(raw)})")
+    raw = _environ.get(GLOBAL_ENV)
+    if raw and raw != "auto":
+        if raw not in BACKENDS:
+            warns.append(f"{GLOBAL_ENV}={raw!r} is not a backend name (one of {_choices()}, exactly, lower case): "
+                         f"ignored")
+        elif machine_reason(raw) is not None:
+            warns.append(f"{GLOBAL_ENV}={raw}: {raw} cannot run on this machine ({machine_reason(raw)}); every op "
+                         f"keeps its own order")
+    return errors, warns
+
+
+def check_environment() -> None:
+    """Warn (once each) about an ignored global value; raise ValueError with the first per-op problem."""
+    errors, warns = environment_problems()
+    for w in warns:
+        _warn_once(w)
+    if errors:
+        raise ValueError(errors[0] + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
+
+
 def get_op(name: str) -> Op:
     if name not in OPS:
         OPS[name] = Op(name)
@@ -220,6 +389,7 @@ def clear_caches() -> None:
         op.clear_cache()
     _load_priority_table.cache_clear()
     _device_name.cache_clear()
+    _machine_reason_cached.cache_clear()
 
 
 # -------------------------------------------------------------- measured priority table
@@ -335,7 +505,7 @@ def describe(ops_ctx: Dict[str, List[dict]]) -> List[str]:
         for ctx in ctxs:
             try:
                 chosen = op.resolve(ctx).name
-            except BackendUnavailable as e:
+            except Exception as e:  # BackendUnavailable, or a bad override variable: reported, never raised
                 chosen = f"(none: {e})"
             order, source = op.order_for(ctx)
             reasons = {name: op._reason(name, ctx) for name in order + tuple(b for b in op.names()
@@ -344,8 +514,13 @@ def describe(ops_ctx: Dict[str, List[dict]]) -> List[str]:
                 groups[-1][0].append(ctx.get("label", ""))
             else:
                 groups.append([[ctx.get("label", "")], chosen, reasons, source])
+        try:
+            requested = op._request(None)[1]
+        except ValueError:
+            requested = ""  # the bad variable is named in the resolution itself
         for labels, chosen, reasons, source in groups:
-            lines.append(f"    {', '.join(labels)} -> {chosen}   [order: {source}]")
+            lines.append(f"    {', '.join(labels)} -> {chosen}   [order: {source}"
+                         f"{f'; requested by {requested}' if requested else ''}]")
             for name, why in reasons.items():
                 mark = "*" if name == chosen else " "
                 lines.append(f"      {mark} {name:<7} {'ok' if why is None else why}")

@@ -44,6 +44,7 @@ INFO_CTX = dict(H=1152, M=512, PE=16, target_reason=None, diffusion_reason=None)
 # shape class of the measured priority table: feature rows M = G * R * N (as draft_epilogue)
 OP.shape_class = lambda ctx: size_class(ctx["M"], 2048)
 OP.host_prefers_torch = cpu_prefers_torch  # the host kernel's limit (draft_epilogue)
+OP.inherit_from("draft_epilogue")  # its fused backends run the draft_epilogue kernels: its variable counts
 
 
 # ------------------------------------------------------------ what the fused backends need of the objects

@@ -44,6 +44,7 @@ from .draft_transition import epilogue_context, fused_supports, schedule_tables_
 OP = get_op("verify_transition")
 # shape class of the measured priority table: feature rows M = G * R * N (as draft_epilogue)
 OP.shape_class = lambda ctx: size_class(ctx["M"], 2048)
+OP.inherit_from("draft_epilogue")  # its fused backends run the draft_epilogue kernels: its variable counts
 
 
 def _load_torch():
