@@ -1,16 +1,13 @@
 """free_kernels.cli.common: the one loader, argument checks, seeding and baseline call of every command-line tool.
 
-Also the layout of the CLI wing: ``free_kernels.train`` is ``free_kernels.cli.train_drafter`` under its old
-name, the console scripts point into ``free_kernels.cli``, the scripts in ``python/`` import no private module,
-and no tool re-implements the draft-length check.
+Also the layout of the CLI wing: the console scripts point into ``free_kernels.cli``, the scripts in ``python/``
+import no private module, and every tool refuses a bad draft length with the one check's message.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -61,17 +58,6 @@ def _same_weights(a, b):
 
 
 # ------------------------------------------------------------------ layout of the CLI wing
-def test_old_train_module_is_the_cli_module():
-    import free_kernels.train as old
-    from free_kernels.cli import train_drafter
-    from free_kernels.train import expected_steps, generate_trajectories, main, parse_args, run  # noqa: F401
-
-    assert old is train_drafter and old.main is train_drafter.main
-    r = subprocess.run([sys.executable, "-m", "free_kernels.train", "--help"], capture_output=True, text=True,
-                       timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert r.returncode == 0 and "free-train-drafter" in r.stdout, r.stderr[-2000:]
-
-
 def test_console_scripts_point_into_the_cli_package():
     import importlib
 
