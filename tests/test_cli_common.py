@@ -71,31 +71,85 @@ def test_console_scripts_point_into_the_cli_package():
         assert callable(getattr(importlib.import_module(mod), fn))
 
 
-def _sources(*globs):
-    import glob
+def _free_kernels_names(path):
+    """What a script takes from the package: every dotted name it imports from ``free_kernels`` (modules and
+    imported attributes, from its import statements, nested ones included), and ``?.attr`` for every
+    attribute it reads."""
+    import ast
 
-    out = {}
-    for g in globs:
-        for p in glob.glob(os.path.join(ROOT, g)):
-            with open(p) as f:
-                out[os.path.relpath(p, ROOT)] = f.read()
-    return out
+    with open(path) as f:
+        tree = ast.parse(f.read(), filename=path)
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names if a.name.split(".")[0] == "free_kernels"]
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] == "free_kernels":
+            names += [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Attribute):
+            names.append(f"?.{node.attr}")  # an attribute used anywhere (e.g. ``dit.find_model``)
+    return names
 
 
 def test_python_scripts_import_no_private_module():
-    srcs = _sources("python/*.py")
-    assert srcs
-    for path, src in srcs.items():
-        for line in src.splitlines():
-            if re.match(r"\s*(from|import)\s+free_kernels", line):
-                assert not re.search(r"free_kernels(\.\w+)*\._", line), f"{path}: {line.strip()}"
-        assert "load_state_dict_strict" not in src and "find_model" not in src, path  # the one loader is common's
+    import glob
+
+    scripts = sorted(glob.glob(os.path.join(ROOT, "python", "*.py")))
+    assert scripts
+    for path in scripts:
+        names = _free_kernels_names(path)
+        assert any(n.startswith("free_kernels") for n in names), path  # each script is built on the package
+        for name in names:
+            if name.startswith("free_kernels"):
+                assert not any(part.startswith("_") for part in name.split(".")), f"{path}: imports {name}"
+            # the one loader is common's: no script loads checkpoints by itself
+            assert name.split(".")[-1] not in ("load_state_dict_strict", "find_model"), f"{path}: uses {name}"
 
 
-def test_no_tool_reimplements_the_draft_length_check():
-    srcs = _sources("free_kernels/cli/*.py", "python/*.py", "bench/*.py")
-    for path, src in srcs.items():
-        assert not re.search(r"draft_length\s*(<|>=)\s*1\b", src), path
+def _tool_exit(tool, argv, tmp_path, monkeypatch):
+    """Run one command-line tool in this process on ``argv``: (exit status, stderr's last line)."""
+    import contextlib
+    import io
+
+    def call():
+        if tool == "free-sample":
+            from free_kernels.cli import sample
+
+            return sample.main(argv + ["--no-progress", "--out", str(tmp_path / "g.png")])
+        if tool == "free-train-drafter":
+            from free_kernels.cli import train_drafter
+
+            return train_drafter.main(argv + ["--no-progress", "--out", str(tmp_path / "run")])
+        monkeypatch.syspath_prepend(os.path.join(ROOT, "python"))
+        import importlib
+
+        if tool == "python/sample.py":
+            return importlib.import_module("sample").main(argv + ["--no-vae", "--out", str(tmp_path / "g.png")])
+        return importlib.import_module("sample_ddp").parse_args(argv + ["--no-vae",
+                                                                       "--sample-dir", str(tmp_path / "s")])
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = call()
+        except SystemExit as e:
+            code = e.code
+    lines = err.getvalue().strip().splitlines()
+    return code, lines[-1] if lines else ""
+
+
+@pytest.mark.parametrize("tool, allow_auto", [("free-sample", True), ("free-train-drafter", False),
+                                              ("python/sample.py", False), ("python/sample_ddp.py", False)])
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_every_tool_refuses_a_bad_draft_length_with_the_one_message(tool, allow_auto, value, tmp_path, monkeypatch):
+    """Each tool exits with status 2 and the message of :func:`common.check_draft_length` before loading
+    anything (the target named does not exist: reaching the loader would give another message)."""
+    with pytest.raises(UsageError) as want:
+        common.check_draft_length(int(value), allow_auto=allow_auto)
+    code, line = _tool_exit(tool, ["--target", str(tmp_path / "missing.safetensors"), "--draft-length", value],
+                            tmp_path, monkeypatch)
+    assert code == 2
+    assert line.endswith(str(want.value)), line
+    assert os.listdir(tmp_path) == []  # nothing written
 
 
 # ------------------------------------------------------------------ argument checks

@@ -100,10 +100,15 @@ def test_on_emits_ranges_in_the_free_kernels_domain(recorder, monkeypatch):
     assert [c[0] for c in recorder.calls if c[0] in ("push", "pop")] == ["push", "pop", "push", "pop"]
     recorder.calls.clear()
     _run_free()
-    names = [c[1] for c in recorder.calls if c[0] == "push"]
-    if names:  # present once the sampler carries its phase markers
-        assert set(names) <= {"draft", "verify", "accept", "resample"}
-        assert sum(c[0] == "push" for c in recorder.calls) == sum(c[0] == "pop" for c in recorder.calls)
+    ranges = [c for c in recorder.calls if c[0] in ("push", "pop")]
+    names = [c[1] for c in ranges if c[0] == "push"]
+    # every phase of a FREE round is marked (the run drafts: L = 2 over 6 steps), and nothing else
+    assert {"draft", "verify", "accept"} <= set(names), names
+    assert set(names) <= {"draft", "verify", "accept", "resample"}, names
+    # phases follow each other: each range is closed before the next opens, and the last one is closed
+    assert [c[0] for c in ranges] == ["push", "pop"] * len(names), ranges
+    # a draft is always verified next
+    assert all(b == "verify" for a, b in zip(names, names[1:]) if a == "draft"), names
     assert not any(c[0].startswith("torch") for c in recorder.calls)
 
 
