@@ -4,7 +4,7 @@ Exact (torch.equal) claims: adapter forward vs diffusers ``.sample``; forward ==
 forward_head(forward_features); the CFG rule vs a hand computation; the weight
 round trip; official <-> stock reconversion.  Approximate claims carry the
 tolerance measured for them (see the module docstring of
-free_kernels.models.diffusers_adapter).
+free_kernels.models.diffusers_convert).
 """
 import pytest
 import torch
@@ -13,8 +13,8 @@ pytest.importorskip("diffusers")
 from diffusers import DiTTransformer2DModel  # noqa: E402
 
 from free_kernels.models.dit import DiT  # noqa: E402
-from free_kernels.models.diffusers_adapter import (  # noqa: E402
-    DiffusersDiTTarget,
+from free_kernels.models.diffusers_adapter import DiffusersDiTTarget  # noqa: E402
+from free_kernels.models.diffusers_convert import (  # noqa: E402
     convert_diffusers_to_dit,
     convert_dit_to_diffusers,
     set_timestep_semantics,

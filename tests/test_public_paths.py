@@ -37,6 +37,10 @@ def test_pipeline_short_name_is_the_integration_module():
 @pytest.mark.parametrize("old, new, name", [
     ("free_kernels.models.diffusers_adapter", "free_kernels.models", "DiffusersDiTTarget"),
     ("free_kernels.integrations.diffusers", "free_kernels.models.diffusers_adapter", "DiffusersDiTTarget"),
+    ("free_kernels.models", "free_kernels.models.diffusers_convert", "convert_diffusers_to_dit"),
+    ("free_kernels.models", "free_kernels.models.diffusers_convert", "convert_dit_to_diffusers"),
+    ("free_kernels.integrations.diffusers", "free_kernels.models.diffusers_convert", "convert_diffusers_to_dit"),
+    ("free_kernels.integrations.diffusers", "free_kernels.models.diffusers_convert", "convert_dit_to_diffusers"),
     ("free_kernels.integrations.official", "free_kernels.models", "OfficialDiTTarget"),
     ("free_kernels.models.drafter", "free_kernels.models.protocol", "target_signature"),
     ("free_kernels.models.drafter", "free_kernels.models.official_adapter", "as_target"),

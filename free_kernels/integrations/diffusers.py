@@ -52,11 +52,8 @@ from typing import List, Optional, Union
 import torch
 
 from ..diffusion import create_diffusion
-from ..models.diffusers_adapter import (  # noqa: F401  (the model adapter, public here too)
-    DiffusersDiTTarget,
-    convert_diffusers_to_dit,
-    convert_dit_to_diffusers,
-)
+from ..models.diffusers_adapter import DiffusersDiTTarget  # the model adapter, public here too
+from ..models.diffusers_convert import convert_diffusers_to_dit, convert_dit_to_diffusers  # noqa: F401  (public here)
 from ..models.drafter import FeatureDrafter, FrozenFeatureDrafter
 from ..nvtx import nvtx_range
 from ..relax import as_policy
