@@ -133,7 +133,7 @@ def part1(batches, device, cfg, n_rep, relax):
 
 def part2(acceptance, batches, draft_lengths, dtype, reps):
     from bench_drafter import Setup  # noqa: E402  (bench/ is on sys.path)
-    from free_kernels.cli.train_drafter import expected_steps
+    from free_kernels.distill import expected_steps
 
     dev = "cuda"
     tokens = 256  # 256 px: latent 32, patch 2

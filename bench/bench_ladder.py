@@ -44,7 +44,7 @@ import free_kernels as fk  # noqa: E402
 from free_kernels.cli.common import load_drafter, load_target  # noqa: E402
 from free_kernels.demo import DRAFTER_FILE, TARGET_FILE, demo_files  # noqa: E402
 from free_kernels.demo.data import dataset_spec, digit_tiles  # noqa: E402
-from free_kernels.cli.train_drafter import evaluate_acceptance, generate_trajectories  # noqa: E402
+from free_kernels.distill import evaluate_acceptance, generate_trajectories  # noqa: E402
 
 RUNGS = ("digits16", "digits32", "mosaic")
 

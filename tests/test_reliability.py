@@ -515,5 +515,7 @@ def test_10_demo_target_trainer_refuses_a_pickle_payload(tmp_path):
     with pytest.raises(SystemExit, match="refused: loading it could run code"):
         train_target._load_state(str(tmp_path / "run" / "state.pt"), "cpu")
     assert not os.path.exists(marker)
-    src = open(train_target.__file__).read() + open(train.__file__).read()
+    from free_kernels import distill
+
+    src = open(train_target.__file__).read() + open(train.__file__).read() + open(distill.__file__).read()
     assert "weights_only=False" not in src

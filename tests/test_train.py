@@ -1,5 +1,6 @@
-"""Drafter distillation (free-train-drafter, free_kernels.cli.train_drafter): runs end to end, resumes after
-interruption, and learns (beats its start)."""
+"""Drafter distillation (the library, free_kernels.distill, and its command, free-train-drafter in
+free_kernels.cli.train_drafter): losses, runs end to end, resumes after interruption, and learns (beats its
+start)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import free_kernels as fk
+from free_kernels import distill
 from free_kernels.cli import train_drafter as train
 from free_kernels.models import DiT, FeatureDrafter
 
@@ -73,14 +75,14 @@ def test_train_rejects_mismatched_resume_and_bad_options(tmp_path):
 def test_losses_are_zero_at_equality_and_positive_otherwise():
     mp = torch.randn(3, 10)
     lvp = torch.randn(3, 10) * 0.1 - 2
-    kl, d2 = train.transition_losses(mp, lvp, mp, lvp)
+    kl, d2 = distill.transition_losses(mp, lvp, mp, lvp)
     assert torch.allclose(kl, torch.zeros(3), atol=1e-6) and torch.allclose(d2, torch.zeros(3))
-    kl2, d22 = train.transition_losses(mp + 0.1, lvp + 0.05, mp, lvp)
+    kl2, d22 = distill.transition_losses(mp + 0.1, lvp + 0.05, mp, lvp)
     assert (kl2 > 0).all() and (d22 > 0).all()
     # KL of equal-variance Gaussians is |d|^2 / 2
-    kl3, d23 = train.transition_losses(mp + 0.1, lvp, mp, lvp)
+    kl3, d23 = distill.transition_losses(mp + 0.1, lvp, mp, lvp)
     assert torch.allclose(kl3, 0.5 * d23, rtol=1e-5)
-    assert abs(train.expected_steps(0.0, 6) - 1.0) < 1e-9 and abs(train.expected_steps(1.0, 6) - 7.0) < 1e-9
+    assert abs(distill.expected_steps(0.0, 6) - 1.0) < 1e-9 and abs(distill.expected_steps(1.0, 6) - 7.0) < 1e-9
 
 
 def test_acceptance_from_kl_is_the_equal_variance_acceptance():
@@ -90,8 +92,8 @@ def test_acceptance_from_kl_is_the_equal_variance_acceptance():
     for delta in (0.0, 0.3, 1.0, 2.5):
         d = torch.zeros(1, 4)
         d[0, 0] = delta * torch.exp(0.5 * lv[0, 0])
-        kl, _ = train.transition_losses(d, lv, torch.zeros(1, 4), lv)
-        a = float(train.acceptance_from_kl(kl))
+        kl, _ = distill.transition_losses(d, lv, torch.zeros(1, 4), lv)
+        a = float(distill.acceptance_from_kl(kl))
         assert abs(a - float(2 * torch.special.ndtr(torch.tensor(-delta / 2)))) < 1e-4
         g = torch.Generator().manual_seed(0)
         z = torch.randn(200_000, generator=g)  # x ~ q along the separating axis, in units of sigma
@@ -105,18 +107,18 @@ def test_steps_loss_counts_drafts_until_the_first_rejection():
     counts nor receives a gradient, one before it does."""
     zero, huge = torch.zeros(3), torch.full((3,), 1e4)
     perfect = [(zero, zero, torch.tensor(0.0))] * 4
-    assert abs(float(train.combine_loss("steps", perfect, 1.0)) + 1.0) < 1e-3  # every draft accepted
+    assert abs(float(distill.combine_loss("steps", perfect, 1.0)) + 1.0) < 1e-3  # every draft accepted
     first = zero.clone().requires_grad_(True)
     later = torch.full((3,), 0.5, requires_grad=True)
-    loss = train.combine_loss("steps", [(first, zero, torch.tensor(0.0)), (huge, huge, torch.tensor(0.0)),
+    loss = distill.combine_loss("steps", [(first, zero, torch.tensor(0.0)), (huge, huge, torch.tensor(0.0)),
                                         (later, later, torch.tensor(0.0))], 1.0)
-    only_first = float(train.acceptance_from_kl(torch.zeros(1))) / 3  # only the first draft counts
+    only_first = float(distill.acceptance_from_kl(torch.zeros(1))) / 3  # only the first draft counts
     assert abs(float(loss.detach()) + only_first) < 1e-4
     loss.backward()
     assert float(later.grad.abs().max()) == 0.0 and float(first.grad.abs().max()) > 0.0
     fm = torch.tensor(0.25)
-    both = train.combine_loss("steps+feature", [(zero, zero, fm)] * 2, 2.0)
-    assert abs(float(both) - (float(train.combine_loss("steps", [(zero, zero, fm)] * 2, 2.0)) + 0.5)) < 1e-6
+    both = distill.combine_loss("steps+feature", [(zero, zero, fm)] * 2, 2.0)
+    assert abs(float(both) - (float(distill.combine_loss("steps", [(zero, zero, fm)] * 2, 2.0)) + 0.5)) < 1e-6
 
 
 def test_train_with_the_steps_loss(tmp_path):
@@ -187,7 +189,7 @@ def test_mlp_ratio_makes_a_narrower_drafter_and_is_part_of_the_run(tmp_path):
     with pytest.raises(train.TrainError, match="--mlp-ratio of at most 2"):
         train.run(_args(tmp_path / "other", target, ["--train-steps", "2", "--init", init]))
     narrow = FeatureDrafter.for_target(m, mlp_ratio=1.0)
-    sd = train.narrowed_state(d, narrow)
+    sd = distill.narrowed_state(d, narrow)
     narrow.load_state_dict(sd)
     w1, w2 = d.blocks[0].mlp.fc1.weight, d.blocks[0].mlp.fc2.weight
     units = (w1.norm(dim=1) * w2.norm(dim=0)).argsort(descending=True)[:32].sort().values

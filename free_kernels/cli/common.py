@@ -82,6 +82,7 @@ from .._checks import (  # noqa: F401  (re-exported: the file-safety helpers of 
     FileProblem, atomic_write, atomic_write_json, check_output_path, check_writable_dir, file_sha256,
     read_json_file, remove_stale_tmp,
 )
+from ..diffusion.guidance import uses_cfg  # the guidance rule every tool and script applies
 
 __all__ = [
     "UsageError", "first_line", "json_beside",
@@ -553,11 +554,6 @@ def baseline_generators(seed: int, n: int, *, first: int = 0, device="cpu", cfg_
 
 
 # ------------------------------------------------------------------ the baseline
-def uses_cfg(cfg_scale: float) -> bool:
-    """Classifier-free guidance is on: ``cfg_scale > 1`` (the official ``sample_ddp.py`` rule)."""
-    return float(cfg_scale) > 1.0
-
-
 @torch.no_grad()
 def sample_baseline(model, diffusion, noise: torch.Tensor, y: torch.Tensor, *, cfg_scale: float = 1.0,
                     guidance_channels: int = 3, clip_denoised: bool = False, generator=None,

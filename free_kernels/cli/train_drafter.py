@@ -55,10 +55,10 @@ a cache or run folder received from someone else cannot run code.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
-from typing import Dict
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
@@ -68,196 +68,12 @@ from .._checks import (
     safe_torch_load,
 )
 from ..diffusion import create_diffusion
-from ..diffusion.gaussian_diffusion import GaussianDiffusion
+from ..distill import (
+    LOSSES, evaluate_acceptance, filled_profile, generate_trajectories, learning_rate, measure_free, narrowed_state,
+    split_trajectories, train_step,
+)
 from ..models.drafter import FeatureDrafter, FrozenFeatureDrafter
-from ..ops.drafter_forward import drafter_extras
-from ..reference.draft_transition import guided_transition
 from . import common
-
-LOSSES = ("kl", "whitened", "feature", "kl+feature", "steps", "steps+feature")
-
-
-# ------------------------------------------------------------------ trajectories
-@torch.no_grad()
-def generate_trajectories(target, diffusion: GaussianDiffusion, num: int, *, cfg_scale: float = 1.0,
-                          guidance_channels: int = 3, batch_size: int = 64, seed: int = 0, device="cpu",
-                          clip_denoised: bool = False, progress: bool = True, feature_dtype=torch.float16) -> Dict:
-    """Run the target's ancestral sampler and record what drafter training needs.
-
-    Returns tensors indexed [sample, k] with k = 0 .. N-1 the position in the
-    loop (respaced index i = N-1-k): ``x`` (states entering step k), ``h``
-    (exact top-block features of x, shape [num, N, G, tokens, H], G = 2 with
-    CFG: cond, uncond), ``mean``/``logvar`` (guided transition p), and ``y``.
-    """
-    N = diffusion.num_timesteps
-    C, S = int(target.in_channels), int(target.input_size)
-    cfg = common.uses_cfg(cfg_scale)  # the baseline's rule (cli.common): guidance above 1
-    G = 2 if cfg else 1
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    xs, hs, ms, lvs, ys = [], [], [], [], []
-    tmap = torch.as_tensor(np.asarray(getattr(diffusion, "timestep_map", range(N))), device=device)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=num * N, desc="trajectories", unit="step")
-    for b0 in range(0, num, batch_size):
-        B = min(batch_size, num - b0)
-        x = torch.randn(B, C, S, S, generator=gen).to(device)
-        y = torch.randint(0, int(target.num_classes), (B,), generator=gen).to(device)
-        X = torch.empty(B, N, C, S, S)
-        M = torch.empty(B, N, C * S * S)
-        LV = torch.empty(B, N, C * S * S)
-        Hf = None
-        for k in range(N):
-            i = N - 1 - k
-            idx = torch.full((B,), i, device=device, dtype=torch.long)
-            t = tmap[idx]
-            if cfg:
-                h, c = target.forward_features(torch.cat([x, x]), torch.cat([t, t]),
-                                               torch.cat([y, torch.full_like(y, int(target.num_classes))]))
-            else:
-                h, c = target.forward_features(x, t, y)
-            out = target.forward_head(h, c)
-            tr = guided_transition(diffusion, out, x, idx, cfg=cfg, cfg_scale=cfg_scale,
-                                   guidance_channels=guidance_channels, in_channels=C, clip_denoised=clip_denoised)
-            if Hf is None:
-                Hf = torch.empty(B, N, G, *h.shape[1:], dtype=feature_dtype)
-            X[:, k] = x.cpu()
-            Hf[:, k] = h.view(G, B, *h.shape[1:]).transpose(0, 1).to(feature_dtype).cpu()
-            M[:, k] = tr["mean"].reshape(B, -1).cpu()
-            LV[:, k] = tr["log_variance"].reshape(B, -1).cpu()
-            noise = torch.randn(B, C, S, S, generator=gen).to(device)
-            x = tr["mean"] + (i > 0) * torch.exp(0.5 * tr["log_variance"]) * noise
-            if bar is not None:
-                bar.update(B)
-        xs.append(X)
-        hs.append(Hf)
-        ms.append(M)
-        lvs.append(LV)
-        ys.append(y.cpu())
-    if bar is not None:
-        bar.close()
-    return dict(x=torch.cat(xs), h=torch.cat(hs), mean=torch.cat(ms), logvar=torch.cat(lvs), y=torch.cat(ys),
-                cfg_scale=cfg_scale, guidance_channels=guidance_channels, num_steps=N)
-
-
-# ------------------------------------------------------------------ losses
-def transition_losses(mq, lvq, mp, lvp):
-    """Per-row (KL(q||p), whitened mean discrepancy |d|^2) summed over elements, in fp32."""
-    ivp = torch.exp(-lvp)
-    d2 = ((mp - mq) ** 2 * ivp).sum(-1)
-    r = lvq - lvp
-    kl = 0.5 * (torch.exp(r) - 1 - r).sum(-1) + 0.5 * d2
-    return kl, d2
-
-
-def acceptance_from_kl(kl: torch.Tensor) -> torch.Tensor:
-    """Acceptance 1 - TV(q, p) of two Gaussians with equal (diagonal) variances, through their KL:
-    with whitened mean distance delta, KL = delta^2 / 2 and 1 - TV = 2 Phi(-delta / 2) = 1 - erf(sqrt(KL) / 2).
-    Differentiable everywhere (a small floor under the square root); a surrogate where the variances differ."""
-    return 1.0 - torch.erf(torch.sqrt(kl.clamp_min(0.0) + 1e-8) / 2.0)
-
-
-def draft_window(drafter, target, diffusion, traj, b, k0, unroll, *, cfg_scale, guidance_channels, device,
-                 clip_denoised=False):
-    """Unroll the drafter over positions k0 .. k0+unroll-1 of trajectories ``b``.
-
-    Returns per step (kl, whitened d^2) per sample (B,) and the feature mse (averaged).
-    """
-    N = traj["num_steps"]
-    cfg = traj["h"].shape[2] == 2
-    G = 2 if cfg else 1
-    C = int(target.in_channels)
-    B = b.numel()
-    y = traj["y"][b].to(device)
-    tmap = torch.as_tensor(np.asarray(getattr(diffusion, "timestep_map", range(N))), device=device)
-    h_prev = traj["h"][b, k0 - 1].to(device).float().transpose(0, 1).reshape(G * B, *traj["h"].shape[3:])
-    y_in = torch.cat([y, torch.full_like(y, int(target.num_classes))]) if cfg else y
-    outs = []
-    for u in range(unroll):
-        k = k0 + u
-        i = N - 1 - k
-        x = traj["x"][b, k].to(device)
-        idx = torch.full((B,), i, device=device, dtype=torch.long)
-        t = tmap[idx]
-        x_in = x.repeat(G, 1, 1, 1)
-        t_in = t.repeat(G)
-        t_nx = tmap[idx - 1].repeat(G)  # the step being drafted (i >= 1: index 0 is never drafted)
-        c = target.embed_condition(t_in, y_in)  # shared by the drafter and the head, as in the sampler
-        h = drafter(h_prev, x_in, t_in, y_in, **drafter_extras(drafter, t_nx, c))
-        out = target.forward_head(h, c)
-        tr = guided_transition(diffusion, out, x, idx, cfg=cfg, cfg_scale=cfg_scale,
-                               guidance_channels=guidance_channels, in_channels=C, clip_denoised=clip_denoised)
-        mp = traj["mean"][b, k].to(device)
-        lvp = traj["logvar"][b, k].to(device)
-        kl, d2 = transition_losses(tr["mean"].reshape(B, -1), tr["log_variance"].reshape(B, -1), mp, lvp)
-        h_true = traj["h"][b, k].to(device).float().transpose(0, 1).reshape(G * B, *traj["h"].shape[3:])
-        fmse = ((h - h_true) ** 2).mean() / h_true.var().clamp_min(1e-8)
-        outs.append((kl, d2, fmse))
-        h_prev = h
-    return outs
-
-
-def combine_loss(kind, terms, feature_weight):
-    """The training loss of one window (``terms``: :func:`draft_window`'s steps); see the module docstring."""
-    kl = sum(t[0].mean() for t in terms) / len(terms)
-    d2 = sum(t[1].mean() for t in terms) / len(terms)
-    fm = sum(t[2] for t in terms) / len(terms)
-    if kind in ("steps", "steps+feature"):
-        # expected drafts accepted per sample, normalised by the window: the chain stops at the first rejection
-        chain = torch.cumprod(torch.stack([acceptance_from_kl(t[0]) for t in terms], dim=1), dim=1)
-        steps = -chain.sum(dim=1).mean() / len(terms)
-        return steps if kind == "steps" else steps + feature_weight * fm
-    if kind == "kl":
-        return kl
-    if kind == "whitened":
-        return 0.5 * d2
-    if kind == "feature":
-        return fm
-    if kind == "kl+feature":
-        return kl + feature_weight * fm
-    raise ValueError(f"unknown loss {kind!r}; choose one of {LOSSES}")
-
-
-@torch.no_grad()
-def evaluate_acceptance(drafter, target, diffusion, traj, *, cfg_scale, guidance_channels, device, max_rows=4096):
-    """Per respaced position on held-out trajectories (one draft from the exact parent features): the mean
-    KL(q || p) and whitened |d|^2 over the rows (an acceptance estimate per row: :func:`acceptance_from_kl`)."""
-    N = traj["num_steps"]
-    n = traj["x"].shape[0]
-    kls = torch.zeros(N)
-    d2s = torch.zeros(N)
-    b_all = torch.arange(n)
-    for k in range(1, N - 1):
-        terms = draft_window(drafter, target, diffusion, traj, b_all[: min(n, max_rows)], k, 1,
-                             cfg_scale=cfg_scale, guidance_channels=guidance_channels, device=device)
-        kls[k] += float(terms[0][0].mean())
-        d2s[k] += float(terms[0][1].mean())
-    return kls, d2s
-
-
-def expected_steps(a: float, L: int) -> float:
-    """Expected steps per round with per-step acceptance a and draft length L (bonus counted)."""
-    if a >= 1:
-        return float(L + 1)
-    return (1 - a ** (L + 1)) / (1 - a)
-
-
-@torch.no_grad()
-def measure_free(target, drafter, diffusion, *, n, draft_length, cfg_scale, guidance_channels, seed, device):
-    from ..sampler import FreeSampler
-
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    C, S = int(target.in_channels), int(target.input_size)
-    noise = torch.randn(n, C, S, S, generator=g).to(device)
-    y = torch.randint(0, int(target.num_classes), (n,), generator=g).to(device)
-    s = FreeSampler(target, drafter, diffusion, draft_length=draft_length)
-    _, st = s.sample(noise, y, cfg_scale=cfg_scale, guidance_channels=guidance_channels,
-                     generator=torch.Generator(device=device).manual_seed(seed + 1) if device != "cpu" else
-                     torch.Generator().manual_seed(seed + 1))
-    return st
-
 
 # ------------------------------------------------------------------ target loading
 class TrainError(SystemExit):
@@ -466,43 +282,6 @@ def _check_traj_shapes(path, traj, target, N, n, G):
             raise TrainError(f"--cache {path!r}: {k!r} is {got}, expected {shape} for this target (damaged?)")
 
 
-def _split(total: int, lengths: list) -> list:
-    """``total`` trajectories split between respacings of ``lengths`` steps in proportion to 1 / length (every
-    respacing gets about the same number of recorded steps, i.e. the same data and generation time), at least 1."""
-    w = [1.0 / n for n in lengths]
-    exact = [total * v / sum(w) for v in w]
-    out = [max(1, int(e)) for e in exact]
-    for i in sorted(range(len(w)), key=lambda i: int(exact[i]) - exact[i])[: max(0, total - sum(out))]:
-        out[i] += 1  # largest remainders first
-    return out
-
-
-def _filled(profile) -> list:
-    """Per-index acceptance with the never-drafted indices (None) filled from their nearest measured neighbour."""
-    vals = list(profile)
-    known = [i for i, v in enumerate(vals) if v is not None]
-    if not known:
-        return []
-    return [round(float(vals[min(known, key=lambda k: abs(k - i))]), 4) for i in range(len(vals))]
-
-
-def narrowed_state(start: FeatureDrafter, drafter: FeatureDrafter) -> dict:
-    """``start``'s weights for ``drafter``, whose blocks' MLPs may be narrower: each block keeps the hidden units
-    with the largest |fc1 row| * |fc2 column| (the units whose removal changes the MLP's output least, to first
-    order), in their original order; every other tensor is copied as is."""
-    state = dict(start.state_dict())
-    for i, (a, b) in enumerate(zip(start.blocks, drafter.blocks)):
-        keep = b.mlp.fc1.out_features
-        w1, b1, w2 = a.mlp.fc1.weight, a.mlp.fc1.bias, a.mlp.fc2.weight
-        if keep == w1.shape[0]:
-            continue
-        units = (w1.norm(dim=1) * w2.norm(dim=0)).argsort(descending=True)[:keep].sort().values
-        state[f"blocks.{i}.mlp.fc1.weight"] = w1[units].detach().clone()
-        state[f"blocks.{i}.mlp.fc1.bias"] = b1[units].detach().clone()
-        state[f"blocks.{i}.mlp.fc2.weight"] = w2[:, units].detach().clone()
-    return state
-
-
 def _load_init(args, target, device) -> FeatureDrafter:
     """The ``--init`` drafter, checked against the target, ``--depth`` / ``--mlp-ratio`` and for finite weights."""
     try:
@@ -534,29 +313,65 @@ def load_state(path: str, expect: dict, device) -> dict:
     return st
 
 
-def run(argv=None) -> dict:
-    """Train, write the drafter and report; returns the report.  Problems raise :class:`TrainError`."""
-    args = parse_args(argv)
-    validate_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = args.device
-    progress = not args.no_progress
+# ------------------------------------------------------------------ a run: prepare -> trajectories -> train
+@dataclass
+class _Setup:
+    """What a run is about, settled before any long work: options, respacings, target, identities."""
+    args: argparse.Namespace
+    device: str
+    progress: bool
+    respacings: list           # respacing strings; [--steps] for a one-respacing run
+    multi: bool                # --respacings given
+    diffusions: dict           # respacing -> diffusion
+    num_steps: dict            # respacing -> number of sampling steps
+    target: torch.nn.Module
+    target_id: dict
+    identity: dict             # what a checkpoint must match
+    cache_identity: dict       # what a trajectory cache must match
+    state_path: str
+    state: Optional[dict]      # the checkpoint to resume from
+    init_drafter: Optional[FeatureDrafter] = None  # --init, loaded and checked before the trajectories
+
+
+@dataclass
+class _Data:
+    """Trajectories per respacing: the first ``n_train[r]`` for training, the rest held out."""
+    trajs: dict
+    held: dict
+    n_train: dict
+    seconds: float
+
+
+@dataclass
+class _Training:
+    """The drafter being trained and everything a checkpoint records about it."""
+    drafter: FeatureDrafter
+    opt: torch.optim.Optimizer
+    gen: torch.Generator       # draws the windows
+    step: int = 0
+    history: list = field(default_factory=list)
+    seconds: float = 0.0
+    settings_history: list = field(default_factory=list)
+
+
+def _diffusions(args):
+    """(respacings, {respacing: diffusion}, {respacing: steps}); a bad respacing is a TrainError."""
     respacings = list(args.respacings or [args.steps])
-    diffusions, Ns = {}, {}
+    opt_name = "--steps" if args.respacings is None else "--respacings"
+    diffusions, num_steps = {}, {}
     for r in respacings:
-        opt_name = "--steps" if args.respacings is None else "--respacings"
         try:
             diffusions[r] = create_diffusion(r, learn_sigma=args.variance == "learned")
         except (ValueError, TypeError) as e:
             raise TrainError(f"{opt_name} {r!r} is not a valid respacing: {e}") from None
-        Ns[r] = diffusions[r].num_timesteps
-        if Ns[r] < args.unroll + 2:
-            raise TrainError(f"{opt_name} {r} gives {Ns[r]} steps: too few for --unroll {args.unroll}")
-    N = Ns[args.steps]
-    if common.cap_draft_length(args.draft_length, min(Ns.values())) != args.draft_length:
-        print(f"note: --draft-length {args.draft_length} capped at the {min(Ns.values())} sampling steps")
-        args.draft_length = common.cap_draft_length(args.draft_length, min(Ns.values()))
+        num_steps[r] = diffusions[r].num_timesteps
+        if num_steps[r] < args.unroll + 2:
+            raise TrainError(f"{opt_name} {r} gives {num_steps[r]} steps: too few for --unroll {args.unroll}")
+    return respacings, diffusions, num_steps
+
+
+def _check_outputs(args) -> None:
+    """--out and --cache are writable; temporary files a killed run left there are removed."""
     try:
         check_writable_dir("--out", args.out)
         if args.cache:
@@ -566,6 +381,19 @@ def run(argv=None) -> dict:
     remove_stale_tmp(args.out)
     if args.cache:
         remove_stale_tmp(os.path.dirname(os.path.abspath(args.cache)), [os.path.basename(args.cache)])
+
+
+def _prepare(args) -> _Setup:
+    """Everything checked and loaded before the trajectories: respacings, outputs, target, checkpoint."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    respacings, diffusions, num_steps = _diffusions(args)
+    shortest = min(num_steps.values())
+    if common.cap_draft_length(args.draft_length, shortest) != args.draft_length:
+        print(f"note: --draft-length {args.draft_length} capped at the {shortest} sampling steps")
+        args.draft_length = common.cap_draft_length(args.draft_length, shortest)
+    _check_outputs(args)
+    device = args.device
     target = load_target(args, device)
     if args.variance == "learned" and not getattr(target, "learn_sigma", True):
         raise TrainError("--variance learned needs a target that predicts its variance; use --variance fixed")
@@ -573,167 +401,234 @@ def run(argv=None) -> dict:
     start = _load_init(args, target, device) if args.init is not None else None  # checked before long work
     target_id = target_identity(args)
     identity = run_identity(args, target_id, RUN_KEYS)
-    cache_identity = run_identity(args, target_id, CACHE_KEYS)
     state_path = os.path.join(args.out, "state.pt")
-    st = load_state(state_path, identity, device) if os.path.isfile(state_path) else None
+    state = load_state(state_path, identity, device) if os.path.isfile(state_path) else None
     torch.manual_seed(args.seed)
+    return _Setup(args=args, device=device, progress=not args.no_progress, respacings=respacings,
+                  multi=args.respacings is not None, diffusions=diffusions, num_steps=num_steps, target=target,
+                  target_id=target_id, identity=identity, cache_identity=run_identity(args, target_id, CACHE_KEYS),
+                  state_path=state_path, state=state, init_drafter=start)
 
-    # ---------------------------------------------------------------- trajectories
+
+def _trajectories(setup: _Setup) -> _Data:
+    """The trajectories of every respacing: from --cache when it exists, else generated (and cached)."""
+    args, respacings, num_steps = setup.args, setup.respacings, setup.num_steps
     t0 = time.perf_counter()
-    kw = dict(cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels, device=device, progress=progress)
-    n_trains = dict(zip(respacings, _split(args.num_trajectories, [Ns[r] for r in respacings])))
-    n_evals = dict(zip(respacings, _split(args.eval_trajectories, [Ns[r] for r in respacings])))
-    if min(n_trains.values()) < 1 or min(n_evals.values()) < 1:
+    n_train = dict(zip(respacings, split_trajectories(args.num_trajectories, [num_steps[r] for r in respacings])))
+    n_eval = dict(zip(respacings, split_trajectories(args.eval_trajectories, [num_steps[r] for r in respacings])))
+    if min(n_train.values()) < 1 or min(n_eval.values()) < 1:
         raise TrainError(f"--num-trajectories {args.num_trajectories} / --eval-trajectories {args.eval_trajectories}: "
                          f"need at least one of each per respacing ({len(respacings)} respacings)")
-    multi = args.respacings is not None
     if args.cache and os.path.isfile(args.cache):
-        shapes = {r: (Ns[r], n_trains[r] + n_evals[r]) for r in respacings} if multi else N
-        loaded = load_cache(args.cache, cache_identity, target, shapes)
-        trajs = loaded if multi else {args.steps: loaded}
+        shapes = ({r: (num_steps[r], n_train[r] + n_eval[r]) for r in respacings} if setup.multi
+                  else num_steps[args.steps])
+        loaded = load_cache(args.cache, setup.cache_identity, setup.target, shapes)
+        trajs = loaded if setup.multi else {args.steps: loaded}
         print(f"loaded {sum(t['x'].shape[0] for t in trajs.values())} trajectories from {args.cache}")
     else:
+        kw = dict(cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels, device=setup.device,
+                  progress=setup.progress)
         trajs = {}
         for ri, r in enumerate(respacings):  # seed + 7919 * position: the one-respacing run keeps its trajectories
-            trajs[r] = generate_trajectories(target, diffusions[r], n_trains[r] + n_evals[r],
+            trajs[r] = generate_trajectories(setup.target, setup.diffusions[r], n_train[r] + n_eval[r],
                                              seed=args.seed + 7919 * ri, **kw)
         if args.cache:
-            body = dict(per=trajs) if multi else dict(trajs[args.steps])
-            atomic_torch_save(dict(body, format=CACHE_FORMAT, identity=cache_identity), args.cache)
-    t_traj = time.perf_counter() - t0
-    helds = {r: {k: (v[n_trains[r]:] if torch.is_tensor(v) else v) for k, v in trajs[r].items()} for r in respacings}
+            body = dict(per=trajs) if setup.multi else dict(trajs[args.steps])
+            atomic_torch_save(dict(body, format=CACHE_FORMAT, identity=setup.cache_identity), args.cache)
+    seconds = time.perf_counter() - t0
+    held = {r: {k: (v[n_train[r]:] if torch.is_tensor(v) else v) for k, v in trajs[r].items()} for r in respacings}
+    return _Data(trajs=trajs, held=held, n_train=n_train, seconds=seconds)
 
-    # ---------------------------------------------------------------- drafter + resume
-    drafter = FeatureDrafter.for_target(target, depth=args.depth, init="identity", mlp_ratio=args.mlp_ratio)
+def _new_drafter(setup: _Setup) -> FeatureDrafter:
+    """The drafter training starts from: the frozen drafter's identity blocks, or --init narrowed to --mlp-ratio."""
+    args = setup.args
+    drafter = FeatureDrafter.for_target(setup.target, depth=args.depth, init="identity", mlp_ratio=args.mlp_ratio)
+    start = setup.init_drafter
     if start is not None:
         drafter.load_state_dict(narrowed_state(start, drafter))
     # the stride conditioning is trained only on a mix of respacings; a one-respacing drafter keeps it at zero
     # (it would only see one stride) and its optimizer state is the one of runs made before it existed
-    drafter.stride_proj.requires_grad_(multi)
+    drafter.stride_proj.requires_grad_(setup.multi)
+    return drafter
+
+
+def _settings(args) -> dict:
+    """The options that may change when a run resumes (recorded in settings_history)."""
+    return {k: getattr(args, k) for k in FREE_KEYS}
+
+
+def _resume(setup: _Setup, tr: _Training) -> None:
+    """Load the checkpoint into ``tr``; changed free options are printed and recorded in settings_history."""
+    st = setup.state
+    try:
+        sd = dict(st["drafter"])
+        if not setup.multi and "stride_proj.weight" not in sd:  # a checkpoint from before the stride conditioning
+            sd["stride_proj.weight"] = torch.zeros_like(tr.drafter.stride_proj.weight)
+        tr.drafter.load_state_dict(sd)
+        tr.opt.load_state_dict(st["opt"])
+        tr.gen.set_state(st["gen"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise TrainError(f"{setup.state_path} does not fit this drafter (damaged?): "
+                         f"{str(e).strip().splitlines()[0]}") from None
+    tr.step, tr.history, tr.seconds = int(st["step"]), list(st["history"]), float(st["time"])
+    tr.settings_history = list(st.get("settings_history") or [])
+    last = {k: v for k, v in (tr.settings_history[-1] if tr.settings_history else {}).items() if k != "step"}
+    settings = _settings(setup.args)
+    if last != settings:
+        print(f"resuming with changed options: {'; '.join(_differences(last, settings))}")
+        tr.settings_history.append(dict(step=tr.step, **settings))
+    print(f"resumed from {setup.state_path} at step {tr.step}")
+
+
+def _start_training(setup: _Setup) -> _Training:
+    """A new drafter and optimizer, or the checkpoint's state when the run resumes."""
+    args = setup.args
+    drafter = _new_drafter(setup)
     opt = torch.optim.AdamW([p for p in drafter.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    step, history, t_train = 0, [], 0.0
-    settings = {k: getattr(args, k) for k in FREE_KEYS}
-    settings_history = [dict(step=0, **settings)]
-    gen = torch.Generator().manual_seed(args.seed + 17)
-    if st is not None:
-        try:
-            sd = dict(st["drafter"])
-            if not multi and "stride_proj.weight" not in sd:  # a checkpoint from before the stride conditioning
-                sd["stride_proj.weight"] = torch.zeros_like(drafter.stride_proj.weight)
-            drafter.load_state_dict(sd)
-            opt.load_state_dict(st["opt"])
-            gen.set_state(st["gen"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            raise TrainError(f"{state_path} does not fit this drafter (damaged?): "
-                             f"{str(e).strip().splitlines()[0]}") from None
-        step, history, t_train = int(st["step"]), list(st["history"]), float(st["time"])
-        settings_history = list(st.get("settings_history") or [])
-        last = {k: v for k, v in (settings_history[-1] if settings_history else {}).items() if k != "step"}
-        if last != settings:
-            changes = _differences(last, settings)
-            print(f"resuming with changed options: {'; '.join(changes)}")
-            settings_history.append(dict(step=step, **settings))
-        print(f"resumed from {state_path} at step {step}")
-    if step > args.train_steps:
-        raise TrainError(f"{state_path} is at step {step}, beyond --train-steps {args.train_steps}")
+    tr = _Training(drafter=drafter, opt=opt, gen=torch.Generator().manual_seed(args.seed + 17),
+                   settings_history=[dict(step=0, **_settings(args))])
+    if setup.state is not None:
+        _resume(setup, tr)
+    if tr.step > args.train_steps:
+        raise TrainError(f"{setup.state_path} is at step {tr.step}, beyond --train-steps {args.train_steps}")
+    return tr
 
-    def save_state():
-        atomic_torch_save(dict(format=STATE_FORMAT, identity=identity, drafter=drafter.state_dict(),
-                               opt=opt.state_dict(), step=step, history=history, time=t_train, gen=gen.get_state(),
-                               settings_history=settings_history, args=vars(args)), state_path)
 
+def _save_state(setup: _Setup, tr: _Training) -> None:
+    atomic_torch_save(dict(format=STATE_FORMAT, identity=setup.identity, drafter=tr.drafter.state_dict(),
+                           opt=tr.opt.state_dict(), step=tr.step, history=tr.history, time=tr.seconds,
+                           gen=tr.gen.get_state(), settings_history=tr.settings_history, args=vars(setup.args)),
+               setup.state_path)
+
+
+def _train(setup: _Setup, data: _Data) -> _Training:
+    """Train to --train-steps, a checkpoint every --save-every steps and at the end."""
+    args = setup.args
+    tr = _start_training(setup)
     bar = None
-    if progress:
+    if setup.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=args.train_steps, initial=step, desc=f"train drafter ({args.loss}, unroll {args.unroll})",
+        bar = tqdm(total=args.train_steps, initial=tr.step, desc=f"train drafter ({args.loss}, unroll {args.unroll})",
                    unit="step")
-    while step < args.train_steps:
+    while tr.step < args.train_steps:
         t1 = time.perf_counter()
         # one respacing per batch (drawn only with --respacings: a one-respacing run keeps its random stream)
-        r = respacings[int(torch.randint(0, len(respacings), (1,), generator=gen))] if multi else args.steps
-        kmax = Ns[r] - 1 - args.unroll  # last window start so that index 0 is never drafted
-        b = torch.randint(0, n_trains[r], (args.batch_size,), generator=gen)
-        k0 = int(torch.randint(1, kmax + 1, (1,), generator=gen))
-        lr = args.lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / args.train_steps))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        terms = draft_window(drafter, target, diffusions[r], trajs[r], b, k0, args.unroll, cfg_scale=args.cfg_scale,
-                             guidance_channels=args.guidance_channels, device=device)
-        loss = combine_loss(args.loss, terms, args.feature_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in drafter.parameters() if p.requires_grad], 1.0)
-        opt.step()
-        step += 1
-        t_train += time.perf_counter() - t1
-        history.append([float(loss.detach()), *(float(v.detach().mean()) for v in terms[0])])
+        r = setup.respacings[int(torch.randint(0, len(setup.respacings), (1,), generator=tr.gen))] if setup.multi \
+            else args.steps
+        kmax = setup.num_steps[r] - 1 - args.unroll  # last window start so that index 0 is never drafted
+        b = torch.randint(0, data.n_train[r], (args.batch_size,), generator=tr.gen)
+        k0 = int(torch.randint(1, kmax + 1, (1,), generator=tr.gen))
+        loss, terms = train_step(tr.drafter, tr.opt, setup.target, setup.diffusions[r], data.trajs[r], b, k0,
+                                 unroll=args.unroll, loss=args.loss, feature_weight=args.feature_weight,
+                                 lr=learning_rate(args.lr, tr.step, args.train_steps), cfg_scale=args.cfg_scale,
+                                 guidance_channels=args.guidance_channels, device=setup.device)
+        tr.step += 1
+        tr.seconds += time.perf_counter() - t1
+        tr.history.append([float(loss.detach()), *(float(v.detach().mean()) for v in terms[0])])
         if bar is not None:
             bar.update(1)
-            if step % 10 == 0:
-                h = np.asarray(history[-50:])
+            if tr.step % 10 == 0:
+                h = np.asarray(tr.history[-50:])
                 bar.set_postfix(loss=f"{h[:, 0].mean():.3g}", kl=f"{h[:, 1].mean():.3g}")
-        if step % args.save_every == 0 or step == args.train_steps:
-            save_state()
+        if tr.step % args.save_every == 0 or tr.step == args.train_steps:
+            _save_state(setup, tr)
     if bar is not None:
         bar.close()
+    return tr
 
-    # ---------------------------------------------------------------- report
+
+# ------------------------------------------------------------------ report
+def _evaluate(setup: _Setup, data: _Data, drafter) -> dict:
+    """Per respacing: held-out KL / d^2 and exact FREE of the trained and of the frozen drafter."""
+    args = setup.args
     drafter.eval()
-    frozen = FrozenFeatureDrafter(target)
+    frozen = FrozenFeatureDrafter(setup.target)
     mcfg = dict(n=args.eval_samples, draft_length=args.draft_length, cfg_scale=args.cfg_scale,
-                guidance_channels=args.guidance_channels, seed=args.seed + 1000, device=device)
-    per, profile = {}, {}
-    for r in respacings:
-        ekw = dict(cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels, device=device)
-        kl_l, d2_l = evaluate_acceptance(drafter, target, diffusions[r], helds[r], **ekw)
-        kl_f, d2_f = evaluate_acceptance(frozen, target, diffusions[r], helds[r], **ekw)
-        st_l = measure_free(target, drafter, diffusions[r], **mcfg)
-        st_f = measure_free(target, frozen, diffusions[r], **mcfg)
-        n_r = Ns[r]
-        per[r] = dict(num_steps=n_r, heldout_mean_kl=float(kl_l[1:n_r - 1].mean()),
-                      heldout_mean_kl_frozen=float(kl_f[1:n_r - 1].mean()),
-                      heldout_mean_d2=float(d2_l[1:n_r - 1].mean()), heldout_mean_d2_frozen=float(d2_f[1:n_r - 1].mean()),
-                      steps_per_target_call=st_l.steps_per_target_call, acceptance=st_l.acceptance_rate,
-                      steps_per_target_call_frozen=st_f.steps_per_target_call, acceptance_frozen=st_f.acceptance_rate,
-                      acceptance_early_middle_late=st_l.as_dict()["acceptance_early_middle_late"])
-        profile[str(n_r)] = _filled(st_l.acceptance_by_index)
-        if r == args.steps:
-            kl_learned, kl_frozen, d2_learned, d2_frozen, main_l, main_f = kl_l, kl_f, d2_l, d2_f, st_l, st_f
-        if multi:
+                guidance_channels=args.guidance_channels, seed=args.seed + 1000, device=setup.device)
+    ekw = dict(cfg_scale=args.cfg_scale, guidance_channels=args.guidance_channels, device=setup.device)
+    out = {}
+    for r in setup.respacings:
+        kl_l, d2_l = evaluate_acceptance(drafter, setup.target, setup.diffusions[r], data.held[r], **ekw)
+        kl_f, d2_f = evaluate_acceptance(frozen, setup.target, setup.diffusions[r], data.held[r], **ekw)
+        st_l = measure_free(setup.target, drafter, setup.diffusions[r], **mcfg)
+        st_f = measure_free(setup.target, frozen, setup.diffusions[r], **mcfg)
+        out[r] = dict(kl=kl_l, kl_frozen=kl_f, d2=d2_l, d2_frozen=d2_f, free=st_l, free_frozen=st_f)
+        if setup.multi:
+            e = _respacing_entry(setup.num_steps[r], out[r])
             print(f"{r} steps: steps per target call {st_l.steps_per_target_call:.2f} (frozen drafter "
                   f"{st_f.steps_per_target_call:.2f}), acceptance early/middle/late "
-                  f"{' / '.join(f'{a:.3f}' for a in per[r]['acceptance_early_middle_late'] if a is not None)}")
-    st_l, st_f = main_l, main_f
+                  f"{' / '.join(f'{a:.3f}' for a in e['acceptance_early_middle_late'] if a is not None)}")
+    return out
+
+
+def _heldout(ev: dict, n: int) -> dict:
+    """Mean held-out KL and d^2 of the learned and the frozen drafter over the drafted positions 1 .. n-2."""
+    mean = {k: float(ev[k][1:n - 1].mean()) for k in ("kl", "kl_frozen", "d2", "d2_frozen")}
+    return dict(heldout_mean_kl=mean["kl"], heldout_mean_kl_frozen=mean["kl_frozen"],
+                heldout_mean_d2=mean["d2"], heldout_mean_d2_frozen=mean["d2_frozen"])
+
+
+def _free_numbers(ev: dict) -> dict:
+    st_l, st_f = ev["free"], ev["free_frozen"]
+    return dict(steps_per_target_call=st_l.steps_per_target_call, acceptance=st_l.acceptance_rate,
+                steps_per_target_call_frozen=st_f.steps_per_target_call, acceptance_frozen=st_f.acceptance_rate,
+                acceptance_early_middle_late=st_l.as_dict()["acceptance_early_middle_late"])
+
+
+def _respacing_entry(n: int, ev: dict) -> dict:
+    return dict(num_steps=n, **_heldout(ev, n), **_free_numbers(ev))
+
+
+def _report(setup: _Setup, data: _Data, tr: _Training, evals: dict) -> dict:
+    """The report (report.json, and the drafter's ``extra``); its keys and their order are the file format."""
+    args = setup.args
+    N = setup.num_steps[args.steps]
+    head = evals[args.steps]  # the respacing that heads the report
     report = dict(
-        target=args.target, target_sha256=target_id["sha256"], steps=args.steps, num_steps=N,
+        target=args.target, target_sha256=setup.target_id["sha256"], steps=args.steps, num_steps=N,
         respacings=args.respacings,
         variance=args.variance, cfg_scale=args.cfg_scale,
         guidance_channels=args.guidance_channels, depth=args.depth, mlp_ratio=args.mlp_ratio, loss=args.loss,
-        feature_weight=args.feature_weight, unroll=args.unroll, train_steps=step, batch_size=args.batch_size,
+        feature_weight=args.feature_weight, unroll=args.unroll, train_steps=tr.step, batch_size=args.batch_size,
         init=args.init, init_sha256=args.init_sha256,
         lr=args.lr, num_trajectories=args.num_trajectories, eval_trajectories=args.eval_trajectories, seed=args.seed,
-        trajectory_time_s=round(t_traj, 1), train_time_s=round(t_train, 1), device=str(device),
-        settings_history=settings_history,
-        heldout_mean_kl=float(kl_learned[1:N - 1].mean()), heldout_mean_kl_frozen=float(kl_frozen[1:N - 1].mean()),
-        heldout_mean_d2=float(d2_learned[1:N - 1].mean()), heldout_mean_d2_frozen=float(d2_frozen[1:N - 1].mean()),
+        trajectory_time_s=round(data.seconds, 1), train_time_s=round(tr.seconds, 1), device=str(setup.device),
+        settings_history=tr.settings_history,
+        **_heldout(head, N),
         draft_length=args.draft_length, eval_samples=args.eval_samples,
-        steps_per_target_call=st_l.steps_per_target_call, acceptance=st_l.acceptance_rate,
-        steps_per_target_call_frozen=st_f.steps_per_target_call, acceptance_frozen=st_f.acceptance_rate,
-        acceptance_early_middle_late=st_l.as_dict()["acceptance_early_middle_late"],
-        loss_curve=[round(float(np.mean([h[0] for h in history[i:i + 100]])), 5) for i in range(0, len(history), 100)],
-        acceptance_profile=profile,
+        **_free_numbers(head),
+        loss_curve=[round(float(np.mean([h[0] for h in tr.history[i:i + 100]])), 5)
+                    for i in range(0, len(tr.history), 100)],
+        acceptance_profile={str(setup.num_steps[r]): filled_profile(evals[r]["free"].acceptance_by_index)
+                            for r in setup.respacings},
     )
-    if multi:
-        report["per_respacing"] = per
+    if setup.multi:
+        report["per_respacing"] = {r: _respacing_entry(setup.num_steps[r], evals[r]) for r in setup.respacings}
+    return report
+
+
+def _write(args, drafter, report: dict) -> None:
+    """The drafter (with the report as its ``extra``), report.json, and the summary lines."""
     drafter.save(os.path.join(args.out, "drafter"), extra=report)
     atomic_write_json(os.path.join(args.out, "report.json"), report)
     print(f"drafter written to {os.path.join(args.out, 'drafter.safetensors')}")
     print(f"exact FREE, L={args.draft_length}, {args.eval_samples} samples: steps per target call "
-          f"{st_l.steps_per_target_call:.2f} (acceptance {st_l.acceptance_rate:.3f}); frozen drafter "
-          f"{st_f.steps_per_target_call:.2f} (acceptance {st_f.acceptance_rate:.3f})")
+          f"{report['steps_per_target_call']:.2f} (acceptance {report['acceptance']:.3f}); frozen drafter "
+          f"{report['steps_per_target_call_frozen']:.2f} (acceptance {report['acceptance_frozen']:.3f})")
     print(f"held-out mean KL(q||p) per step: learned {report['heldout_mean_kl']:.3f}, "
           f"frozen {report['heldout_mean_kl_frozen']:.3f}")
+
+
+def run(argv=None) -> dict:
+    """Train, write the drafter and report; returns the report.  Problems raise :class:`TrainError`."""
+    args = parse_args(argv)
+    validate_args(args)
+    setup = _prepare(args)
+    data = _trajectories(setup)
+    training = _train(setup, data)
+    report = _report(setup, data, training, _evaluate(setup, data, training.drafter))
+    _write(args, training.drafter, report)
     return report
 
 
