@@ -23,7 +23,7 @@ Providers, in one run:
 and the target's full step (28 blocks + head + guidance + transition, one CFG
 batch of 2B rows) eager-fused and graph-replayed.  The last column is the draft
 step's time over the target step's time in the same mode (eager / graph):
-FREE needs it well below the acceptance it buys (free-method.md: budget ~5% of
+FREE needs it well below the acceptance it buys (this project's budget: ~5% of
 the target's FLOPs per draft step; one XL block is ~3.5%).
 
 Timing: CUDA events around ``--iters`` calls after ``--warmup`` calls, median of

@@ -4,7 +4,7 @@ A thin composition of the op families (``free_kernels.ops``):
 ``drafter_forward`` / ``draft_transition`` (drafting), ``verify_attention``
 (inside the target's forward) / ``verify_transition`` (the target's own
 transition of the verified states) and ``speculative_accept`` (acceptance and
-residual resampling).  See ``free-method.md`` in the docs for the rule and
+residual resampling).  See ``docs/method.md`` for the rule and
 the README for the guarantees.
 
 The round is a device program.  All run state lives in device tensors of a

@@ -11,7 +11,7 @@ Shapes (B samples, L draft slots, D = C*S*S elements):
 * ``deterministic_last``: (B,) bool, True when p_{num_drafts} is the last
   (index 0) transition, whose output is its mean (no noise).
 
-Rule (free-method.md): for j < num_drafts in order accept x~_{j+1} iff
+Rule (docs/method.md, "The acceptance rule"): for j < num_drafts in order accept x~_{j+1} iff
 log u_j < log p_j(x~_{j+1}) - log q_j(x~_{j+1})  (divided by tau_j under
 relax).  At the first rejection j* the output is a sample of the residual
 (p_j* - q_j*)_+ and ``num_accepted = j*``; if every draft is accepted the output
