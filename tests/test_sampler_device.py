@@ -193,7 +193,7 @@ def test_stream_bad_requests(targets):
         list(s.sample_stream(_requests(2), batch_size=0))
     with pytest.raises(ValueError, match="request 1"):
         list(s.sample_stream([(1, 0), (2, 99)], batch_size=2))
-    with pytest.raises(ValueError, match="request 0"):
+    with pytest.raises(TypeError, match="request 0"):
         list(s.sample_stream(["nope"], batch_size=2))
     assert list(s.sample_stream([], batch_size=2)) == []
 
