@@ -16,7 +16,8 @@ from free_kernels import figures as F  # noqa: E402
 def _rows(n=3, C=1, S=16):
     g = torch.Generator().manual_seed(0)
     return [F.SheetRow("baseline (ancestral)", torch.rand(n, C, S, S, generator=g) * 2 - 1, 9.8, 1.0),
-            F.SheetRow("FREE (exact, auto L)", torch.rand(n, C, S, S, generator=g) * 2 - 1, 6.9, 1.42, "calibration 0.4 s"),
+            F.SheetRow("FREE (exact, auto L)", torch.rand(n, C, S, S, generator=g) * 2 - 1, 6.9, 1.42,
+                       "calibration 0.4 s"),
             F.SheetRow("FREE (exact, L = 6)", torch.rand(n + 2, C, S, S, generator=g) * 2 - 1, 12.1, 0.81)]
 
 
@@ -25,7 +26,8 @@ def test_sheet_is_upscaled_labelled_and_of_the_documented_size(tmp_path):
     path = tmp_path / "sheet.png"
     info = F.sample_sheet(path, rows, columns=3)
     assert info["tile"] == (96, 96)                               # 16 px pictures upscaled 6x
-    assert info["grid_rows"] == {"baseline (ancestral)": [0], "FREE (exact, auto L)": [1], "FREE (exact, L = 6)": [2, 3]}
+    assert info["grid_rows"] == {"baseline (ancestral)": [0], "FREE (exact, auto L)": [1],
+                                 "FREE (exact, L = 6)": [2, 3]}
     w_tiles = 2 * F.MARGIN + 3 * 96 + 2 * F.GAP
     h = 2 * F.MARGIN + 2 * F.BLOCK_GAP + 3 * F.CAPTION_PX + 4 * 96 + 1 * F.GAP
     width = max(F.MIN_WIDTH, w_tiles, 2 * F.MARGIN + F.caption_width([r.caption() for r in rows]) + 4)
@@ -38,7 +40,8 @@ def test_sheet_is_upscaled_labelled_and_of_the_documented_size(tmp_path):
     x = rows[2].images[4, 0].numpy()
     want = np.clip(np.round((x + 1) * 127.5), 0, 255).astype(np.uint8)
     assert np.array_equal(tiles[10][::6, ::6, 0], want) and np.array_equal(tiles[10][5::6, 5::6, 1], want)
-    assert "1.42x" in rows[1].caption() and "6.90 s" in rows[1].caption() and "FREE (exact, auto L)" in rows[1].caption()
+    cap = rows[1].caption()
+    assert "1.42x" in cap and "6.90 s" in cap and "FREE (exact, auto L)" in cap
     # the captions are drawn: the band above each block is not blank
     with Image.open(path) as im:
         band = np.asarray(im)[F.MARGIN:F.MARGIN + F.CAPTION_PX, F.MARGIN:F.MARGIN + 200]

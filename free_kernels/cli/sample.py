@@ -435,12 +435,13 @@ def _fmt(v, spec=".2f", none="-"):
 
 
 def format_table(methods: Dict[str, dict], with_quality: bool) -> str:
-    head = ["method", "wall s", "calib s", "s/image", "target calls", "target rows", "steps/call", "acc early", "acc mid",
-            "acc late", "speed-up"] + (["digit acc"] if with_quality else [])
+    head = ["method", "wall s", "calib s", "s/image", "target calls", "target rows", "steps/call", "acc early",
+            "acc mid", "acc late", "speed-up"] + (["digit acc"] if with_quality else [])
     lines = []
     for m in methods.values():
         e, mi, la = m["acceptance_early_middle_late"]
-        row = [m["label"], _fmt(m["wall_s"]), _fmt(m["calibration_s"] if m["stats"] and m["stats"].get("plan") else None),
+        auto = m["stats"] and m["stats"].get("plan")
+        row = [m["label"], _fmt(m["wall_s"]), _fmt(m["calibration_s"] if auto else None),
                _fmt(m["latency_s"], ".3f"), str(m["target_calls"]), str(m["target_rows"]),
                _fmt(m["steps_per_target_call"]), _fmt(e), _fmt(mi), _fmt(la),
                "-" if m["speedup"] is None else f"{m['speedup']:.2f}x"]
