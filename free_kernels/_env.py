@@ -73,3 +73,29 @@ def _cuda_unusable(mod) -> Optional[str]:
     except Exception as e:  # never let a probe take the dispatch down
         return f"extension CUDA probe failed: {type(e).__name__}: {e}"
     return None if why is None else f"extension cannot use CUDA here: {why}"
+
+
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("", "0", "false", "no", "off")
+_flag_warned: set = set()
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """A yes/no environment variable: 1 / true / yes / on and 0 / false / no / off (any case, surrounding
+    spaces ignored; unset or empty: ``default``).  Any other value counts as ``default`` and prints one
+    warning line (once per process and value) naming the variable, so a typo is not silently ignored."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    word = raw.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return default if word == "" else False
+    if (name, raw) not in _flag_warned:
+        _flag_warned.add((name, raw))
+        import sys
+
+        print(f"free_kernels: warning: {name}={raw!r} is not one of {'/'.join(TRUE_WORDS)} or "
+              f"{'/'.join(FALSE_WORDS[1:])}; taken as {'on' if default else 'off'}", file=sys.stderr, flush=True)
+    return default

@@ -38,6 +38,7 @@ iterator of requests (continuous batching).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -54,7 +55,7 @@ from ._checks import check_finite, check_tensor
 from .diffusion.gaussian_diffusion import GaussianDiffusion, ModelMeanType, ModelVarType
 from .models.drafter import FeatureDrafter
 from .nvtx import nvtx_phase
-from .planner import DraftPlanner, check_draft_length, intra_op_threads
+from .planner import DraftPlanner, check_draft_length, check_plan, intra_op_threads, merge_plans
 from .reference.philox import keyed_parts
 from .relax import RelaxPolicy, as_policy
 
@@ -136,18 +137,7 @@ class FreeStats:
             setattr(out, name, [v for p in parts for v in getattr(p, name)])
         for name in ("accepted_by_index", "proposed_by_index", "rounds_by_draft_length"):
             setattr(out, name, [sum(v) for v in zip(*(getattr(p, name) for p in parts))])
-        plans = [p.plan for p in parts if p.plan]
-        if plans:
-            plan = dict(plans[0])
-            thirds = []
-            for k in range(3):
-                rounds = sum(p["thirds"][k]["rounds"] for p in plans)
-                mean = lambda key: (sum((p["thirds"][k][key] or 0) * p["thirds"][k]["rounds"] for p in plans)  # noqa
-                                    / rounds if rounds else None)
-                thirds.append(dict(third=plans[0]["thirds"][k]["third"], rounds=rounds, mean_L=mean("mean_L"),
-                                   predicted_acceptance=mean("predicted_acceptance")))
-            plan["thirds"] = thirds
-            out.plan = plan
+        out.plan = merge_plans([p.plan for p in parts])  # planner: counts add, costs are the last run's
         return out
 
     def as_dict(self) -> Dict:
@@ -203,14 +193,19 @@ class FreeSampler:
     graphs: capture the static round as a CUDA graph: "auto" (on CUDA), True, False.
     check_every: rounds between host checks (static layout; compact checks every round).
     profile: time the draft / verify / accept phases on CUDA (synchronises; off by default).
+    plan: with ``draft_length="auto"``: ``"adaptive"`` (default: the planner follows what this run's rounds
+        cost, so a busy machine is planned for as it is; a seeded run keeps the baseline's law exactly but not
+        its pixels from call to call) or ``"frozen"`` (the cached calibration alone: a seeded run reproduces
+        bit for bit while that calibration stays; no protection from load); see :mod:`free_kernels.planner`.
     """
 
     def __init__(self, target, drafter, diffusion: GaussianDiffusion, draft_length="auto", relax=None,
                  clip_denoised: bool = False, accept_backend: Optional[str] = None,
                  residual_candidates_per_iter: int = 8, residual_max_candidates: int = 100_000,
                  layout: str = "auto", graphs="auto", check_every: int = 1, profile: Optional[bool] = None,
-                 max_draft_length: int = 8, planner: Optional[DraftPlanner] = None):
+                 max_draft_length: int = 8, planner: Optional[DraftPlanner] = None, plan: str = "adaptive"):
         auto = check_draft_length(draft_length) == "auto"
+        check_plan(plan)
         if planner is not None and not auto:
             raise ValueError("planner= is used with draft_length='auto' only")
         if not isinstance(diffusion, GaussianDiffusion):
@@ -250,7 +245,7 @@ class FreeSampler:
         self.drafter = drafter
         self.diffusion = diffusion
         self.max_useful_draft_length = max(int(diffusion.num_timesteps) - 1, 1)  # a round never drafts past the end
-        self.planner: Optional[DraftPlanner] = (planner or DraftPlanner(max_draft_length)) if auto else None
+        self.planner: Optional[DraftPlanner] = (planner or DraftPlanner(max_draft_length, plan=plan)) if auto else None
         if auto:
             self.draft_length = max(min(self.planner.max_draft_length, self.max_useful_draft_length), 1)
         else:
@@ -389,17 +384,19 @@ class FreeSampler:
                                accepted=acc, proposed=prop)
         self.last_stats = run.stats(run.elapsed, rounds_all, steps_all)
 
-    def prepare(self, batch_size: int, cfg_scale: float = 1.0, device=None) -> None:
+    def prepare(self, batch_size: int, cfg_scale: float = 1.0, device=None) -> float:
         """Do the one-off work of ``draft_length="auto"`` now (the planner's cost-model calibration for this
-        batch size and guidance), so that it is not inside a timed run; a no-op for a fixed draft length."""
+        batch size and guidance), so that it is not inside a timed run; returns the seconds it spent
+        calibrating (0.0 when the costs were cached, and for a fixed draft length)."""
         if self.planner is None:
-            return
+            return 0.0
         dev = torch.device(device) if device is not None else (_module_device(self.target) or torch.device("cpu"))
-        self.planner.start(self, int(batch_size), 2 if float(cfg_scale) != 1.0 else 1, dev)
+        return self.planner.start(self, int(batch_size), 2 if float(cfg_scale) != 1.0 else 1, dev).calibration_s
 
     @torch.no_grad()
     def measure_rounds(self, B: int, G: int, dev, Lmax: int, reps: int = 3,
-                       threads: Sequence[Optional[int]] = (None,)) -> List[List[float]]:
+                       threads: Sequence[Optional[int]] = (None,), lengths: Optional[Sequence[int]] = None,
+                       tick=None) -> List[List[float]]:
         """Seconds of one whole round of this sampler with L = 0..Lmax drafts (everything a round does:
         drafting, verification, acceptance, randomness, bookkeeping), the median of ``reps`` timed passes
         each, for every CPU intra-op thread count in ``threads`` (None: as set); returns one list per thread
@@ -407,7 +404,8 @@ class FreeSampler:
         below its usual cost once made drafting look 34% ahead of plain steps at batch 10, where it lost).
 
         B samples from x_T (every timed round starts there, so repeated rounds do not drift), G = 2 with
-        guidance; for the draft-length planner's cost model (``free_kernels.planner``).
+        guidance; for the draft-length planner's cost model (``free_kernels.planner``).  ``lengths``: time only
+        these L (each <= Lmax; the lists then follow their order); ``tick()`` is called after every round run.
         """
         dev = torch.device(dev)
         threads = list(threads)
@@ -420,11 +418,12 @@ class FreeSampler:
         x0 = run.x.clone()
         N = int(self.diffusion.num_timesteps)
         start = np.full(B, N - 1)
-        times = [[[] for _ in range(Lmax + 1)] for _ in threads]
+        lengths = list(range(Lmax + 1)) if lengths is None else [int(L) for L in lengths]
+        times = [[[] for _ in lengths] for _ in threads]
         # pass 0 warms every (L, threads) up (first-call costs: buffers, plans, kernels, thread pools); the
         # timed passes then go through them in turn, so a slow moment of a shared machine does not land on one
         for r in range(reps + 1):
-            for L in range(Lmax + 1):
+            for i, L in enumerate(lengths):
                 for k, n in enumerate(threads):
                     run.idx.fill_(N - 1)
                     run.x.copy_(x0)
@@ -437,7 +436,9 @@ class FreeSampler:
                             torch.cuda.synchronize(dev)
                         dt = time.perf_counter() - t0
                     if r:
-                        times[k][L].append(dt)
+                        times[k][i].append(dt)
+                    if tick is not None:
+                        tick()
         return [[float(np.median(ts)) for ts in per_l] for per_l in times]
 
     # ------------------------------------------------------------ checks
@@ -603,7 +604,7 @@ class _Run:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=int(self.live.sum()) * self.N if refill is None else None,
-                       desc=f"FREE (L={self.L})", unit="step")
+                       desc="FREE (auto)" if self.plan is not None else f"FREE (L={self.L})", unit="step")
         t_start = time.perf_counter()
         done_steps = 0
         static = self.layout == "static"
@@ -612,7 +613,9 @@ class _Run:
         while self.live.any():
             if static:
                 for _ in range(self.s.check_every):
-                    self._round_static(self._choose(idx_known) if self.any_features else 0)
+                    Lr = self._choose(idx_known) if self.any_features else 0
+                    with self.plan.round_clock(Lr, None) if self.plan is not None else contextlib.nullcontext():
+                        self._round_static(Lr)
                     self.any_features = True
             elif plain:
                 # every live slot advanced exactly one step and nothing was judged: the host knows the
@@ -796,7 +799,9 @@ class _Run:
         # CPU: the round runs at the intra-op thread count the planner measured fastest for this L (on a GPU
         # threads do not apply)
         threads = self.plan.threads(Lr) if planned and self.dev.type == "cpu" else None
-        with intra_op_threads(threads):
+        # the planner learns what rounds cost from the ones every slot took part in with every position
+        clock = self.plan.round_clock(Lr, threads, act is None and full) if planned else contextlib.nullcontext()
+        with intra_op_threads(threads), clock:
             if Lr == 0:
                 self._plain_round(act, None if act is None else act_np.tolist())
             else:

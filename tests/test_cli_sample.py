@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from free_kernels import demo
+from free_kernels import demo, figures
 from free_kernels.cli import sample as cli
 from free_kernels.models import DiT, FeatureDrafter
 
@@ -56,8 +56,14 @@ def _documented_names():
     return set(re.findall(r"``(\w+)``", cli.__doc__))
 
 
-def _grid_size(columns, rows, tile=TILE, pad=2):
-    return columns * (tile + pad) + pad, rows * (tile + pad) + pad
+def _sheet(png, methods, columns, tile=TILE):
+    """The labelled sheet: ``methods`` blocks of pictures upscaled from ``tile`` px to at least 96, in order."""
+    tiles = figures.read_tiles(png)
+    up = figures.tile_px(tile, tile)
+    assert up[0] >= 96 and tiles.shape[1:3] == up
+    with Image.open(png) as im:
+        assert im.mode == "RGB" and im.size[0] >= columns * up[1] and im.size[1] >= methods * up[0]
+    return tiles
 
 
 def test_baseline_free_relax_png_and_json(tmp_path, tiny):
@@ -66,9 +72,12 @@ def test_baseline_free_relax_png_and_json(tmp_path, tiny):
     assert cli.main(_common(tmp_path, target, drafter, "--relax", "0.5", "--json", str(jpath))) == 0
     png = tmp_path / "grid.png"
     assert png.is_file()
-    with Image.open(png) as im:  # 3 per row; rows: baseline, FREE (auto), FREE (L = 6), FREE (relax)
-        assert im.size == _grid_size(3, 4) and im.mode == "L"
+    # 3 per row; blocks: baseline, FREE (auto), FREE (L = 6), FREE (relax), each under its caption
+    assert len(_sheet(png, 4, 3)) == 12
     rec = json.loads(jpath.read_text())
+    assert rec["acceptance_png"] == str(tmp_path / "grid_acceptance.png")
+    with Image.open(rec["acceptance_png"]) as im:
+        assert im.size == figures.PLOT_SIZE
 
     documented = _documented_names()
     assert set(rec) <= documented, f"undocumented fields {set(rec) - documented}"
@@ -102,6 +111,8 @@ def test_baseline_free_relax_png_and_json(tmp_path, tiny):
     assert not relax["exact"] and "approximate" in relax["label"] and relax["stats"]["mode"] == "relax"
     assert rec["speedup"] == free["speedup"] and rec["speedup_relax"] == relax["speedup"]
     assert rec["quality_note"] is None and rec["warnings"] == []
+    assert free["calibration_s"] >= 0 and base["calibration_s"] == 0 and fixed["calibration_s"] == 0
+    assert free["stats"]["plan"]["mode"] == "adaptive"
     assert torch.get_num_threads() >= 1  # --threads is undone after an in-process run
 
 
@@ -113,8 +124,7 @@ def test_json_to_stdout_without_baseline(tmp_path, tiny, capsys):
     assert "FREE (exact, auto L)" in out.err and "planner" in out.err
     assert list(rec["methods"]) == ["free", "free_fixed"] and rec["drafter"] == "frozen"
     assert rec["speedup"] is None and rec["methods"]["free"]["speedup"] is None and rec["speedup_relax"] is None
-    with Image.open(tmp_path / "grid.png") as im:
-        assert im.size == _grid_size(3, 2)
+    assert len(_sheet(tmp_path / "grid.png", 2, 3)) == 6
 
 
 def test_same_noise_and_batch_independent_baseline(tmp_path, tiny):
@@ -127,9 +137,8 @@ def test_same_noise_and_batch_independent_baseline(tmp_path, tiny):
         out = tmp_path / f"{labels}.png"
         cli.main(["--target", target, "--drafter", drafter, "--steps", "10", "--labels", labels, "--seed", "7",
                   "--threads", "1", "--no-progress", "--out", str(out)])
-        with Image.open(out) as im:
-            tiles.append(torch.from_numpy(np.asarray(im, dtype=np.int16)))
-    first = [t[2:2 + TILE, 2:2 + TILE] for t in tiles]  # baseline, sample 0
+        tiles.append(torch.from_numpy(figures.read_tiles(out)[0].astype(np.int16)))
+    first = tiles  # baseline, sample 0
     assert (first[0] - first[1]).abs().max() <= 1
 
 
@@ -141,8 +150,7 @@ def test_cfg_default_and_warning_on_a_three_channel_target(tmp_path):
     rec = json.loads(jpath.read_text())
     assert rec["cfg_scale"] == 1.5 and rec["warnings"] == []  # the drafter's setting is the default
     assert rec["methods"]["baseline"]["target_calls"] == 3 * 10  # one doubled-batch forward per step and sample
-    with Image.open(tmp_path / "grid.png") as im:
-        assert im.mode == "RGB" and im.size == _grid_size(3, 3)
+    assert len(_sheet(tmp_path / "grid.png", 3, 3)) == 9
     cli.main(_common(tmp_path, target, drafter, "--cfg-scale", "3", "--json", str(jpath)))
     rec = json.loads(jpath.read_text())
     assert rec["cfg_scale"] == 3.0 and any("cfg-scale 1.5" in w for w in rec["warnings"])
@@ -238,8 +246,7 @@ def test_default_demo_run(tmp_path):
     assert rec["methods"]["free"]["steps_per_target_call"] >= 1.0
     assert rec["methods"]["free"]["target_calls"] <= rec["methods"]["baseline"]["target_calls"] == 4 * 20
     assert rec["speedup"] > 0
-    with Image.open(out) as im:
-        assert im.size == _grid_size(4, 3, tile=16)
+    assert len(_sheet(out, 3, 4, tile=16)) == 12
 
 
 def test_default_threads_give_each_method_its_best_and_compare_fairly(tmp_path, tiny):
@@ -265,3 +272,16 @@ def test_default_threads_give_each_method_its_best_and_compare_fairly(tmp_path, 
     assert max(base["speedup"], both["speedup"]) == pytest.approx(1.0)
     assert rec["grid_rows"] == {"baseline": [0], "free": [1]}
     assert set(free["stats"]["plan"]["threads_by_L"]) <= {1, 2}
+
+
+def test_reproducible_auto_gives_the_same_images_for_the_same_seed(tmp_path, tiny):
+    target, drafter = tiny
+    runs = []
+    for k in range(2):
+        jpath = tmp_path / f"r{k}.json"
+        cli.main(_common(tmp_path, target, drafter, "--reproducible", "--compare-length", "0", "--no-baseline",
+                         "--out", str(tmp_path / f"r{k}.png"), "--json", str(jpath)))
+        runs.append(figures.read_tiles(tmp_path / f"r{k}.png"))
+        plan = json.loads(jpath.read_text())["methods"]["free"]["stats"]["plan"]
+        assert plan["mode"] == "frozen" and plan["timed_rounds"] == 0
+    assert np.array_equal(runs[0], runs[1])

@@ -267,7 +267,11 @@ def test_faults_free_sample(tmp_path, monkeypatch, sample_target, capsys):
     def snapshot(root):
         rec = json.load(open(os.path.join(root, "run.json")))
         rec.pop("command")
-        return dict(png=open(os.path.join(root, "grid.png"), "rb").read(), json=_normal(rec, root))
+        from free_kernels.figures import read_tiles
+
+        # the sheet's captions carry wall times: its pictures must match, and the acceptance plot byte for byte
+        return dict(tiles=read_tiles(os.path.join(root, "grid.png")).tobytes(), json=_normal(rec, root),
+                    plot=open(os.path.join(root, "grid_acceptance.png"), "rb").read())
 
     _campaign("free-sample", make_run, snapshot, monkeypatch, tmp_path)
     capsys.readouterr()
@@ -280,13 +284,17 @@ def test_fault_suite_detects_a_missing_cleanup(tmp_path, monkeypatch, sample_tar
     def make_run(root):
         os.makedirs(root, exist_ok=True)
         return lambda: cli.main(["--target", sample_target, "--drafter", "frozen", "--steps", "4", "--num-samples",
-                                 "2", "--threads", "1", "--no-progress", "--out", os.path.join(root, "grid.png")])
+                                 "2", "--threads", "1", "--no-progress", "--draft-length", "2",
+                                 "--out", os.path.join(root, "grid.png")])
+
+    from free_kernels.figures import read_tiles
 
     with pytest.raises(AssertionError, match="temp files left"):
-        _campaign("negative control", make_run, lambda root: open(os.path.join(root, "grid.png"), "rb").read(),
+        _campaign("negative control", make_run, lambda root: read_tiles(os.path.join(root, "grid.png")).tobytes(),
                   monkeypatch, tmp_path)
     r = RESULTS.pop("negative control")
-    assert r["tried"] == 2 and r["resumed"] == 1  # the kill before the rename leaves a temp file behind
+    # two renames (the sheet, the acceptance plot): each kill before one leaves a temp file behind
+    assert r["tried"] == 4 and r["resumed"] == 2
     capsys.readouterr()
 
 

@@ -20,9 +20,14 @@ share the batch.  FREE drafts
 call; its samples have exactly the baseline's distribution (not the same
 pixels: the two samplers draw different random numbers).  With
 ``--draft-length auto`` (the default) a planner chooses per round how many
-steps to draft, from this device's measured costs (a short calibration, cached
-on disk) and the drafter's acceptance; it prints what it chose in each third
-of the schedule and why.  ``--compare-length L`` (default 6) adds exact FREE
+steps to draft, from this device's round costs (a short calibration, cached
+on disk, then what the run's own rounds cost: a machine that got busy is
+planned for as it is now) and the drafter's acceptance; it prints what it
+chose in each third of the schedule and why.  Seeded runs of auto keep the
+baseline's distribution exactly but not the same pixels from run to run;
+``--reproducible`` plans from the cached calibration alone (bit for bit the
+same images for the same seed while that calibration stays; no protection
+from load), as does any fixed ``--draft-length``.  ``--compare-length L`` (default 6) adds exact FREE
 with that fixed L for comparison; ``--relax S`` > 0 adds FREE (relax), which
 is APPROXIMATE.
 
@@ -37,18 +42,20 @@ runs small targets (the demo) on one thread, where a forward of one sample is
 too small for intra-op threads to pay; FREE gets all of torch's threads and its
 planner measures, for every draft length, whether a round is faster at 1 thread
 or at all of them (a round verifies L + 1 states per sample in one forward: work
-that threads can share; a machine that gets busy after the calibration needs
-``FREE_KERNELS_RECALIBRATE=1``).  The baseline is then
+that threads can share), and keeps measuring during the run (a busy core makes
+2-thread rounds several times slower: they move to 1 thread).  The baseline is then
 also run at all threads (``baseline (ancestral, N threads)``), and speed-ups
 are against the faster of the two baseline rows.
 
 Printed table (one row per method; illustrative numbers)::
 
-    method                wall s  s/image  target calls  target rows  steps/call  acc early  acc mid  acc late  speed-up
-    baseline (ancestral)     9.80    2.450          1000         1000        1.00          -        -         -     1.00x
-    FREE (exact, auto L)     6.90    1.725           330         1240        3.03       0.90     0.92      0.70     1.42x
-    FREE (exact, L = 6)     12.10    3.025           276         1770        3.62       0.90     0.92      0.66     0.81x
+    method                wall s  calib s  s/image  target calls  target rows  steps/call  acc early  acc mid  acc late  speed-up
+    baseline (ancestral)     9.80        -    2.450          1000         1000        1.00          -        -         -     1.00x
+    FREE (exact, auto L)     6.90     0.40    1.725           330         1240        3.03       0.90     0.92      0.70     1.42x
+    FREE (exact, L = 6)     12.10        -    3.025           276         1770        3.62       0.90     0.92      0.66     0.81x
 
+* ``calib s``: the planner's calibration before the run (auto only; 0 when its costs were cached; not in
+  ``wall s``);
 * ``s/image``: wall time per image (wall / samples);
 * ``target calls``: batched target forwards (CFG doubling counts as one call);
 * ``target rows``: sample-states the target evaluated (CFG doubling excluded);
@@ -59,11 +66,14 @@ Printed table (one row per method; illustrative numbers)::
 * ``digit acc`` (with ``--quality``): the demo digit classifier's accuracy on
   the samples against their labels.
 
-The PNG grid (``--out``) has ``grid_columns`` tiles per row; the baseline's
-samples fill the first row(s), FREE's the next, FREE (relax)'s the last (the
-printout names the rows; unused tiles are white).  Targets with more than 3
-channels (latent DiTs) are shown as their first 3 latent channels, min-max
-scaled (no VAE decoding here).
+The PNG (``--out``) is a sheet of the samples, upscaled to at least 96 pixels each, one block per
+method (the baseline's first, then FREE's, FREE (relax)'s last) under a caption with its name, wall
+time and speed-up; ``grid_columns`` pictures per row.  Beside it, ``<out>_acceptance.png``: the
+accepted fraction of drafts along the schedule for each FREE method, the planner's predicted
+acceptance and the draft length it chose (``free_kernels.figures``; needs matplotlib, the ``plot``
+extra: without it a plain grid is written and a warning says so).  Targets with more than 3
+channels (latent DiTs) are shown as their first 3 latent channels, min-max scaled (no VAE decoding
+here).
 
 JSON output (``--json PATH``, or ``--json -`` / ``--json`` for stdout, the
 table then going to stderr).  Fields:
@@ -80,12 +90,15 @@ table then going to stderr).  Fields:
 * ``drafter_cfg_scale``: the CFG scale the drafter was trained for (null if unknown).
 * ``draft_length`` ("auto" or L), ``compare_length`` (0 = off), ``batch_size``,
   ``relax`` (strength; 0 = off), ``seed``.
-* ``png``: path of the grid; ``grid_columns``: tiles per grid row;
-  ``grid_rows``: {method: [grid row indices, 0-based]}.
+* ``png``: path of the sheet; ``grid_columns``: pictures per row;
+  ``grid_rows``: {method: [picture row indices, 0-based]}.
+* ``acceptance_png``: path of the acceptance plot (null when not written).
 * ``methods``: {"baseline" | "baseline_threads" | "free" | "free_fixed" | "relax": entry}, in run order
   ("baseline_threads": the baseline again at FREE's thread count, when ``--threads 0`` gave the baseline
   fewer; "free_fixed": exact FREE with ``--compare-length``); an entry has
   ``label`` (printed name; the relax one says "approximate"), ``threads`` (intra-op threads it ran at), ``exact``
+  (true for baseline and FREE, false for relax), ``calibration_s`` (the planner's calibration before the
+  run, not in ``wall_s``; 0 when cached or not auto), ``exact``
   (true for baseline and FREE, false for relax), ``wall_s``, ``latency_s``
   (wall per image), ``target_calls``,
   ``target_rows``, ``steps_per_target_call``, ``acceptance`` (overall; null for the
@@ -95,7 +108,8 @@ table then going to stderr).  Fields:
   ``quality_detail`` (what the metric returned, or null), ``stats`` (FreeStats
   as_dict() for FREE runs: draft/verify/accept times, residual sampler counts,
   per-index acceptance, rounds per draft length and, for auto, the ``plan``:
-  measured costs, acceptance prior and the mean L chosen per third; null for
+  round costs, acceptance prior, the mean L chosen per third and per index,
+  how many rounds were re-planned from the run's own round times; null for
   the baseline).
 * ``speedup``: FREE (exact) speed-up over the baseline (null with --no-baseline).
 * ``speedup_relax``: FREE (relax) speed-up (null when not run or no baseline).
@@ -189,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"1 thread for small targets (< {_SMALL_TARGET_PARAMS // 10**6}M parameters) and again at "
                         "torch's default for comparison, FREE at torch's default with its planner choosing 1 thread "
                         "or all per round from measured round times")
+    p.add_argument("--reproducible", action="store_true",
+                   help="auto plans from the cached calibration alone: the same seed gives the same images bit for "
+                        "bit while that calibration stays, at the cost of not following load on the machine")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return p
 
@@ -394,17 +411,58 @@ def write_grid(blocks: Dict[str, torch.Tensor], path: str, columns: int) -> Dict
     return rows
 
 
+def acceptance_path(out: str) -> str:
+    """Where the acceptance plot goes: beside ``--out``, ``<name>_acceptance.png``."""
+    root, _ = os.path.splitext(out)
+    return root + "_acceptance.png"
+
+
+def write_pictures(out: str, samples: Dict[str, torch.Tensor], methods: Dict[str, dict], columns: int,
+                   num_steps: int, warn) -> tuple:
+    """The labelled sample sheet at ``out`` and the acceptance plot beside it (:mod:`free_kernels.figures`);
+    without matplotlib the plain grid and a warning.  Returns ({method: grid rows}, the plot's path or None)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        warn("matplotlib is not installed (pip install 'free-kernels[plot]'): wrote an unlabelled grid and no "
+             "acceptance plot")
+        return write_grid(samples, out, columns), None
+    from .. import figures
+    from .._checks import remove_stale_tmp
+    from ..planner import mean_L_by_index
+
+    rows = [figures.SheetRow(methods[k]["label"], samples[k], methods[k]["wall_s"], methods[k]["speedup"],
+                             f"+{methods[k]['calibration_s']:.1f} s calibration"
+                             if methods[k].get("calibration_s") else None) for k in samples]
+    sheet = figures.sample_sheet(out, rows, columns)
+    grid_rows = {k: sheet["grid_rows"][methods[k]["label"]] for k in samples}
+    free = {k: m for k, m in methods.items() if m.get("stats")}
+    if not free:
+        return grid_rows, None
+    plan = next((m["stats"]["plan"] for m in free.values() if m["stats"].get("plan")), None)
+    path = acceptance_path(out)
+    remove_stale_tmp(os.path.dirname(os.path.abspath(path)), [os.path.basename(path)])
+    figures.acceptance_plot(
+        path, num_steps, {m["label"]: (m["stats"]["accepted_by_index"], m["stats"]["proposed_by_index"])
+                          for m in free.values()},
+        predicted=plan["predicted_acceptance_by_index"] if plan else None,
+        chosen_L=mean_L_by_index(plan) if plan else None)
+    return grid_rows, path
+
+
 def _fmt(v, spec=".2f", none="-"):
     return none if v is None else format(v, spec)
 
 
 def format_table(methods: Dict[str, dict], with_quality: bool) -> str:
-    head = ["method", "wall s", "s/image", "target calls", "target rows", "steps/call", "acc early", "acc mid",
-            "acc late", "speed-up"] + (["digit acc"] if with_quality else [])
+    head = ["method", "wall s", "calib s", "s/image", "target calls", "target rows", "steps/call", "acc early",
+            "acc mid", "acc late", "speed-up"] + (["digit acc"] if with_quality else [])
     lines = []
     for m in methods.values():
         e, mi, la = m["acceptance_early_middle_late"]
-        row = [m["label"], _fmt(m["wall_s"]), _fmt(m["latency_s"], ".3f"), str(m["target_calls"]), str(m["target_rows"]),
+        auto = m["stats"] and m["stats"].get("plan")
+        row = [m["label"], _fmt(m["wall_s"]), _fmt(m["calibration_s"] if auto else None),
+               _fmt(m["latency_s"], ".3f"), str(m["target_calls"]), str(m["target_rows"]),
                _fmt(m["steps_per_target_call"]), _fmt(e), _fmt(mi), _fmt(la),
                "-" if m["speedup"] is None else f"{m['speedup']:.2f}x"]
         if with_quality:
@@ -424,16 +482,24 @@ def format_plan(m: dict) -> str:
     if not plan:
         return ""
     c = plan["costs_ms"]
-    v1 = c["verify_1_row_ms"]
     thr = plan.get("threads_by_L") or []
     rounds = [f"L={L}: {c[f'round_L{L}_ms']:.1f} ms" + (f" ({thr[L]} thr)" if L < len(thr) else "")
               for L in range(len(m["stats"]["rounds_by_draft_length"])) if f"round_L{L}_ms" in c]
     thirds = ", ".join(f"{t['third']} L {_fmt(t['mean_L'], '.1f')} (predicted acceptance "
                        f"{_fmt(t['predicted_acceptance'])})" for t in plan["thirds"])
+    parts = ""
+    if "verify_1_row_ms" in c:
+        v1 = c["verify_1_row_ms"]
+        parts = (f"target forward {v1:.2f} ms, draft step {c['draft_step_ms']:.2f} ms "
+                 f"({c['draft_step_ms'] / max(v1, 1e-9):.2f} of a forward), accept {c['accept_ms']:.2f} ms; ")
+    rounds_all = sum(t["rounds"] for t in plan["thirds"])
+    follow = (f"\n  {plan.get('timed_rounds', 0)} rounds timed during the run; {plan.get('replanned_rounds', 0)} of "
+              f"{rounds_all} planned otherwise than the starting costs would have, "
+              f"{plan.get('explored_rounds', 0)} run at the other thread count to check it"
+              if plan.get("mode", "adaptive") == "adaptive" else "\n  frozen plan (--reproducible): nothing timed")
     return (f"planner ({m['label']}): chose {thirds}\n"
-            f"  measured costs ({plan['cost_source']}): target forward {v1:.2f} ms, draft step {c['draft_step_ms']:.2f} "
-            f"ms ({c['draft_step_ms'] / max(v1, 1e-9):.2f} of a forward), accept {c['accept_ms']:.2f} ms; round "
-            + ", ".join(rounds) + (" (thr: intra-op threads)" if thr else "")
+            f"  costs ({plan['cost_source']}): {parts}round "
+            + ", ".join(rounds) + (" (thr: intra-op threads)" if thr else "") + follow
             + f"\n  acceptance prior: {plan['profile_source']}, updated from the run's own "
             f"accept counts; L = 0 is a plain ancestral step"
             + ("" if plan.get("drafting_can_pay", True) else
@@ -593,7 +659,8 @@ def _run(args, argv) -> dict:
         return dict(label=label, threads=torch.get_num_threads() if device.type == "cpu" else None, exact=exact,
                     wall_s=wall, latency_s=wall / n, target_calls=int(calls),
                     target_rows=int(rows), steps_per_target_call=float(spc), acceptance=acc,
-                    acceptance_early_middle_late=emf, speedup=None, quality=None, quality_detail=None, stats=stats)
+                    acceptance_early_middle_late=emf, speedup=None, quality=None, quality_detail=None, stats=stats,
+                    calibration_s=0.0)
 
     def announce(label):
         if progress:
@@ -628,8 +695,9 @@ def _run(args, argv) -> dict:
 
     for name, label, strength, length in runs:
         sampler = FreeSampler(target, drafter, diffusion, draft_length=length, relax=strength or None,
-                              clip_denoised=False)
-        sampler.prepare(bs, cfg_scale, device)  # the planner's one-off calibration, outside the timed run
+                              clip_denoised=False, plan="frozen" if args.reproducible else "adaptive")
+        # the planner's calibration for every batch size the calls use: reported, not inside the timed runs
+        calibration_s = sum(sampler.prepare(size, cfg_scale, device) for size in sorted({b - a for a, b in chunks}))
         announce(label)
         outs, wall, parts = [], 0.0, []
         for a, b in chunks:
@@ -642,6 +710,7 @@ def _run(args, argv) -> dict:
         d = st.as_dict()
         methods[name] = entry(label, strength == 0, wall, st.target_calls, st.target_rows, st.steps_per_target_call,
                               d["acceptance_rate"], d["acceptance_early_middle_late"], d)
+        methods[name]["calibration_s"] = calibration_s
     if "baseline" in methods:
         fastest = min(methods[k]["wall_s"] for k in ("baseline", "baseline_threads") if k in methods)
         for m in methods.values():
@@ -667,7 +736,7 @@ def _run(args, argv) -> dict:
         samples = {k: to_canvas(v, dataset) for k, v in samples.items()}
         C = 1
     try:
-        grid_rows = write_grid(samples, args.out, columns)
+        grid_rows, acceptance_png = write_pictures(args.out, samples, methods, columns, N, warn)
     except OSError as e:
         raise UsageError(f"cannot write --out {args.out!r}: {e.strerror or e}") from None
     if C not in (1, 3):
@@ -678,6 +747,7 @@ def _run(args, argv) -> dict:
     print(f"s/image: wall time per image at batch size {bs}; "
           "steps/call: denoising steps per target forward, per sample; speed-up: "
           f"{'faster ' if 'baseline_threads' in methods else ''}baseline wall / wall; "
+          "calib s: the auto planner's calibration before its run (not in wall s; cached for later runs); "
           "FREE's samples follow the baseline's distribution exactly (not pixel for pixel)"
           + ("; FREE (relax) is APPROXIMATE" if "relax" in methods else ""), file=info)
     for m in methods.values():
@@ -686,7 +756,8 @@ def _run(args, argv) -> dict:
             print(plan, file=info)
     where = ", ".join(f"{methods[k]['label']}: row{'s' if len(v) > 1 else ''} "
                       f"{v[0] + 1}{'-' + str(v[-1] + 1) if len(v) > 1 else ''}" for k, v in grid_rows.items())
-    print(f"wrote {args.out} ({columns} per row; {where})", file=info)
+    print(f"wrote {args.out} ({columns} per row; {where})" +
+          (f" and {acceptance_png} (acceptance along the schedule)" if acceptance_png else ""), file=info)
 
     record = dict(
         format=JSON_FORMAT, command=argv, target=target_path, drafter=drafter_path, device=str(device),
@@ -694,7 +765,8 @@ def _run(args, argv) -> dict:
         num_steps=N, variance=variance, cfg_scale=cfg_scale, guidance_channels=gc,
         drafter_cfg_scale=None if d_cfg is None else float(d_cfg), draft_length=args.draft_length,
         compare_length=args.compare_length, batch_size=bs,
-        relax=args.relax, seed=args.seed, png=args.out, grid_columns=columns, grid_rows=grid_rows, methods=methods,
+        relax=args.relax, seed=args.seed, png=args.out, grid_columns=columns, grid_rows=grid_rows,
+        acceptance_png=acceptance_png, methods=methods,
         speedup=methods["free"]["speedup"], speedup_relax=methods["relax"]["speedup"] if "relax" in methods else None,
         quality_note=quality_note, warnings=warnings,
     )
