@@ -135,6 +135,7 @@ from .common import (
     uses_cfg,
 )
 from ..demo import DEMOS, demo_assets
+from ..figures import default_canvas
 from .common import load_drafter as common_load_drafter
 from .common import load_target as common_load_target
 
@@ -364,17 +365,6 @@ def _jsonable(obj):
 
 
 # ------------------------------------------------------------------ output
-def _for_display(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] images with 1 or 3 channels for save_grid (latents: first channels, min-max scaled)."""
-    C = x.shape[1]
-    if C in (1, 3):
-        return x
-    x = x[:, :3] if C >= 3 else x[:, :1]
-    lo = x.amin(dim=(2, 3), keepdim=True)
-    hi = x.amax(dim=(2, 3), keepdim=True)
-    return (x - lo) / (hi - lo).clamp_min(1e-8) * 2 - 1
-
-
 def write_grid(blocks: Dict[str, torch.Tensor], path: str, columns: int) -> Dict[str, List[int]]:
     """One block of rows per method (padded with white tiles), written atomically; returns {method: grid rows}."""
     import io
@@ -386,7 +376,7 @@ def write_grid(blocks: Dict[str, torch.Tensor], path: str, columns: int) -> Dict
 
     tiles, rows, r = [], {}, 0
     for name, x in blocks.items():
-        x = _for_display(x.detach().float().cpu())
+        x = default_canvas(x)
         n = x.shape[0]
         nr = (n + columns - 1) // columns
         pad = nr * columns - n
